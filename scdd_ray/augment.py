@@ -1,0 +1,134 @@
+"""Batched, differentiable image augmentations driven by an explicit generator.
+
+Every random draw comes from a CPU `torch.Generator` the caller owns, so a
+shard's result depends only on its seed, never on which process or device ran
+it, and no global RNG state is touched. All ops work on whole batches (one
+affine grid for all crops) because per-image PIL transforms dominate the cost
+of small-image training on CPU.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g) * (hi - lo) + lo
+
+
+def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+    """Random-resized-crop boxes as (w, h, cx, cy) fractions of the image, shape (n, 4).
+
+    Area fraction ~ U(scale), log aspect ratio ~ U(log ratio); boxes are clipped
+    to the image and centred uniformly where they fit.
+    """
+    area = _uniform(n, scale[0], scale[1], g)
+    logr = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), g)
+    r = torch.exp(logr)
+    w = torch.sqrt(area * r).clamp(max=1.0)
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = w / 2 + torch.rand(n, generator=g) * (1 - w)
+    cy = h / 2 + torch.rand(n, generator=g) * (1 - h)
+    return torch.stack([w, h, cx, cy], dim=1)
+
+
+def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator,
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Per-image random crop resized to `size` (bilinear), differentiable in `x`."""
+    n = x.shape[0]
+    b = crop_boxes(n, scale, ratio, g).to(device=x.device, dtype=torch.float32)
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=torch.float32)
+    theta[:, 0, 0] = b[:, 0]
+    theta[:, 1, 1] = b[:, 1]
+    theta[:, 0, 2] = b[:, 2] * 2 - 1
+    theta[:, 1, 2] = b[:, 3] * 2 - 1
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    mask = (torch.rand(x.shape[0], generator=g) < p).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(mask, x.flip(3), x)
+
+
+def random_roll(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
+    """Jitter: one cyclic shift in [0, max_shift] per axis for the whole batch (as the reference)."""
+    if max_shift <= 0:
+        return x
+    dx, dy = torch.randint(0, max_shift + 1, (2,), generator=g).tolist()
+    return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+
+
+def color_jitter(x: torch.Tensor, g: torch.Generator, strength: float = 0.4, p: float = 0.8,
+                 gray_p: float = 0.2) -> torch.Tensor:
+    """SimCLR-style brightness/contrast/saturation jitter and random grayscale on [0,1] images."""
+    n = x.shape[0]
+    dev = x.device
+    apply = (torch.rand(n, generator=g) < p).to(dev).view(-1, 1, 1, 1)
+    bright = _uniform(n, 1 - strength, 1 + strength, g).to(dev).view(-1, 1, 1, 1)
+    contrast = _uniform(n, 1 - strength, 1 + strength, g).to(dev).view(-1, 1, 1, 1)
+    sat = _uniform(n, 1 - strength, 1 + strength, g).to(dev).view(-1, 1, 1, 1)
+    y = x * bright
+    m = y.mean(dim=(1, 2, 3), keepdim=True)
+    y = (y - m) * contrast + m
+    gray = y.mean(dim=1, keepdim=True)
+    y = (y - gray) * sat + gray
+    y = torch.where(apply, y, x).clamp(0, 1)
+    to_gray = (torch.rand(n, generator=g) < gray_p).to(dev).view(-1, 1, 1, 1)
+    return torch.where(to_gray, y.mean(dim=1, keepdim=True).expand_as(y), y)
+
+
+def beta(alpha: float, g: torch.Generator) -> float:
+    """One exact Beta(alpha, alpha) draw whose randomness comes from `g` alone."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=g).item())
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def cutmix(x: torch.Tensor, g: torch.Generator, alpha: float = 1.0) -> torch.Tensor:
+    """Paste one random box from a shuffled copy of the batch into every image.
+
+    Labels are not mixed here: the teacher relabels the mixed image itself.
+    """
+    n, _, h, w = x.shape
+    lam = beta(alpha, g)
+    cut = math.sqrt(1 - lam)
+    bw, bh = int(w * cut), int(h * cut)
+    cx = int(torch.randint(0, w, (1,), generator=g).item())
+    cy = int(torch.randint(0, h, (1,), generator=g).item())
+    x0, x1 = max(cx - bw // 2, 0), min(cx + bw // 2, w)
+    y0, y1 = max(cy - bh // 2, 0), min(cy + bh // 2, h)
+    perm = torch.randperm(n, generator=g).to(x.device)
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    return out
+
+
+def mixup(x: torch.Tensor, g: torch.Generator, alpha: float = 0.8) -> torch.Tensor:
+    """Blend each image with a shuffled partner; lambda ~ Beta(alpha, alpha) drawn from g."""
+    n = x.shape[0]
+    lam = beta(alpha, g)
+    perm = torch.randperm(n, generator=g).to(x.device)
+    return lam * x + (1 - lam) * x[perm]
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x * s + m
+
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float().div_(255.0)
+
+
+def to_uint8(x01: torch.Tensor) -> torch.Tensor:
+    return (x01.clamp(0, 1) * 255.0).round().to(torch.uint8)

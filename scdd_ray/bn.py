@@ -1,0 +1,149 @@
+"""BatchNorm statistics: the BN-matching loss and its per-layer weights.
+
+One implementation (`BNMatch`) serves both `bn_loss` and the recover loop, so
+what tests check is exactly what synthesis optimises.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """Every BatchNorm2d of `model`, in `model.modules()` order."""
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over batch and space, in float32.
+
+    One fused `var_mean` pass instead of the reference's permute/reshape/var.
+    """
+    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def match_term(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """||mu - running_mean||_2 + ||var - running_var||_2 for one layer."""
+    return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
+
+
+class BNMatch:
+    """Context manager that records each BN layer's matching term during a forward.
+
+    with BNMatch(model, weights) as m:
+        logits = model(x)
+        loss = ce(logits, y) + alpha * m.loss()
+    """
+
+    def __init__(self, model: nn.Module, weights=None):
+        self.layers = bn_layers(model)
+        if not self.layers:
+            raise ValueError("model has no BatchNorm2d layer to match")
+        n = len(self.layers)
+        w = [1.0] * n if weights is None else [float(v) for v in weights]
+        if len(w) != n:
+            raise ValueError(f"got {len(w)} BN-layer weights but the model has {n} BatchNorm2d layers")
+        self._weights = torch.tensor(w, dtype=torch.float32)
+        self._terms: list[torch.Tensor | None] = [None] * n
+        self._handles: list = []
+
+    def _hook(self, idx: int):
+        def record(module: nn.BatchNorm2d, inputs, output):
+            mean, var = batch_stats(inputs[0])
+            self._terms[idx] = match_term(mean, var, module.running_mean.float(), module.running_var.float())
+        return record
+
+    def __enter__(self) -> "BNMatch":
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._terms = [None] * len(self.layers)
+
+    def terms(self) -> torch.Tensor:
+        """Unweighted per-layer terms of the latest forward, shape (L,)."""
+        if any(t is None for t in self._terms):
+            raise RuntimeError("no forward pass recorded every BatchNorm2d layer")
+        return torch.stack(self._terms)
+
+    def loss(self) -> torch.Tensor:
+        t = self.terms()
+        return (t * self._weights.to(t.device)).sum()
+
+
+def bn_loss(model: nn.Module, x: torch.Tensor, weights=None) -> torch.Tensor:
+    """sum_l w_l (||mu_l(x) - running_mean_l||_2 + ||var_l(x) - running_var_l||_2).
+
+    `model` should be in eval mode so the forward normalises with the running
+    statistics and leaves them untouched.
+    """
+    with BNMatch(model, weights) as m:
+        model(x)
+        return m.loss()
+
+
+# --- layer-weight schedules -------------------------------------------------
+
+@dataclass(frozen=True)
+class WeightSpec:
+    kind: str  # first | linear | exp | list
+    params: tuple[float, ...]
+
+    def resolve(self, num_layers: int) -> list[float]:
+        """Concrete weights for a model with `num_layers` BatchNorm2d layers."""
+        n = num_layers
+        if self.kind == "first":
+            return [self.params[0]] + [1.0] * (n - 1)
+        if self.kind == "linear":
+            a, b = self.params
+            return [a + (b - a) * (i / (n - 1) if n > 1 else 0.0) for i in range(n)]
+        if self.kind == "exp":
+            return [self.params[0] ** i for i in range(n)]
+        if len(self.params) != n:
+            raise ValueError(f"--bn-weights lists {len(self.params)} weights but the model has {n} BatchNorm2d layers")
+        return list(self.params)
+
+
+_NUM = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
+
+
+def parse_bn_weights(spec: str) -> WeightSpec:
+    """Parse `first:M`, `linear:A,B`, `exp:G`, or `w1,w2,...`; weights must be >= 0."""
+    s = spec.strip().lower() if isinstance(spec, str) else ""
+
+    def nums(text: str) -> tuple[float, ...]:
+        parts = [p.strip() for p in text.split(",")]
+        if not parts or not all(re.fullmatch(_NUM, p) for p in parts):
+            raise ValueError(f"expected non-negative numbers in {spec!r} "
+                             "(forms: first:M, linear:A,B, exp:G, w1,w2,...)")
+        return tuple(float(p) for p in parts)
+
+    if s.startswith("first:"):
+        p = nums(s[6:])
+        if len(p) != 1:
+            raise ValueError(f"first: takes one multiplier (got {spec!r})")
+        return WeightSpec("first", p)
+    if s.startswith("linear:"):
+        p = nums(s[7:])
+        if len(p) != 2:
+            raise ValueError(f"linear: takes two weights A,B (got {spec!r})")
+        return WeightSpec("linear", p)
+    if s.startswith("exp:"):
+        p = nums(s[4:])
+        if len(p) != 1 or p[0] <= 0:
+            raise ValueError(f"exp: takes one positive gamma (got {spec!r})")
+        return WeightSpec("exp", p)
+    if s.startswith("-") or re.search(r"(^|,)\s*-", s):
+        raise ValueError(f"weights must be non-negative (got {spec!r})")
+    p = nums(s)
+    if not all(math.isfinite(v) for v in p):
+        raise ValueError(f"weights must be finite (got {spec!r})")
+    return WeightSpec("list", p)

@@ -1,0 +1,286 @@
+"""`scdd-ray` command line: parse flags into configs, validate, run.
+
+Every user-facing error is one line `scdd-ray: error: ...` with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from .config import (ARCHS, DATASETS, METHODS, MIXES, OPTIMIZERS, PRESETS, SQUEEZE_METHODS, ConfigError,
+                     PosttrainConfig, SqueezeConfig, build_distill_config, parse_scale, validate_arch,
+                     validate_posttrain, validate_squeeze)
+
+log = logging.getLogger("scdd_ray")
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + traceback
+        raise UsageError(message)
+
+
+def _add_common_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--data-dir", default=None, help="local dataset directory (CIFAR python layout or ImageFolder)")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (preset if omitted)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="scdd-ray", description="SC-DD dataset distillation, from a laptop CPU to a Ray cluster.")
+    ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    d = sub.add_parser("distill", help="squeeze, recover, relabel and post-train; writes OUT/report.json")
+    _add_common_data(d)
+    d.add_argument("--out", required=True)
+    d.add_argument("--arch", default=None, help=f"recovery backbone: {', '.join(ARCHS)} or timm:<name>")
+    d.add_argument("--width", type=float, default=None, help="channel width multiplier (1.0 = paper's model)")
+    d.add_argument("--ipc", type=int, default=None, help="images per class")
+    d.add_argument("--method", default="scdd", help=f"one of {', '.join(METHODS)}")
+    d.add_argument("--backbone", default=None, help="checkpoint to recover from (default: squeeze one, cached)")
+    d.add_argument("--teacher", default=None, help="checkpoint that relabels crops (default: the backbone)")
+    d.add_argument("--ssl", default=None, help="SSL objective for scdd backbones: simclr or mocov3")
+    d.add_argument("--squeeze-epochs", type=int, default=None)
+    d.add_argument("--iterations", type=int, default=None, help="recover iterations")
+    d.add_argument("--lr", type=float, default=None, help="recover learning rate")
+    d.add_argument("--bn-coef", type=float, default=None, help="BN-matching coefficient alpha")
+    d.add_argument("--bn-weights", default=None, help="first:M | linear:A,B | exp:G | w1,w2,...")
+    d.add_argument("--jitter", type=int, default=None, help="max random roll in pixels")
+    d.add_argument("--recover-crop-scale", default=None, help="LO,HI random-resized-crop area, or none")
+    d.add_argument("--init", default=None, help="noise | real")
+    d.add_argument("--classes-per-batch", type=int, default=None, help="classes optimised together in one shard")
+    d.add_argument("--student", default=None)
+    d.add_argument("--student-width", type=float, default=None)
+    d.add_argument("--posttrain-epochs", type=int, default=None)
+    d.add_argument("--posttrain-batch-size", type=int, default=None)
+    d.add_argument("--posttrain-lr", type=float, default=None)
+    d.add_argument("--temperature", type=float, default=None, help="KD temperature")
+    d.add_argument("--mix", default=None, help=f"one of {', '.join(MIXES)}")
+    d.add_argument("--eval-every", type=int, default=None)
+    d.add_argument("--num-gpus", type=int, default=0)
+    d.add_argument("--num-workers", type=int, default=None)
+    d.add_argument("--address", default=None, help="join an existing Ray cluster (auto or ray://host:port)")
+
+    s = sub.add_parser("squeeze", help="train a backbone (SSL + linear probe, or supervised)")
+    _add_common_data(s)
+    s.add_argument("--arch", default=None)
+    s.add_argument("--width", type=float, default=None)
+    s.add_argument("--method", default="simclr", help=f"one of {', '.join(SQUEEZE_METHODS)}")
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--split", default="train", help="train, or train-noval to keep the validation split unseen")
+    s.add_argument("--num-gpus", type=int, default=0)
+    s.add_argument("--out", required=True, help="checkpoint path (.pt)")
+
+    p = sub.add_parser("posttrain", help="train a student on a distilled set with the teacher's soft labels")
+    p.add_argument("--distilled", required=True, help="a distill output dir, its distilled/ dir, or an images/ folder")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", default=None)
+    p.add_argument("--student-width", type=float, default=None)
+    p.add_argument("--dataset", default=None, help="dataset of the real test split (default: from the distill run)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", default=None, help=f"one of {', '.join(OPTIMIZERS)}")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--mix", default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-gpus", type=int, default=0)
+    p.add_argument("--out", required=True)
+    return ap
+
+
+def _distill(a: argparse.Namespace) -> int:
+    from . import distill
+
+    ov = {
+        "data_dir": a.data_dir, "image_size": a.image_size, "arch": a.arch, "width": a.width, "ipc": a.ipc,
+        "method": a.method, "seed": a.seed, "backbone": a.backbone, "teacher": a.teacher, "num_gpus": a.num_gpus,
+        "num_workers": a.num_workers, "address": a.address,
+        "squeeze.method": a.ssl, "squeeze.epochs": a.squeeze_epochs,
+        "recover.iterations": a.iterations, "recover.lr": a.lr, "recover.bn_coef": a.bn_coef,
+        "recover.bn_weights": a.bn_weights, "recover.jitter": a.jitter, "recover.init": a.init,
+        "recover.classes_per_batch": a.classes_per_batch,
+        "recover.crop_scale": parse_scale(a.recover_crop_scale, "--recover-crop-scale") if a.recover_crop_scale else None,
+        "posttrain.student": a.student, "posttrain.student_width": a.student_width,
+        "posttrain.epochs": a.posttrain_epochs, "posttrain.batch_size": a.posttrain_batch_size,
+        "posttrain.lr": a.posttrain_lr, "posttrain.temperature": a.temperature, "posttrain.mix": a.mix,
+        "posttrain.eval_every": a.eval_every,
+    }
+    given = {k: v for k, v in ov.items() if v is not None}
+    if a.recover_crop_scale is not None:  # "none" is a real value here: no random-resized-crop
+        given["recover.crop_scale"] = ov["recover.crop_scale"]
+    cfg = build_distill_config(a.dataset, a.out, given)
+    prep = distill.prepare(cfg)
+    report = distill.run(prep)
+    summary = {k: report[k] for k in ("method", "dataset", "ipc", "num_images", "top1", "teacher_top1",
+                                       "recover_seconds", "posttrain_seconds")}
+    print(json.dumps(summary))
+    return 0
+
+
+def _squeeze(a: argparse.Namespace) -> int:
+    import torch
+
+    from .data import DataError, load_split
+    from .evaluation import top1
+    from .models import save_checkpoint
+    from .squeeze import squeeze
+
+    if a.dataset not in DATASETS:
+        raise ConfigError("--dataset", f"unknown value {a.dataset!r} (choose from {', '.join(DATASETS)})")
+    preset = PRESETS[a.dataset]
+    arch = a.arch or preset["arch"]
+    width = a.width if a.width is not None else preset["width"]
+    size = a.image_size or preset["image_size"]
+    validate_arch(arch, "arch")
+    if not width > 0:
+        raise ConfigError("--width", f"must be a positive number (got {width!r})")
+    sq = {**preset.get("squeeze", {}), "method": a.method}
+    if a.epochs is not None:
+        sq["epochs"] = a.epochs
+    cfg = SqueezeConfig(**sq)
+    try:
+        validate_squeeze(cfg)
+    except ConfigError as e:
+        if e.flag == "--ssl":
+            raise ConfigError("--method", str(e).split(": ", 1)[1]) from None
+        raise
+    if a.split not in ("train", "train-noval"):
+        raise ConfigError("--split", f"must be train or train-noval (got {a.split!r})")
+    try:
+        train = load_split(a.dataset, a.split, a.data_dir, size)
+        test = load_split(a.dataset, "test", a.data_dir, size)
+    except DataError as e:
+        raise ConfigError("", str(e)) from None
+    device = torch.device("cuda" if a.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+    model = squeeze(train, arch, width, cfg, device=device, seed=a.seed, small_input=size <= 64)
+    acc = top1(model, test, train.info.mean, train.info.std, device)
+    save_checkpoint(a.out, model, arch=arch, width=width, num_classes=train.info.num_classes, image_size=size,
+                    small_input=size <= 64, mean=train.info.mean, std=train.info.std, method=a.method,
+                    meta={"dataset": a.dataset, "split": a.split, "epochs": cfg.epochs, "seed": a.seed,
+                          "test_top1": acc})
+    print(json.dumps({"out": a.out, "method": a.method, "arch": arch, "width": width, "test_top1": round(acc, 3)}))
+    return 0
+
+
+def _posttrain(a: argparse.Namespace) -> int:
+    import torch
+
+    from .data import DataError, load_split
+    from .distill import RUN_FILE, adapt_inputs
+    from .models import save_checkpoint
+    from .posttrain import train_student
+    from .report import save_grid
+    from .store import ShardStore, StoreError, atomic_write_json, read_imagefolder
+
+    src = a.distilled
+    run_file = os.path.join(src, RUN_FILE)
+    dataset, data_dir, image_size = a.dataset, a.data_dir, None
+    if os.path.isfile(run_file):
+        with open(run_file) as f:
+            prev = json.load(f)["config"]
+        dataset = dataset or prev["dataset"]
+        data_dir = data_dir or prev["data_dir"]
+        image_size = prev["image_size"]
+        src = os.path.join(src, "distilled")
+    if not os.path.isdir(src):
+        raise ConfigError("--distilled", f"{a.distilled} is not a directory")
+    try:
+        store = ShardStore(src)
+        if store.exists():
+            images, class_ids, _ = store.read()
+        else:
+            images, class_ids, _ = read_imagefolder(src)
+    except StoreError as e:
+        raise ConfigError("--distilled", str(e)) from None
+    teacher_ckpt = _load_ckpt(a.teacher, "--teacher")
+    dataset = dataset or teacher_ckpt.meta.get("dataset")
+    if dataset not in DATASETS:
+        raise ConfigError("--dataset", f"cannot tell the dataset of {a.distilled}; pass --dataset")
+    image_size = image_size or int(images.shape[-1])
+    try:
+        test = load_split(dataset, "test", data_dir, image_size)
+    except DataError as e:
+        raise ConfigError("--data-dir", str(e)) from None
+    info = test.info
+    if teacher_ckpt.num_classes != info.num_classes:
+        raise ConfigError("--teacher", f"{a.teacher} has {teacher_ckpt.num_classes} classes but the distilled "
+                                       f"data ({dataset}) has {info.num_classes}")
+    if int(class_ids.max()) >= info.num_classes:
+        raise ConfigError("--distilled", f"class id {int(class_ids.max())} is out of range for {dataset}")
+    preset = PRESETS[dataset].get("posttrain", {})
+    pt = {**preset}
+    for key, val in (("student", a.student), ("student_width", a.student_width), ("epochs", a.epochs),
+                     ("batch_size", a.batch_size), ("lr", a.lr), ("optimizer", a.optimizer),
+                     ("temperature", a.temperature), ("mix", a.mix), ("eval_every", a.eval_every)):
+        if val is not None:
+            pt[key] = val
+    cfg = PosttrainConfig(**pt)
+    validate_posttrain(cfg)
+    if os.path.exists(a.out) and os.listdir(a.out) and not os.path.isfile(os.path.join(a.out, "posttrain.json")):
+        raise ConfigError("--out", f"{a.out} is not empty and holds no posttrain result; choose a new directory")
+    device = torch.device("cuda" if a.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+    teacher = adapt_inputs(teacher_ckpt.build(), teacher_ckpt, info)
+    res = train_student(images, teacher, test, cfg, image_size=image_size, mean=info.mean, std=info.std,
+                        num_classes=info.num_classes, small_input=image_size <= 64, device=device, seed=a.seed)
+    os.makedirs(a.out, exist_ok=True)
+    save_checkpoint(os.path.join(a.out, "student.pt"), res.student, arch=cfg.student, width=cfg.student_width,
+                    num_classes=info.num_classes, image_size=image_size, small_input=image_size <= 64,
+                    mean=info.mean, std=info.std, method="student", meta={"dataset": dataset})
+    save_grid(os.path.join(a.out, "grid.png"), images, class_ids, info.class_names)
+    result = {"distilled": a.distilled, "teacher": a.teacher, "dataset": dataset, "num_images": int(len(images)),
+              "top1": round(res.top1, 3), "posttrain_seconds": round(res.seconds, 2), "seed": a.seed,
+              "history": res.history, "config": dataclasses.asdict(cfg)}
+    atomic_write_json(os.path.join(a.out, "posttrain.json"), result)
+    print(json.dumps({k: result[k] for k in ("dataset", "num_images", "top1", "posttrain_seconds")}))
+    return 0
+
+
+def _load_ckpt(path: str, flag: str):
+    from .models import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(flag, str(e)) from None
+
+
+COMMANDS = {"distill": _distill, "squeeze": _squeeze, "posttrain": _posttrain}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"scdd-ray: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    from .data import DataError
+    from .models import CheckpointError
+    from .store import StoreError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError, CheckpointError, StoreError) as e:
+        print(f"scdd-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scdd-ray: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Progress reporting: a tqdm bar on a terminal, periodic log lines otherwise."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger("scdd_ray")
+
+
+class Progress:
+    def __init__(self, total: int, desc: str, unit: str = "it", every_s: float = 15.0):
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.n = 0
+        self.t0 = self._last = time.monotonic()
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.every_s or self.n >= self.total:
+            self._last = now
+            rate = self.n / max(now - self.t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            extra = " ".join(f"{k}={v}" for k, v in postfix.items())
+            log.info("%s: %d/%d %s (%.1f %s/s, eta %.0fs) %s", self.desc, self.n, self.total, self.unit, rate,
+                     self.unit, eta, extra)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

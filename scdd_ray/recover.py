@@ -1,0 +1,103 @@
+"""Recover: optimise noise into images the frozen backbone classifies as their
+target class while their BatchNorm statistics match the stored ones.
+
+Pure torch, no Ray: the engine calls `synthesize` once per shard.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .augment import denormalize, random_flip, random_resized_crop, random_roll, to_uint8
+from .bn import BNMatch, bn_layers, parse_bn_weights
+from .config import RecoverConfig
+from .models import autocast
+from .schedules import cosine_lr, set_lr
+
+
+@dataclass
+class RecoverResult:
+    images: torch.Tensor  # uint8 (N, 3, H, W) on CPU, the LAST iterate (as the authors keep)
+    loss_ce: float
+    loss_bn: float
+    seconds: float
+    history: list[tuple[int, float, float]]  # (iteration, ce, weighted bn) at a few points
+
+
+def gray_to_rgb(x1: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Map a one-channel image normalised with channel 0's statistics to three normalised channels."""
+    pixel = x1 * std[:, :1] + mean[:, :1]
+    return (pixel - mean) / std
+
+
+def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean, std, image_size: int, seed: int,
+               device="cpu", init: torch.Tensor | None = None, channels_last: bool | None = None,
+               log_every: int = 50, on_step=None) -> RecoverResult:
+    """Synthesise one image per entry of `targets`, all optimised as one batch.
+
+    model:  frozen backbone + head (eval mode, no parameter gradients).
+    init:   optional normalised starting images (N, 3, H, W); Gaussian noise otherwise.
+    on_step: optional callback(iteration) for progress and fault-injection hooks.
+    Randomness comes only from `seed`, so the same seed and targets give the
+    same images whichever process runs them.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(seed)
+    n = len(targets)
+    m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    lo, hi = (0 - m) / s, (1 - m) / s
+    ch = 1 if cfg.grayscale else 3
+    if init is None:
+        x = torch.randn(n, ch, image_size, image_size, generator=g)
+    else:
+        x = init.float().clone()
+        if cfg.grayscale:  # back to one channel: the pixel mean, normalised like channel 0
+            pixel = (x.to(device) * s + m).mean(dim=1, keepdim=True)
+            x = ((pixel - m[:, :1]) / s[:, :1]).cpu()
+    x = x.to(device).contiguous(memory_format=fmt).requires_grad_(True)
+    if cfg.grayscale:
+        lo, hi = lo[:, :1], hi[:, :1]
+    targets = targets.to(device)
+
+    weights = parse_bn_weights(cfg.bn_weights).resolve(len(bn_layers(model)))
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+    history: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    with BNMatch(model, weights) as bnm:
+        for it in range(cfg.iterations):
+            set_lr(opt, cosine_lr(cfg.lr, it, cfg.iterations))
+            xi = gray_to_rgb(x, m, s) if cfg.grayscale else x
+            if cfg.crop_scale is not None:
+                xi = random_resized_crop(xi, image_size, cfg.crop_scale, g)
+            if cfg.flip:
+                xi = random_flip(xi, g)
+            xi = random_roll(xi, cfg.jitter, g)
+            with autocast(device):
+                logits = model(xi)
+            ce = F.cross_entropy(logits.float(), targets)
+            bn = bnm.loss()
+            loss = ce + cfg.bn_coef * bn
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                torch.maximum(torch.minimum(x, hi, out=x), lo, out=x)
+            # Keep device tensors; converting every step would force a host sync.
+            if it % log_every == 0 or it == cfg.iterations - 1:
+                history.append((it, ce.detach(), bn.detach()))
+            if on_step is not None:
+                on_step(it)
+    with torch.no_grad():
+        final = gray_to_rgb(x, m, s) if cfg.grayscale else x
+        images = to_uint8(denormalize(final.float(), mean, std)).cpu().contiguous()
+    hist = [(i, float(c), float(b)) for i, c, b in history]
+    return RecoverResult(images=images, loss_ce=hist[-1][1], loss_bn=hist[-1][2],
+                         seconds=time.perf_counter() - t0, history=hist)

@@ -1,0 +1,172 @@
+"""Distilled-image storage: one Parquet file per finished shard, a manifest
+that is the single source of truth for what is done, and an ImageFolder
+export in the reference implementation's layout.
+
+Every write is temp file + rename, and a shard is recorded in the manifest
+only after its file is in place, so a crash at any point leaves either a
+finished shard or one that a rerun computes again, never a half file and
+never a duplicate row.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT = "scdd-ray-shards/1"
+SCHEMA = pa.schema([
+    ("class_id", pa.int32()), ("ipc_index", pa.int32()), ("image", pa.binary()),
+    ("height", pa.int32()), ("width", pa.int32()), ("channels", pa.int32()),
+])
+
+
+class StoreError(ValueError):
+    pass
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """uint8 CHW tensor -> PNG bytes (lossless, so a reread equals what was written)."""
+    from PIL import Image
+
+    arr = image.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.array(im.convert("RGB"))
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class ShardStore:
+    """`root/manifest.json` + `root/shard-<id>.parquet`."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.manifest_path = os.path.join(root, MANIFEST)
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.manifest_path)
+
+    def manifest(self) -> dict:
+        if not self.exists():
+            return {"format": FORMAT, "fingerprint": None, "shards": {}}
+        try:
+            with open(self.manifest_path) as f:
+                m = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{self.manifest_path} is unreadable ({type(e).__name__})") from None
+        if m.get("format") != FORMAT:
+            raise StoreError(f"{self.manifest_path} is not an scdd-ray shard manifest")
+        return m
+
+    def open(self, fingerprint: str, meta: dict | None = None) -> None:
+        """Create the store, or check an existing one belongs to the same configuration."""
+        m = self.manifest()
+        if m["fingerprint"] is not None and m["fingerprint"] != fingerprint:
+            raise StoreError(f"{self.root} holds shards of a different configuration "
+                             f"(fingerprint {m['fingerprint']}, this run {fingerprint})")
+        if m["fingerprint"] is None:
+            m.update(fingerprint=fingerprint, meta=dict(meta or {}))
+            atomic_write_json(self.manifest_path, m)
+
+    def done(self) -> set[str]:
+        return set(self.manifest()["shards"])
+
+    def write_shard(self, shard_id: str, class_ids, ipc_indices, images: torch.Tensor, extra: dict | None = None) -> bool:
+        """Write one finished shard; returns False (and writes nothing) if it is already recorded."""
+        m = self.manifest()
+        if shard_id in m["shards"]:
+            return False
+        images = images.cpu()
+        n, c, h, w = images.shape
+        table = pa.table({
+            "class_id": pa.array([int(v) for v in class_ids], pa.int32()),
+            "ipc_index": pa.array([int(v) for v in ipc_indices], pa.int32()),
+            "image": pa.array([encode_png(images[i]) for i in range(n)], pa.binary()),
+            "height": pa.array([h] * n, pa.int32()), "width": pa.array([w] * n, pa.int32()),
+            "channels": pa.array([c] * n, pa.int32()),
+        }, schema=SCHEMA)
+        fname = f"shard-{shard_id}.parquet"
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        atomic_write_bytes(os.path.join(self.root, fname), buf.getvalue().to_pybytes())
+        m["shards"][shard_id] = {"file": fname, "rows": n, **(extra or {})}
+        atomic_write_json(self.manifest_path, m)
+        return True
+
+    def files(self) -> list[str]:
+        return [os.path.join(self.root, s["file"]) for _, s in sorted(self.manifest()["shards"].items())]
+
+    def read(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """All recorded rows sorted by (class_id, ipc_index): uint8 images, class ids, ipc indices."""
+        files = self.files()
+        if not files:
+            raise StoreError(f"{self.root} has no finished shards")
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+        cls = table.column("class_id").to_numpy().astype(np.int64)
+        ipc = table.column("ipc_index").to_numpy().astype(np.int64)
+        pairs = set(zip(cls.tolist(), ipc.tolist()))
+        if len(pairs) != len(cls):
+            raise StoreError(f"{self.root} holds duplicate (class_id, ipc_index) rows")
+        order = np.lexsort((ipc, cls))
+        blobs = table.column("image").to_pylist()
+        images = torch.stack([decode_png(blobs[i]) for i in order])
+        return images, cls[order], ipc[order]
+
+
+def export_imagefolder(root: str, images: torch.Tensor, class_ids, ipc_indices) -> None:
+    """images/new{class:03d}/class{class:03d}_id{ipc:03d}.png, as the reference code lays out."""
+    for img, c, i in zip(images, class_ids, ipc_indices):
+        path = os.path.join(root, f"new{int(c):03d}", f"class{int(c):03d}_id{int(i):03d}.png")
+        atomic_write_bytes(path, encode_png(img))
+
+
+def read_imagefolder(root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Read a reference-layout folder of synthetic images back (for `posttrain` on such folders)."""
+    import re
+
+    rows = []
+    for d in sorted(os.listdir(root)):
+        m = re.fullmatch(r"new(\d+)", d)
+        if not m or not os.path.isdir(os.path.join(root, d)):
+            continue
+        for f in sorted(os.listdir(os.path.join(root, d))):
+            fm = re.fullmatch(r"class(\d+)_id(\d+)\.(png|jpg|jpeg)", f, flags=re.I)
+            if fm:
+                with open(os.path.join(root, d, f), "rb") as fh:
+                    rows.append((int(fm.group(1)), int(fm.group(2)), fh.read()))
+    if not rows:
+        raise StoreError(f"{root} has no images in the new<class>/class<c>_id<i>.png layout")
+    images = torch.stack([decode_png(b) for _, _, b in rows])
+    return images, np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
