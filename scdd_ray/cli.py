@@ -66,9 +66,7 @@ def build_parser() -> Parser:
     d.add_argument("--temperature", type=float, default=None, help="KD temperature")
     d.add_argument("--mix", default=None, help=f"one of {', '.join(MIXES)}")
     d.add_argument("--eval-every", type=int, default=None)
-    d.add_argument("--num-gpus", type=int, default=0)
-    d.add_argument("--num-workers", type=int, default=None)
-    d.add_argument("--address", default=None, help="join an existing Ray cluster (auto or ray://host:port)")
+    d.add_argument("--num-gpus", type=int, default=0, help="0: CPU; 1: recover and post-train on one GPU")
 
     s = sub.add_parser("squeeze", help="train a backbone (SSL + linear probe, or supervised)")
     _add_common_data(s)
@@ -106,7 +104,6 @@ def _distill(a: argparse.Namespace) -> int:
     ov = {
         "data_dir": a.data_dir, "image_size": a.image_size, "arch": a.arch, "width": a.width, "ipc": a.ipc,
         "method": a.method, "seed": a.seed, "backbone": a.backbone, "teacher": a.teacher, "num_gpus": a.num_gpus,
-        "num_workers": a.num_workers, "address": a.address,
         "squeeze.method": a.ssl, "squeeze.epochs": a.squeeze_epochs,
         "recover.iterations": a.iterations, "recover.lr": a.lr, "recover.bn_coef": a.bn_coef,
         "recover.bn_weights": a.bn_weights, "recover.jitter": a.jitter, "recover.init": a.init,

@@ -121,7 +121,7 @@ class DistillConfig:
 # ImageFolder presets follow the authors' published settings (REFERENCE.md).
 PRESETS: dict[str, dict] = {
     "digits": dict(
-        image_size=32, arch="resnet18", width=0.25, ipc=10,
+        image_size=16, arch="resnet18", width=0.25, ipc=10,
         squeeze=dict(epochs=40, batch_size=128, lr=0.1, weight_decay=5e-4, temperature=0.5,
                      crop_scale=(0.5, 1.0), flip=False, probe_epochs=100),
         recover=dict(iterations=500, lr=0.25, bn_coef=1.0, bn_weights="first:10", jitter=4,

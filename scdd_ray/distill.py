@@ -93,6 +93,8 @@ def prepare(cfg: DistillConfig) -> Prepared:
         check_checkpoint(teacher, cfg, info, "--teacher", cfg.teacher, match_arch=False)
     if cfg.num_gpus > 0 and cfg.num_gpus > torch.cuda.device_count():
         raise ConfigError("--num-gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
+    if cfg.num_gpus > 1:
+        raise ConfigError("--num-gpus", f"{cfg.num_gpus} GPUs need the Ray actor engine, not in this version; use 1")
     check_out_dir(cfg)
     return Prepared(cfg, info, backbone, teacher)
 
@@ -120,7 +122,7 @@ def check_out_dir(cfg: DistillConfig) -> None:
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> str:
-    for k in sorted(set(a) | set(b)):
+    for k in sorted(set(a) & set(b)):
         if k in ("out", "num_gpus", "num_workers", "address", "teacher", "posttrain"):
             continue
         va, vb = a.get(k), b.get(k)
@@ -213,7 +215,7 @@ def run(prep: Prepared) -> dict:
     else:
         from .engine import plan_shards, run_local
 
-        model = frozen(backbone.build().to(device))
+        model = frozen(backbone.build().to(device, memory_format=torch.channels_last))
         shards = plan_shards(info.num_classes, cfg.ipc, cfg.recover.classes_per_batch)
         train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size) if cfg.recover.init == "real" else None
         stats = run_local(model, shards, store, cfg.recover, backbone.mean, backbone.std, cfg.image_size, cfg.seed,

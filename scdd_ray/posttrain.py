@@ -54,10 +54,9 @@ def train_student(images: torch.Tensor, teacher: nn.Module, test: ImageSet, cfg:
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # student initialisation
-    student = create_model(cfg.student, num_classes, cfg.student_width, small_input).to(device)
-    teacher = frozen(teacher.to(device))
-    if device.type == "cuda":
-        student = student.to(memory_format=torch.channels_last)
+    student = create_model(cfg.student, num_classes, cfg.student_width, small_input)
+    student = student.to(device, memory_format=torch.channels_last)
+    teacher = frozen(teacher.to(device, memory_format=torch.channels_last))
     opt = make_optimizer(student, cfg)
     n = len(images)
     batch = min(cfg.batch_size, n)

@@ -48,7 +48,7 @@ def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean
     t0 = time.perf_counter()
     device = torch.device(device)
     if channels_last is None:
-        channels_last = device.type == "cuda"
+        channels_last = True  # measured faster for these convs on CPU as on GPU
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(seed)
     n = len(targets)

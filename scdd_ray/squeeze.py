@@ -121,7 +121,7 @@ def pretrain_ssl(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, 
                 opt.step()
                 step += 1
                 bar.update(1, epoch=epoch)
-    log.info("squeeze %s: final loss %.4f", cfg.method, float(loss))
+    log.info("squeeze %s: final loss %.4f", cfg.method, float(loss.detach()))
 
 
 def _ema(m_model, model, m_proj, proj, step: int, total: int, base: float = 0.99) -> None:
@@ -199,7 +199,7 @@ def squeeze(train: ImageSet, arch: str, width: float, cfg: SqueezeConfig, device
             small_input: bool = True) -> nn.Module:
     """Train a backbone + linear head on `train` with `cfg.method`; returns it in eval mode on `device`."""
     torch.manual_seed(seed)  # model initialisation
-    model = create_model(arch, train.info.num_classes, width, small_input).to(device)
+    model = create_model(arch, train.info.num_classes, width, small_input).to(device, memory_format=torch.channels_last)
     if cfg.method == "supervised":
         train_supervised(model, train, cfg, device, seed)
     else:

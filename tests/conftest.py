@@ -1,22 +1,10 @@
-import os
-
-import pytest
 import torch
 
-# Tests run on small CPU models; one thread keeps timings stable and lets the
-# Ray fixture's workers share the two cores without oversubscription.
+# Tests run tiny CPU models; one thread keeps their timings stable on 2 cores.
 torch.set_num_threads(1)
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One Ray instance for the whole test session."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
+import pytest
 
 
 @pytest.fixture

@@ -72,3 +72,4 @@ def test_recover_shard_init_real_starts_from_training_images(tiny_model):
         members = train.load(train.indices_of_class(c)).int()
         diff = (members - res.images[k].int()).abs().amax(dim=(1, 2, 3))
         assert diff.min() <= 1
+

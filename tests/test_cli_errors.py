@@ -1,0 +1,92 @@
+"""Bad input: one `scdd-ray: error:` line, exit code 2, nothing written."""
+import json
+import os
+
+import pytest
+
+from scdd_ray.cli import main
+from scdd_ray.models import create_model, save_checkpoint
+
+from helpers import make_cifar
+
+
+def run_err(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("scdd-ray: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--dataset", "mnist"], "--dataset"),
+    (["--dataset", "digits", "--arch", "vgg"], "--arch"),
+    (["--dataset", "digits", "--ipc", "0"], "--ipc"),
+    (["--dataset", "digits", "--width", "0"], "--width"),
+    (["--dataset", "digits", "--width", "-1"], "--width"),
+    (["--dataset", "digits", "--method", "dm"], "--method"),
+    (["--dataset", "digits", "--bn-weights", "1,-1"], "--bn-weights"),
+    (["--dataset", "digits", "--init", "zeros"], "--init"),
+    (["--dataset", "digits", "--iterations", "0"], "--iterations"),
+    (["--dataset", "digits", "--recover-crop-scale", "0.5"], "--recover-crop-scale"),
+    (["--dataset", "digits", "--ipc", "abc"], "--ipc"),
+    (["--dataset", "cifar100"], "--data-dir"),
+    (["--dataset", "digits", "--num-gpus", "8"], "--num-gpus"),
+])
+def test_bad_distill_input(tmp_path, capsys, extra, needle):
+    out = tmp_path / "run"
+    line = run_err(capsys, ["distill", "--out", str(out)] + extra)
+    assert needle in line
+    assert not out.exists()
+
+
+def test_cifar_dir_without_expected_files(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "run"
+    line = run_err(capsys, ["distill", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    assert "cifar-10-batches-py" in line and "data_batch_1" in line
+    assert not out.exists()
+    line = run_err(capsys, ["distill", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nothere"), "--out", str(out)])
+    assert "does not exist" in line
+
+
+def test_out_holding_a_different_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = {"fingerprint": "0000", "config": {"dataset": "digits", "ipc": 3}}
+    (out / "run.json").write_text(json.dumps(cfg))
+    line = run_err(capsys, ["distill", "--dataset", "digits", "--out", str(out)])
+    assert "different run" in line and "ipc was 3" in line
+    assert sorted(os.listdir(out)) == ["run.json"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    line = run_err(capsys, ["distill", "--dataset", "digits", "--out", str(tmp_path / "other")])
+    assert "not empty" in line
+
+
+def test_backbone_checkpoint_errors(tmp_path, capsys):
+    p = tmp_path / "r50.pt"
+    m = create_model("resnet50", 10, width=0.0625)
+    save_checkpoint(str(p), m, arch="resnet50", width=0.0625, num_classes=10, image_size=32, small_input=True,
+                    mean=(0.3,) * 3, std=(0.3,) * 3, method="simclr")
+    out = tmp_path / "run"
+    line = run_err(capsys, ["distill", "--dataset", "digits", "--backbone", str(p), "--out", str(out)])
+    assert "--backbone" in line and "resnet50" in line and "--arch resnet18" in line
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage")
+    line = run_err(capsys, ["distill", "--dataset", "digits", "--backbone", str(corrupt), "--out", str(out)])
+    assert "not a readable torch file" in line
+    assert not out.exists()
+
+
+def test_usage_errors_are_one_line(capsys):
+    run_err(capsys, ["distill", "--dataset", "digits"])  # --out missing
+    run_err(capsys, ["frobnicate"])
+
+
+def test_squeeze_errors(tmp_path, capsys):
+    line = run_err(capsys, ["squeeze", "--dataset", "digits", "--method", "byol", "--out", str(tmp_path / "b.pt")])
+    assert "--method" in line
+    make_cifar(tmp_path / "c", "cifar10")
+    line = run_err(capsys, ["squeeze", "--dataset", "cifar100", "--data-dir", str(tmp_path / "c"), "--out", "x.pt"])
+    assert "cifar-100-python" in line
