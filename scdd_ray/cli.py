@@ -66,7 +66,9 @@ def build_parser() -> Parser:
     d.add_argument("--temperature", type=float, default=None, help="KD temperature")
     d.add_argument("--mix", default=None, help=f"one of {', '.join(MIXES)}")
     d.add_argument("--eval-every", type=int, default=None)
-    d.add_argument("--num-gpus", type=int, default=0, help="0: CPU; 1: recover and post-train on one GPU")
+    d.add_argument("--num-gpus", type=int, default=0, help="one synthesis actor per GPU; 0 for CPU actors")
+    d.add_argument("--num-workers", type=int, default=None, help="CPU synthesis actors (default: one per core)")
+    d.add_argument("--address", default=None, help="join an existing Ray cluster (auto, host:port or ray://host:port)")
 
     s = sub.add_parser("squeeze", help="train a backbone (SSL + linear probe, or supervised)")
     _add_common_data(s)
@@ -104,6 +106,7 @@ def _distill(a: argparse.Namespace) -> int:
     ov = {
         "data_dir": a.data_dir, "image_size": a.image_size, "arch": a.arch, "width": a.width, "ipc": a.ipc,
         "method": a.method, "seed": a.seed, "backbone": a.backbone, "teacher": a.teacher, "num_gpus": a.num_gpus,
+        "num_workers": a.num_workers, "address": a.address,
         "squeeze.method": a.ssl, "squeeze.epochs": a.squeeze_epochs,
         "recover.iterations": a.iterations, "recover.lr": a.lr, "recover.bn_coef": a.bn_coef,
         "recover.bn_weights": a.bn_weights, "recover.jitter": a.jitter, "recover.init": a.init,
@@ -266,12 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     from .data import DataError
+    from .engine import EngineError
     from .models import CheckpointError
     from .store import StoreError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, CheckpointError, StoreError) as e:
+    except (ConfigError, DataError, CheckpointError, StoreError, EngineError) as e:
         print(f"scdd-ray: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

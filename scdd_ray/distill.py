@@ -69,6 +69,7 @@ class Prepared:
     info: DatasetInfo
     backbone: Checkpoint | None
     teacher: Checkpoint | None
+    workers: int = 1
 
 
 def _load(path: str, flag: str) -> Checkpoint:
@@ -91,12 +92,34 @@ def prepare(cfg: DistillConfig) -> Prepared:
     if cfg.teacher:
         teacher = _load(cfg.teacher, "--teacher")
         check_checkpoint(teacher, cfg, info, "--teacher", cfg.teacher, match_arch=False)
-    if cfg.num_gpus > 0 and cfg.num_gpus > torch.cuda.device_count():
-        raise ConfigError("--num-gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
-    if cfg.num_gpus > 1:
-        raise ConfigError("--num-gpus", f"{cfg.num_gpus} GPUs need the Ray actor engine, not in this version; use 1")
     check_out_dir(cfg)
-    return Prepared(cfg, info, backbone, teacher)
+    workers = num_workers(cfg)
+    if cfg.address:  # an existing cluster: its GPUs may sit on other nodes
+        from .engine import cluster_gpus, connect
+
+        try:
+            connect(cfg.address)
+        except ConnectionError as e:
+            raise ConfigError("--address", str(e)) from None
+        gpus = cluster_gpus()
+        if cfg.num_gpus > gpus:
+            raise ConfigError("--num-gpus", f"asked for {cfg.num_gpus} GPUs but the Ray cluster has {gpus}")
+    elif cfg.num_gpus > torch.cuda.device_count():
+        # A private local Ray instance sees exactly this machine's GPUs.
+        raise ConfigError("--num-gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
+    return Prepared(cfg, info, backbone, teacher, workers)
+
+
+def num_workers(cfg: DistillConfig) -> int:
+    """One actor per GPU; on CPU --num-workers, by default one per core (one thread each)."""
+    if cfg.num_gpus > 0:
+        return cfg.num_gpus
+    return cfg.num_workers or os.cpu_count() or 1
+
+
+def uses_ray(cfg: DistillConfig) -> bool:
+    # A single local worker runs in this process: an actor would only add start-up time.
+    return bool(cfg.address) or num_workers(cfg) > 1
 
 
 def check_out_dir(cfg: DistillConfig) -> None:
@@ -119,6 +142,10 @@ def check_out_dir(cfg: DistillConfig) -> None:
     if prev.get("fingerprint") != cfg.fingerprint():
         diff = _diff(prev.get("config", {}), cfg.to_dict())
         raise ConfigError("--out", f"{out} holds a different run ({diff}); choose a new directory or the same settings")
+    try:
+        ShardStore(os.path.join(out, "distilled")).check(cfg.fingerprint())
+    except StoreError as e:
+        raise ConfigError("--out", str(e)) from None
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> str:
@@ -213,13 +240,20 @@ def run(prep: Prepared) -> dict:
     if cfg.method == "random":
         stats = select_random(store, cfg, info)
     else:
-        from .engine import plan_shards, run_local
+        from .engine import plan_shards, run_local, run_ray
 
-        model = frozen(backbone.build().to(device, memory_format=torch.channels_last))
         shards = plan_shards(info.num_classes, cfg.ipc, cfg.recover.classes_per_batch)
         train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size) if cfg.recover.init == "real" else None
-        stats = run_local(model, shards, store, cfg.recover, backbone.mean, backbone.std, cfg.image_size, cfg.seed,
-                          device, train)
+        if uses_ray(cfg):
+            from .engine import connect
+
+            connect(cfg.address)
+            stats = run_ray(backbone, shards, store, cfg.recover, cfg.image_size, cfg.seed, num_workers=prep.workers,
+                            use_gpu=cfg.num_gpus > 0, threads=1, train=train)
+        else:
+            model = frozen(backbone.build().to(device, memory_format=torch.channels_last))
+            stats = run_local(model, shards, store, cfg.recover, backbone.mean, backbone.std, cfg.image_size,
+                              cfg.seed, device, train)
     recover_seconds = time.perf_counter() - t0
 
     images, class_ids, ipc_idx = store.read()

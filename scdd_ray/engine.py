@@ -89,3 +89,161 @@ def run_local(model: nn.Module, shards: list[Shard], store: ShardStore, cfg: Rec
             bar.update(len(shard), ce=f"{res.loss_ce:.3f}", bn=f"{res.loss_bn:.3f}")
     return {"shards_total": len(shards), "shards_computed": len(todo), "images_computed": images_done,
             "seconds": time.perf_counter() - t0, "num_workers": 1}
+
+
+# --- Ray execution ------------------------------------------------------------
+
+class EngineError(RuntimeError):
+    """A run that cannot finish (a shard failed too often); names the shard."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Test hook: the worker computing `shard_id` dies (os._exit) at `iteration` on its first attempt."""
+
+    shard_id: str
+    iteration: int = 1
+
+
+class SynthesisWorker:
+    """One frozen backbone replica on one GPU or a fixed number of CPU threads.
+
+    Ray actor class (wrapped with ray.remote by `start_workers`); `run`
+    synthesises one shard and returns the images to the driver, which alone
+    writes shards and the manifest.
+    """
+
+    def __init__(self, ckpt, cfg: RecoverConfig, image_size: int, run_seed: int, threads: int, use_gpu: bool,
+                 train=None, fault: Fault | None = None):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = ckpt.build().to(self.device, memory_format=torch.channels_last).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.mean, self.std = ckpt.mean, ckpt.std
+        self.cfg, self.image_size, self.run_seed, self.train, self.fault = cfg, image_size, run_seed, train, fault
+
+    def run(self, shard: Shard, attempt: int):
+        on_step = None
+        if self.fault is not None and self.fault.shard_id == shard.id and attempt == 0:
+            at = self.fault.iteration
+
+            def on_step(it):
+                if it == at:
+                    import os
+
+                    os._exit(1)  # a hard crash, as an OOM kill or a lost node would be
+        res, cls, ipc = recover_shard(self.model, shard, self.cfg, self.mean, self.std, self.image_size,
+                                      self.run_seed, self.device, self.train, on_step)
+        return shard.id, res.images, cls, ipc, {"loss_ce": res.loss_ce, "loss_bn": res.loss_bn,
+                                                 "seconds": res.seconds}
+
+
+def run_ray(ckpt, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, image_size: int, run_seed: int, *,
+            num_workers: int, use_gpu: bool, threads: int = 1, train: ImageSet | None = None, max_tries: int = 3,
+            fault: Fault | None = None, on_result=None) -> dict:
+    """Compute every shard the store lacks on `num_workers` Ray actors.
+
+    Actors pull the next shard when they finish one; a dead actor is replaced
+    and its shard re-queued; a shard failing `max_tries` times stops the run.
+    """
+    import collections
+
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    done = store.done()
+    todo = collections.deque(s for s in shards if s.id not in done)
+    if not todo:
+        return {"shards_total": len(shards), "shards_computed": 0, "images_computed": 0, "seconds": 0.0,
+                "num_workers": num_workers, "restarts": 0}
+    n = min(num_workers, len(todo))
+    # The backbone (and the real images for --init real) go to the object store once.
+    ckpt_ref = ray.put(ckpt)
+    train_ref = ray.put(train) if train is not None else None
+    opts = {"num_gpus": 1, "num_cpus": threads} if use_gpu else {"num_cpus": threads}
+    Worker = ray.remote(SynthesisWorker).options(**opts)
+
+    def start():
+        return Worker.remote(ckpt_ref, cfg, image_size, run_seed, threads, use_gpu, train_ref, fault)
+
+    actors = [start() for _ in range(n)]
+    idle = list(range(n))
+    inflight: dict = {}
+    tries: collections.Counter = collections.Counter()
+    restarts = computed = images = 0
+    t0 = time.perf_counter()
+    with Progress(sum(len(s) for s in todo), f"recover ({n} workers)", "img") as bar:
+        while todo or inflight:
+            while idle and todo:
+                a, shard = idle.pop(), todo.popleft()
+                inflight[actors[a].run.remote(shard, tries[shard.id])] = (a, shard)
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            a, shard = inflight.pop(ready[0])
+            try:
+                sid, imgs, cls, ipc, stats = ray.get(ready[0])
+            except (RayActorError, RayTaskError) as e:
+                tries[shard.id] += 1
+                reason = type(e).__name__
+                if tries[shard.id] >= max_tries:
+                    for h in actors:
+                        ray.kill(h)
+                    raise EngineError(f"shard {shard.id} failed {tries[shard.id]} times (last: {reason}); "
+                                      "finished shards are kept, rerun to resume") from None
+                log.warning("shard %s failed (%s), attempt %d of %d; re-queued", shard.id, reason, tries[shard.id],
+                            max_tries)
+                if isinstance(e, RayActorError):
+                    ray.kill(actors[a])
+                    actors[a] = start()
+                    restarts += 1
+                todo.appendleft(shard)
+                idle.append(a)
+                continue
+            store.write_shard(sid, cls, ipc, imgs, extra=stats)
+            computed += 1
+            images += len(cls)
+            idle.append(a)
+            bar.update(len(cls), ce=f"{stats['loss_ce']:.3f}")
+            if on_result is not None:
+                on_result(sid)
+    for h in actors:
+        ray.kill(h)
+    return {"shards_total": len(shards), "shards_computed": computed, "images_computed": images,
+            "seconds": time.perf_counter() - t0, "num_workers": n, "restarts": restarts}
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
+    """Join `address` (auto, host:port, ray://host:port) or start a private local Ray instance.
+
+    Raises ConnectionError with a one-line reason when the cluster cannot be reached.
+    """
+    import os
+    import socket
+
+    import ray
+
+    if address and address != "auto":
+        hostport = address.split("://", 1)[-1]
+        host, _, port = hostport.rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+                pass
+        except (OSError, ValueError) as e:
+            raise ConnectionError(f"cannot reach Ray cluster at {address} ({e.__class__.__name__})") from None
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConnectionError(f"cannot join Ray cluster at {address}: {first}") from None
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))

@@ -90,12 +90,17 @@ class ShardStore:
             raise StoreError(f"{self.manifest_path} is not an scdd-ray shard manifest")
         return m
 
-    def open(self, fingerprint: str, meta: dict | None = None) -> None:
-        """Create the store, or check an existing one belongs to the same configuration."""
+    def check(self, fingerprint: str) -> dict:
+        """The manifest, after checking it belongs to this configuration (if it exists)."""
         m = self.manifest()
         if m["fingerprint"] is not None and m["fingerprint"] != fingerprint:
             raise StoreError(f"{self.root} holds shards of a different configuration "
                              f"(fingerprint {m['fingerprint']}, this run {fingerprint})")
+        return m
+
+    def open(self, fingerprint: str, meta: dict | None = None) -> None:
+        """Create the store, or check an existing one belongs to the same configuration."""
+        m = self.check(fingerprint)
         if m["fingerprint"] is None:
             m.update(fingerprint=fingerprint, meta=dict(meta or {}))
             atomic_write_json(self.manifest_path, m)

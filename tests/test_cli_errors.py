@@ -32,6 +32,8 @@ def run_err(capsys, argv):
     (["--dataset", "digits", "--ipc", "abc"], "--ipc"),
     (["--dataset", "cifar100"], "--data-dir"),
     (["--dataset", "digits", "--num-gpus", "8"], "--num-gpus"),
+    (["--dataset", "digits", "--num-workers", "0"], "--num-workers"),
+    (["--dataset", "digits", "--address", "127.0.0.1:1"], "--address"),
 ])
 def test_bad_distill_input(tmp_path, capsys, extra, needle):
     out = tmp_path / "run"
@@ -90,3 +92,18 @@ def test_squeeze_errors(tmp_path, capsys):
     make_cifar(tmp_path / "c", "cifar10")
     line = run_err(capsys, ["squeeze", "--dataset", "cifar100", "--data-dir", str(tmp_path / "c"), "--out", "x.pt"])
     assert "cifar-100-python" in line
+
+
+def test_manifest_of_another_configuration_is_refused_before_writing(tmp_path, capsys):
+    from scdd_ray.config import build_distill_config
+
+    out = tmp_path / "run"
+    cfg = build_distill_config("synthetic", str(out), {})
+    (out / "distilled").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}))
+    manifest = {"format": "scdd-ray-shards/1", "fingerprint": "other", "shards": {}}
+    (out / "distilled" / "manifest.json").write_text(json.dumps(manifest))
+    before = sorted(str(p) for p in out.rglob("*"))
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--out", str(out)])
+    assert "different configuration" in line
+    assert sorted(str(p) for p in out.rglob("*")) == before

@@ -1,0 +1,84 @@
+"""Ray engine: disjoint shards, a killed actor, interrupt + resume, same images as in process."""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from scdd_ray.config import RecoverConfig
+from scdd_ray.engine import EngineError, Fault, plan_shards, run_local, run_ray
+from scdd_ray.models import create_model, frozen, save_checkpoint, load_checkpoint
+from scdd_ray.store import ShardStore
+
+CFG = RecoverConfig(iterations=4, lr=0.1, bn_coef=0.1, jitter=2, crop_scale=(0.5, 1.0), flip=True,
+                    classes_per_batch=2)
+SIZE = 12
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    m = create_model("resnet18", 4, width=0.0625)
+    p = tmp_path_factory.mktemp("ck") / "bb.pt"
+    save_checkpoint(str(p), m, arch="resnet18", width=0.0625, num_classes=4, image_size=SIZE, small_input=True,
+                    mean=(0.5,) * 3, std=(0.25,) * 3, method="simclr")
+    return load_checkpoint(str(p))
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, tmp_path_factory):
+    """An uninterrupted in-process run: the images every other run must reproduce."""
+    store = ShardStore(str(tmp_path_factory.mktemp("ref")))
+    store.open("fp")
+    shards = plan_shards(4, 3, 2)
+    model = frozen(ckpt.build().to(memory_format=torch.channels_last))
+    run_local(model, shards, store, CFG, ckpt.mean, ckpt.std, SIZE, run_seed=5)
+    return store.read()
+
+
+def _pairs(store):
+    _, cls, ipc = store.read()
+    return sorted(zip(cls.tolist(), ipc.tolist()))
+
+
+def test_killed_actor_is_replaced_and_output_is_complete_and_identical(ray_session, ckpt, reference, tmp_path):
+    store = ShardStore(str(tmp_path))
+    store.open("fp")
+    shards = plan_shards(4, 3, 2)
+    victim = shards[2].id
+    stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False, fault=Fault(victim, 2))
+    assert stats["restarts"] == 1 and stats["shards_computed"] == len(shards)
+    pairs = _pairs(store)
+    assert pairs == [(c, i) for c in range(4) for i in range(3)]  # every pair exactly once
+    images, cls, ipc = store.read()
+    assert torch.equal(images, reference[0])  # the same images as the uninterrupted run
+
+
+def test_interrupted_run_resumes_with_only_missing_shards(ray_session, ckpt, reference, tmp_path):
+    store = ShardStore(str(tmp_path))
+    store.open("fp")
+    shards = plan_shards(4, 3, 2)
+    finished = []
+
+    def interrupt(sid):
+        finished.append(sid)
+        if len(finished) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C in the driver does
+
+    with pytest.raises(KeyboardInterrupt):
+        run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=1, use_gpu=False, on_result=interrupt)
+    assert store.done() == set(finished)
+    stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False)
+    assert stats["shards_computed"] == len(shards) - 2
+    assert torch.equal(store.read()[0], reference[0])
+    again = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False)
+    assert again["shards_computed"] == 0
+
+
+def test_a_shard_failing_every_time_stops_the_run_naming_it(ray_session, ckpt, tmp_path):
+    store = ShardStore(str(tmp_path))
+    store.open("fp")
+    shards = plan_shards(4, 1, 2)
+    bad = dataclasses.replace(CFG, bn_weights="1,2,3")  # wrong length: fails inside the worker every time
+    with pytest.raises(EngineError, match=f"shard {shards[0].id}|shard {shards[1].id}"):
+        run_ray(ckpt, shards, store, bad, SIZE, 5, num_workers=1, use_gpu=False, max_tries=2)
