@@ -97,7 +97,44 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-gpus", type=int, default=0)
     p.add_argument("--out", required=True)
+    b = sub.add_parser("bench", help="time production code paths")
+    bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
+    sc = bsub.add_parser("scaling", help="the same synthesis job on 1, 2, ... single-thread CPU actors")
+    sc.add_argument("--workers", default="1,2", help="comma-separated actor counts; the first is the baseline")
+    sc.add_argument("--arch", default="resnet18")
+    sc.add_argument("--width", type=float, default=0.25)
+    sc.add_argument("--image-size", type=int, default=16)
+    sc.add_argument("--num-classes", type=int, default=10, help="images per shard (one per class)")
+    sc.add_argument("--shards", type=int, default=8)
+    sc.add_argument("--iterations", type=int, default=100)
+    sc.add_argument("--address", default=None)
+    sc.add_argument("--json", required=True)
     return ap
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from .bench import bench_scaling
+    from .store import atomic_write_json
+
+    try:
+        workers = [int(w) for w in a.workers.split(",")]
+    except ValueError:
+        raise ConfigError("--workers", f"expected comma-separated integers (got {a.workers!r})") from None
+    if not workers or min(workers) < 1:
+        raise ConfigError("--workers", f"each count must be >= 1 (got {a.workers!r})")
+    validate_arch(a.arch, "arch")
+    for flag, v in (("--width", a.width), ("--image-size", a.image_size), ("--num-classes", a.num_classes),
+                    ("--shards", a.shards), ("--iterations", a.iterations)):
+        if not v > 0:
+            raise ConfigError(flag, f"must be positive (got {v!r})")
+    try:
+        res = bench_scaling(workers, arch=a.arch, width=a.width, image_size=a.image_size,
+                            num_classes=a.num_classes, shards=a.shards, iterations=a.iterations, address=a.address)
+    except ConnectionError as e:
+        raise ConfigError("--address", str(e)) from None
+    atomic_write_json(a.json, res)
+    print(json.dumps(res["results"]))
+    return 0
 
 
 def _distill(a: argparse.Namespace) -> int:
@@ -256,7 +293,7 @@ def _load_ckpt(path: str, flag: str):
         raise ConfigError(flag, str(e)) from None
 
 
-COMMANDS = {"distill": _distill, "squeeze": _squeeze, "posttrain": _posttrain}
+COMMANDS = {"distill": _distill, "squeeze": _squeeze, "posttrain": _posttrain, "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> int:

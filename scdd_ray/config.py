@@ -130,14 +130,6 @@ PRESETS: dict[str, dict] = {
                        lr=2e-3, weight_decay=0.01, temperature=4.0, mix="cutmix", mix_prob=0.5,
                        crop_scale=(0.5, 1.0), flip=False),
     ),
-    "cifar10": dict(
-        image_size=32, arch="resnet18", width=1.0, ipc=50,
-        squeeze=dict(epochs=200, batch_size=256, lr=0.06, temperature=0.5, crop_scale=(0.2, 1.0), flip=True),
-        recover=dict(iterations=1000, lr=0.4, bn_coef=0.005, bn_weights="first:10", jitter=4, crop_scale=None,
-                     flip=False, classes_per_batch=10),
-        posttrain=dict(student="resnet18", student_width=1.0, epochs=200, batch_size=64, lr=1e-3,
-                       weight_decay=0.01, temperature=30.0, mix="mixup", mix_prob=0.8, crop_scale=(0.08, 1.0)),
-    ),
     "cifar100": dict(
         image_size=32, arch="resnet18", width=1.0, ipc=50,
         squeeze=dict(epochs=200, batch_size=256, lr=0.06, temperature=0.5, crop_scale=(0.2, 1.0), flip=True),
@@ -162,6 +154,9 @@ PRESETS: dict[str, dict] = {
                        crop_scale=(0.5, 1.0), flip=False),
     ),
 }
+# CIFAR-10 follows the CIFAR-100 recipe; a batch holds all (10) classes of one IPC index.
+PRESETS["cifar10"] = {**PRESETS["cifar100"],
+                      "recover": {**PRESETS["cifar100"]["recover"], "classes_per_batch": 10}}
 
 # Flag names of every field, for error messages that point at what to change.
 FLAGS = {

@@ -123,6 +123,9 @@ class SynthesisWorker:
         self.mean, self.std = ckpt.mean, ckpt.std
         self.cfg, self.image_size, self.run_seed, self.train, self.fault = cfg, image_size, run_seed, train, fault
 
+    def ready(self) -> bool:
+        return True
+
     def run(self, shard: Shard, attempt: int):
         on_step = None
         if self.fault is not None and self.fault.shard_id == shard.id and attempt == 0:
@@ -167,12 +170,19 @@ def run_ray(ckpt, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, im
     def start():
         return Worker.remote(ckpt_ref, cfg, image_size, run_seed, threads, use_gpu, train_ref, fault)
 
+    t_start = time.perf_counter()
     actors = [start() for _ in range(n)]
+    try:  # start-up (process, imports, model build) reported apart from synthesis
+        ray.get([h.ready.remote() for h in actors])
+    except RayActorError:
+        pass  # a replacement is started when its first shard fails
+    startup = time.perf_counter() - t_start
     idle = list(range(n))
     inflight: dict = {}
     tries: collections.Counter = collections.Counter()
     restarts = computed = images = 0
     t0 = time.perf_counter()
+    log.info("recover: %d workers ready in %.1fs", n, startup)
     with Progress(sum(len(s) for s in todo), f"recover ({n} workers)", "img") as bar:
         while todo or inflight:
             while idle and todo:
@@ -209,7 +219,8 @@ def run_ray(ckpt, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, im
     for h in actors:
         ray.kill(h)
     return {"shards_total": len(shards), "shards_computed": computed, "images_computed": images,
-            "seconds": time.perf_counter() - t0, "num_workers": n, "restarts": restarts}
+            "seconds": time.perf_counter() - t_start, "startup_seconds": startup,
+            "synthesis_seconds": time.perf_counter() - t0, "num_workers": n, "restarts": restarts}
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:

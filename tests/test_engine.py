@@ -82,3 +82,17 @@ def test_a_shard_failing_every_time_stops_the_run_naming_it(ray_session, ckpt, t
     bad = dataclasses.replace(CFG, bn_weights="1,2,3")  # wrong length: fails inside the worker every time
     with pytest.raises(EngineError, match=f"shard {shards[0].id}|shard {shards[1].id}"):
         run_ray(ckpt, shards, store, bad, SIZE, 5, num_workers=1, use_gpu=False, max_tries=2)
+
+
+def test_bench_scaling_reports_throughput_and_efficiency(ray_session, tmp_path):
+    import json
+
+    from scdd_ray.cli import main
+
+    out = tmp_path / "scaling.json"
+    assert main(["-q", "bench", "scaling", "--workers", "1,2", "--width", "0.0625", "--image-size", "8",
+                 "--num-classes", "2", "--shards", "2", "--iterations", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["workers"] for r in res["results"]] == [1, 2]
+    assert all(r["img_iters_per_s"] > 0 for r in res["results"])
+    assert res["results"][0]["parallel_efficiency"] == 1.0

@@ -1,0 +1,58 @@
+"""Benchmarks behind `scdd-ray bench`: the production code paths, timed."""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+from .config import RecoverConfig
+from .engine import connect, plan_shards, run_ray
+from .models import create_model, load_checkpoint, save_checkpoint
+from .store import ShardStore
+
+
+def random_checkpoint(arch: str, width: float, num_classes: int, image_size: int, directory: str):
+    """A randomly initialised backbone saved and reloaded exactly as users' checkpoints are."""
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes, width, image_size <= 64)
+    path = os.path.join(directory, "bench-backbone.pt")
+    save_checkpoint(path, model, arch=arch, width=width, num_classes=num_classes, image_size=image_size,
+                    small_input=image_size <= 64, mean=(0.5,) * 3, std=(0.25,) * 3, method="random-init")
+    return load_checkpoint(path)
+
+
+def bench_scaling(workers: list[int], *, arch: str, width: float, image_size: int, num_classes: int, shards: int,
+                  iterations: int, address: str | None = None) -> dict:
+    """The same synthesis job (`shards` shards of `num_classes` images) on k single-thread CPU actors, for each k.
+
+    `img_iters_per_s` counts images x iterations per second once every actor
+    is up (steady state); `end_to_end_img_iters_per_s` includes actor start-up.
+    """
+    connect(address)
+    cfg = RecoverConfig(iterations=iterations, lr=0.25, bn_coef=1.0, bn_weights="first:10", jitter=2,
+                        crop_scale=(0.5, 1.0), flip=False, classes_per_batch=num_classes)
+    plan = plan_shards(num_classes, shards, num_classes)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = random_checkpoint(arch, width, num_classes, image_size, tmp)
+        for k in workers:
+            store = ShardStore(os.path.join(tmp, f"w{k}"))
+            store.open(f"bench-{k}")
+            t0 = time.perf_counter()
+            stats = run_ray(ckpt, plan, store, cfg, image_size, 0, num_workers=k, use_gpu=False, threads=1)
+            wall = time.perf_counter() - t0
+            work = stats["images_computed"] * iterations
+            rows.append({"workers": k, "seconds": round(wall, 3), "startup_seconds": round(stats["startup_seconds"], 3),
+                         "img_iters_per_s": round(work / stats["synthesis_seconds"], 2),
+                         "end_to_end_img_iters_per_s": round(work / wall, 2)})
+    base = rows[0]["img_iters_per_s"] / rows[0]["workers"]
+    for r in rows:
+        r["speedup_vs_first"] = round(r["img_iters_per_s"] / rows[0]["img_iters_per_s"], 3)
+        r["parallel_efficiency"] = round(r["img_iters_per_s"] / (base * r["workers"]), 3)
+    return {"benchmark": "scaling", "arch": arch, "width": width, "image_size": image_size,
+            "num_classes": num_classes, "shards": shards, "iterations": iterations, "threads_per_worker": 1,
+            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "results": rows}
