@@ -215,7 +215,7 @@ def _posttrain(a: argparse.Namespace) -> int:
     import torch
 
     from .data import DataError, load_split
-    from .distill import RUN_FILE, adapt_inputs
+    from .distill import RUN_FILE, adapt_inputs, load_checkpoint_arg
     from .models import save_checkpoint
     from .posttrain import train_student
     from .report import save_grid
@@ -241,7 +241,7 @@ def _posttrain(a: argparse.Namespace) -> int:
             images, class_ids, _ = read_imagefolder(src)
     except StoreError as e:
         raise ConfigError("--distilled", str(e)) from None
-    teacher_ckpt = _load_ckpt(a.teacher, "--teacher")
+    teacher_ckpt = load_checkpoint_arg(a.teacher, "--teacher")
     dataset = dataset or teacher_ckpt.meta.get("dataset")
     if dataset not in DATASETS:
         raise ConfigError("--dataset", f"cannot tell the dataset of {a.distilled}; pass --dataset")
@@ -283,14 +283,6 @@ def _posttrain(a: argparse.Namespace) -> int:
     print(json.dumps({k: result[k] for k in ("dataset", "num_images", "top1", "posttrain_seconds")}))
     return 0
 
-
-def _load_ckpt(path: str, flag: str):
-    from .models import CheckpointError, load_checkpoint
-
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as e:
-        raise ConfigError(flag, str(e)) from None
 
 
 COMMANDS = {"distill": _distill, "squeeze": _squeeze, "posttrain": _posttrain, "bench": _bench}

@@ -72,7 +72,8 @@ class Prepared:
     workers: int = 1
 
 
-def _load(path: str, flag: str) -> Checkpoint:
+def load_checkpoint_arg(path: str, flag: str) -> Checkpoint:
+    """Load a user-named checkpoint; failures become a ConfigError naming the flag."""
     try:
         return load_checkpoint(path)
     except CheckpointError as e:
@@ -87,10 +88,10 @@ def prepare(cfg: DistillConfig) -> Prepared:
         raise ConfigError("", str(e)) from None
     backbone = teacher = None
     if cfg.backbone:
-        backbone = _load(cfg.backbone, "--backbone")
+        backbone = load_checkpoint_arg(cfg.backbone, "--backbone")
         check_checkpoint(backbone, cfg, info, "--backbone", cfg.backbone, match_arch=True)
     if cfg.teacher:
-        teacher = _load(cfg.teacher, "--teacher")
+        teacher = load_checkpoint_arg(cfg.teacher, "--teacher")
         check_checkpoint(teacher, cfg, info, "--teacher", cfg.teacher, match_arch=False)
     check_out_dir(cfg)
     workers = num_workers(cfg)

@@ -147,7 +147,7 @@ def create_model(name: str, num_classes: int, width: float = 1.0, small_input: b
 
 def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled embedding of any supported model (ours or timm)."""
-    if hasattr(model, "forward_features") and isinstance(model, ResNet):
+    if isinstance(model, ResNet):
         return model.forward_features(x)
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
