@@ -69,7 +69,6 @@ class Prepared:
     info: DatasetInfo
     backbone: Checkpoint | None
     teacher: Checkpoint | None
-    workers: int = 1
 
 
 def load_checkpoint_arg(path: str, flag: str) -> Checkpoint:
@@ -94,7 +93,6 @@ def prepare(cfg: DistillConfig) -> Prepared:
         teacher = load_checkpoint_arg(cfg.teacher, "--teacher")
         check_checkpoint(teacher, cfg, info, "--teacher", cfg.teacher, match_arch=False)
     check_out_dir(cfg)
-    workers = num_workers(cfg)
     if cfg.address:  # an existing cluster: its GPUs may sit on other nodes
         from .engine import cluster_gpus, connect
 
@@ -108,7 +106,7 @@ def prepare(cfg: DistillConfig) -> Prepared:
     elif cfg.num_gpus > torch.cuda.device_count():
         # A private local Ray instance sees exactly this machine's GPUs.
         raise ConfigError("--num-gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
-    return Prepared(cfg, info, backbone, teacher, workers)
+    return Prepared(cfg, info, backbone, teacher)
 
 
 def num_workers(cfg: DistillConfig) -> int:
@@ -249,7 +247,7 @@ def run(prep: Prepared) -> dict:
             from .engine import connect
 
             connect(cfg.address)
-            stats = run_ray(backbone, shards, store, cfg.recover, cfg.image_size, cfg.seed, num_workers=prep.workers,
+            stats = run_ray(backbone, shards, store, cfg.recover, cfg.image_size, cfg.seed, num_workers=num_workers(cfg),
                             use_gpu=cfg.num_gpus > 0, threads=1, train=train)
         else:
             model = frozen(backbone.build().to(device, memory_format=torch.channels_last))

@@ -20,6 +20,7 @@ import torch.nn as nn
 from .augment import normalize, to_float
 from .config import RecoverConfig
 from .data import ImageSet
+from .models import frozen
 from .progress import Progress
 from .recover import synthesize
 from .store import ShardStore
@@ -117,9 +118,7 @@ class SynthesisWorker:
                  train=None, fault: Fault | None = None):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = ckpt.build().to(self.device, memory_format=torch.channels_last).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = frozen(ckpt.build().to(self.device, memory_format=torch.channels_last))
         self.mean, self.std = ckpt.mean, ckpt.std
         self.cfg, self.image_size, self.run_seed, self.train, self.fault = cfg, image_size, run_seed, train, fault
 
