@@ -27,8 +27,22 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def match_term(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
-    """||mu - running_mean||_2 + ||var - running_var||_2 for one layer."""
+NORMALIZE = ("none", "mean", "channel")
+
+
+def match_term(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+               normalize: str = "none", eps: float = 1e-5) -> torch.Tensor:
+    """||mu - running_mean||_2 + ||var - running_var||_2 for one layer.
+
+    normalize="channel" measures each channel's gap in units of that channel's
+    running scale (mean gap / running std, variance gap / running var) and takes
+    the RMS over channels, so the term no longer grows with the layer's width
+    or with the magnitude of its activations.
+    """
+    if normalize == "channel":
+        c = mean.numel() ** 0.5
+        return (torch.linalg.vector_norm((mean - running_mean) / (running_var + eps).sqrt()) / c
+                + torch.linalg.vector_norm((var - running_var) / (running_var + eps)) / c)
     return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
 
 
@@ -38,9 +52,17 @@ class BNMatch:
     with BNMatch(model, weights) as m:
         logits = model(x)
         loss = ce(logits, y) + alpha * m.loss()
+
+    normalize: "none" sums the weighted layer terms (the paper's loss);
+    "mean" divides that sum by the number of layers; "channel" also normalises
+    each layer's term per channel (see `match_term`). The last two make one
+    aim to let one coefficient transfer across depths (measured in README).
     """
 
-    def __init__(self, model: nn.Module, weights=None):
+    def __init__(self, model: nn.Module, weights=None, normalize: str = "none"):
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)} (got {normalize!r})")
+        self.normalize = normalize
         self.layers = bn_layers(model)
         if not self.layers:
             raise ValueError("model has no BatchNorm2d layer to match")
@@ -55,7 +77,8 @@ class BNMatch:
     def _hook(self, idx: int):
         def record(module: nn.BatchNorm2d, inputs, output):
             mean, var = batch_stats(inputs[0])
-            self._terms[idx] = match_term(mean, var, module.running_mean.float(), module.running_var.float())
+            self._terms[idx] = match_term(mean, var, module.running_mean.float(), module.running_var.float(),
+                                          self.normalize)
         return record
 
     def __enter__(self) -> "BNMatch":
@@ -76,16 +99,18 @@ class BNMatch:
 
     def loss(self) -> torch.Tensor:
         t = self.terms()
-        return (t * self._weights.to(t.device)).sum()
+        total = (t * self._weights.to(t.device)).sum()
+        return total if self.normalize == "none" else total / len(self.layers)
 
 
-def bn_loss(model: nn.Module, x: torch.Tensor, weights=None) -> torch.Tensor:
+def bn_loss(model: nn.Module, x: torch.Tensor, weights=None, normalize: str = "none") -> torch.Tensor:
     """sum_l w_l (||mu_l(x) - running_mean_l||_2 + ||var_l(x) - running_var_l||_2).
 
     `model` should be in eval mode so the forward normalises with the running
-    statistics and leaves them untouched.
+    statistics and leaves them untouched. `normalize` other than "none" gives
+    the depth-normalised variants of `BNMatch`.
     """
-    with BNMatch(model, weights) as m:
+    with BNMatch(model, weights, normalize) as m:
         model(x)
         return m.loss()
 
@@ -147,3 +172,59 @@ def parse_bn_weights(spec: str) -> WeightSpec:
     if not all(math.isfinite(v) for v in p):
         raise ValueError(f"weights must be finite (got {spec!r})")
     return WeightSpec("list", p)
+
+
+# --- inspection ---------------------------------------------------------------
+
+def histogram_entropy(values: torch.Tensor, bins: int | None = None) -> float:
+    """Differential entropy estimate (nats) of a 1-D sample from an equal-width histogram.
+
+    H ~= -sum_i p_i log(p_i / width), with sqrt(n) bins over the sample's range.
+    Unlike the discrete entropy of the bin counts it grows with the spread of
+    the values (a sample scaled by k gains log k), which is what comparing how
+    much the statistics vary across channels needs.
+    """
+    v = values.detach().double().flatten()
+    n = v.numel()
+    lo, hi = float(v.min()), float(v.max())
+    if n < 2 or hi - lo <= 0:
+        return float("-inf")
+    k = bins or max(2, int(round(math.sqrt(n))))
+    counts = torch.histc(v, bins=k, min=lo, max=hi)
+    p = counts[counts > 0] / n
+    width = (hi - lo) / k
+    return float(-(p * torch.log(p / width)).sum())
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None  # JSON has no -inf
+
+
+def bn_statistics(model: nn.Module) -> list[dict]:
+    """Per BatchNorm2d layer: how much its running statistics vary across channels.
+
+    For running_mean and running_var: the across-channel (population)
+    variance and a histogram entropy estimate. Layers in `model.modules()` order.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    rows = []
+    for i, layer in enumerate(bn_layers(model)):
+        rm, rv = layer.running_mean.detach().double(), layer.running_var.detach().double()
+        rows.append({
+            "index": i, "name": names[layer], "channels": int(rm.numel()),
+            "mean_variance": float(rm.var(correction=0)), "var_variance": float(rv.var(correction=0)),
+            "mean_entropy": _finite(histogram_entropy(rm)), "var_entropy": _finite(histogram_entropy(rv)),
+        })
+    return rows
+
+
+def summarize_bn(rows: list[dict]) -> dict:
+    """Averages over layers of the per-layer figures of `bn_statistics`.
+
+    A layer whose statistic is constant across channels (e.g. an untrained
+    one) has no entropy (None); it is left out of the entropy average, which
+    is None when no layer has one.
+    """
+    keys = ("mean_variance", "var_variance", "mean_entropy", "var_entropy")
+    finite = {k: [r[k] for r in rows if r[k] is not None] for k in keys}
+    return {k: (sum(v) / len(v) if v else None) for k, v in finite.items()} | {"layers": len(rows)}

@@ -56,7 +56,11 @@ def build_parser() -> Parser:
     d.add_argument("--bn-weights", default=None, help="first:M | linear:A,B | exp:G | w1,w2,...")
     d.add_argument("--jitter", type=int, default=None, help="max random roll in pixels")
     d.add_argument("--recover-crop-scale", default=None, help="LO,HI random-resized-crop area, or none")
-    d.add_argument("--init", default=None, help="noise | real")
+    d.add_argument("--init", default=None, help="noise | real (start from a random real image of the class)")
+    d.add_argument("--grayscale", default=None, action=argparse.BooleanOptionalAction,
+                   help="optimise one channel repeated to three (for grayscale datasets such as digits)")
+    d.add_argument("--bn-normalize", default=None,
+                   help="none (paper: sum over BN layers) | mean (over layers) | channel (per-channel, over layers)")
     d.add_argument("--classes-per-batch", type=int, default=None, help="classes optimised together in one shard")
     d.add_argument("--student", default=None)
     d.add_argument("--student-width", type=float, default=None)
@@ -76,6 +80,8 @@ def build_parser() -> Parser:
     s.add_argument("--width", type=float, default=None)
     s.add_argument("--method", default="simclr", help=f"one of {', '.join(SQUEEZE_METHODS)}")
     s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--from", dest="from_checkpoint", default=None,
+                   help="public SSL checkpoint (torchvision, MoCo-v2/v3, DINO, SwAV): only fit the linear head")
     s.add_argument("--split", default="train", help="train, or train-noval to keep the validation split unseen")
     s.add_argument("--num-gpus", type=int, default=0)
     s.add_argument("--out", required=True, help="checkpoint path (.pt)")
@@ -97,6 +103,13 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-gpus", type=int, default=0)
     p.add_argument("--out", required=True)
+    ib = sub.add_parser("inspect-bn", help="how much each BN layer's running statistics vary across channels")
+    ib.add_argument("--backbone", nargs="+", required=True, help="checkpoint(s), e.g. one per seed")
+    ib.add_argument("--compare", nargs="+", default=None, help="a second group, e.g. supervised backbones")
+    ib.add_argument("--label", default=None, help="name of the --backbone group (default: its method)")
+    ib.add_argument("--compare-label", default=None, help="name of the --compare group (default: its method)")
+    ib.add_argument("--json", required=True)
+    ib.add_argument("--plot", default=None, help="PNG: the groups side by side, per layer")
     b = sub.add_parser("bench", help="time production code paths")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=Parser)
     sc = bsub.add_parser("scaling", help="the same synthesis job on 1, 2, ... single-thread CPU actors")
@@ -147,7 +160,8 @@ def _distill(a: argparse.Namespace) -> int:
         "squeeze.method": a.ssl, "squeeze.epochs": a.squeeze_epochs,
         "recover.iterations": a.iterations, "recover.lr": a.lr, "recover.bn_coef": a.bn_coef,
         "recover.bn_weights": a.bn_weights, "recover.jitter": a.jitter, "recover.init": a.init,
-        "recover.classes_per_batch": a.classes_per_batch,
+        "recover.classes_per_batch": a.classes_per_batch, "recover.grayscale": a.grayscale,
+        "recover.bn_normalize": a.bn_normalize,
         "recover.crop_scale": parse_scale(a.recover_crop_scale, "--recover-crop-scale") if a.recover_crop_scale else None,
         "posttrain.student": a.student, "posttrain.student_width": a.student_width,
         "posttrain.epochs": a.posttrain_epochs, "posttrain.batch_size": a.posttrain_batch_size,
@@ -201,13 +215,28 @@ def _squeeze(a: argparse.Namespace) -> int:
     except DataError as e:
         raise ConfigError("", str(e)) from None
     device = torch.device("cuda" if a.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-    model = squeeze(train, arch, width, cfg, device=device, seed=a.seed, small_input=size <= 64)
+    method, small, meta = a.method, size <= 64, {}
+    if a.from_checkpoint:  # import + linear probe only: the SSL BN statistics stay as published
+        from .distill import load_checkpoint_arg
+        from .squeeze import linear_probe
+
+        ckpt = load_checkpoint_arg(a.from_checkpoint, "--from", train.info, size, allow_probe=True)
+        if a.arch and (ckpt.arch != a.arch or (a.width is not None and abs(ckpt.width - a.width) > 1e-9)):
+            raise ConfigError("--arch", f"{a.from_checkpoint} is a {ckpt.arch} width {ckpt.width:g} but --arch "
+                                        f"{a.arch} --width {width:g} was asked for")
+        arch, width, small, method = ckpt.arch, ckpt.width, ckpt.small_input, ckpt.method
+        meta = {k: ckpt.meta[k] for k in ("imported_from", "layout")}
+        model = ckpt.build().to(device, memory_format=torch.channels_last)
+        if ckpt.meta.get("needs_probe"):
+            linear_probe(model, train, cfg, device, a.seed)
+    else:
+        model = squeeze(train, arch, width, cfg, device=device, seed=a.seed, small_input=small)
+        meta = {"epochs": cfg.epochs}
     acc = top1(model, test, train.info.mean, train.info.std, device)
     save_checkpoint(a.out, model, arch=arch, width=width, num_classes=train.info.num_classes, image_size=size,
-                    small_input=size <= 64, mean=train.info.mean, std=train.info.std, method=a.method,
-                    meta={"dataset": a.dataset, "split": a.split, "epochs": cfg.epochs, "seed": a.seed,
-                          "test_top1": acc})
-    print(json.dumps({"out": a.out, "method": a.method, "arch": arch, "width": width, "test_top1": round(acc, 3)}))
+                    small_input=small, mean=train.info.mean, std=train.info.std, method=method,
+                    meta={"dataset": a.dataset, "split": a.split, "seed": a.seed, "test_top1": acc, **meta})
+    print(json.dumps({"out": a.out, "method": method, "arch": arch, "width": width, "test_top1": round(acc, 3)}))
     return 0
 
 
@@ -285,7 +314,70 @@ def _posttrain(a: argparse.Namespace) -> int:
 
 
 
-COMMANDS = {"distill": _distill, "squeeze": _squeeze, "posttrain": _posttrain, "bench": _bench}
+def _bn_model(path: str, flag: str):
+    """(model, method) of our checkpoint or a public one; BN statistics need no head."""
+    from .models import CheckpointError, NotOurCheckpoint, import_backbone, load_checkpoint, model_from_import
+
+    try:
+        ckpt = load_checkpoint(path)
+        return ckpt.build(), ckpt.method
+    except NotOurCheckpoint:
+        pass
+    except CheckpointError as e:
+        raise ConfigError(flag, str(e)) from None
+    try:
+        imp = import_backbone(path)
+        return model_from_import(imp, 1 if imp.head is None else len(imp.head["bias"]))[0], imp.layout
+    except CheckpointError as e:
+        raise ConfigError(flag, str(e)) from None
+
+
+def _inspect_bn(a: argparse.Namespace) -> int:
+    import statistics
+
+    from .bn import bn_statistics, summarize_bn
+    from .report import plot_bn
+    from .store import atomic_write_json
+
+    for flag, p in (("--json", a.json), ("--plot", a.plot)):
+        if p and os.path.isdir(p):
+            raise ConfigError(flag, f"{p} is a directory; give a file path")
+    groups = []
+    for flag, paths, label in (("--backbone", a.backbone, a.label), ("--compare", a.compare, a.compare_label)):
+        if not paths:
+            continue
+        runs, methods = [], []
+        for p in paths:
+            model, method = _bn_model(p, flag)
+            rows = bn_statistics(model)
+            if runs and len(rows) != len(runs[0]["layers"]):
+                raise ConfigError(flag, f"{p} has {len(rows)} BN layers, {paths[0]} has {len(runs[0]['layers'])}; "
+                                        "a group must share one architecture")
+            runs.append({"path": p, "method": method, "layers": rows, "summary": summarize_bn(rows)})
+            methods.append(method)
+        keys = [k for k in runs[0]["summary"] if k != "layers"]
+        agg = {}
+        for k in keys:
+            vals = [r["summary"][k] for r in runs if r["summary"][k] is not None]
+            agg[k] = {"mean": statistics.fmean(vals) if vals else None,
+                      "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+        groups.append({"label": label or "/".join(sorted(set(methods))), "flag": flag, "checkpoints": runs,
+                       "summary": agg})
+    if len(groups) == 2 and len(groups[0]["checkpoints"][0]["layers"]) != len(groups[1]["checkpoints"][0]["layers"]):
+        raise ConfigError("--compare", "the compared backbones have a different number of BN layers than --backbone")
+    atomic_write_json(a.json, {"groups": groups})
+    if a.plot:
+        plot_bn(a.plot, [{"label": g["label"], "runs": [r["layers"] for r in g["checkpoints"]]} for g in groups])
+    for g in groups:
+        s = g["summary"]
+        print(json.dumps({"label": g["label"], "n": len(g["checkpoints"]),
+                          **{k: (f"{v['mean']:.4g} +- {v['std']:.2g}" if v["mean"] is not None else None)
+                             for k, v in s.items()}}))
+    return 0
+
+
+COMMANDS = {"distill": _distill, "squeeze": _squeeze, "posttrain": _posttrain, "bench": _bench,
+            "inspect-bn": _inspect_bn}
 
 
 def main(argv: list[str] | None = None) -> int:

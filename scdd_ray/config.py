@@ -18,6 +18,7 @@ METHODS = ("scdd", "sre2l", "random")
 SSL_METHODS = ("simclr", "mocov3")
 SQUEEZE_METHODS = SSL_METHODS + ("supervised",)
 INITS = ("noise", "real")
+BN_NORMALIZE = ("none", "mean", "channel")
 MIXES = ("cutmix", "mixup", "none")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -57,6 +58,7 @@ class RecoverConfig:
     init: str = "noise"
     classes_per_batch: int = 100
     grayscale: bool = False  # optimise one channel repeated to three
+    bn_normalize: str = "none"  # none (paper: sum over layers) | mean | channel
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ FLAGS = {
     "recover.iterations": "--iterations", "recover.lr": "--lr", "recover.bn_coef": "--bn-coef",
     "recover.bn_weights": "--bn-weights", "recover.jitter": "--jitter", "recover.init": "--init",
     "recover.classes_per_batch": "--classes-per-batch", "recover.grayscale": "--grayscale",
+    "recover.bn_normalize": "--bn-normalize",
     "recover.crop_scale": "--recover-crop-scale",
     "posttrain.student": "--student", "posttrain.student_width": "--student-width",
     "posttrain.epochs": "--posttrain-epochs", "posttrain.batch_size": "--posttrain-batch-size",
@@ -243,6 +246,8 @@ def validate_recover(r: RecoverConfig) -> None:
     _scale(r.crop_scale, "recover.crop_scale", allow_none=True)
     _choice(r.init, INITS, "recover.init")
     _positive_int(r.classes_per_batch, "recover.classes_per_batch")
+    _choice(r.bn_normalize, BN_NORMALIZE, "recover.bn_normalize")
+    _check(isinstance(r.grayscale, bool), "recover.grayscale", f"must be true or false (got {r.grayscale!r})")
 
 
 def validate_posttrain(p: PosttrainConfig) -> None:

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .bn import parse_bn_weights
 from .config import ConfigError, DistillConfig
 from .data import DataError, DatasetInfo, dataset_info, load_split, sample_per_class
 from .evaluation import top1
-from .models import Checkpoint, CheckpointError, frozen, load_checkpoint, save_checkpoint
+from .models import (Checkpoint, CheckpointError, NotOurCheckpoint, frozen, import_backbone, load_checkpoint,
+                     model_from_import, num_bn_layers, save_checkpoint)
 from .report import save_grid, write_report
-from .squeeze import squeeze
+from .squeeze import linear_probe, squeeze
 from .store import ShardStore, StoreError, atomic_write_json, export_imagefolder
 
 log = logging.getLogger("scdd_ray")
@@ -71,12 +73,34 @@ class Prepared:
     teacher: Checkpoint | None
 
 
-def load_checkpoint_arg(path: str, flag: str) -> Checkpoint:
-    """Load a user-named checkpoint; failures become a ConfigError naming the flag."""
+def load_checkpoint_arg(path: str, flag: str, info: DatasetInfo | None = None, image_size: int | None = None,
+                        allow_probe: bool = False) -> Checkpoint:
+    """Load a user-named checkpoint; failures become a ConfigError naming the flag.
+
+    With `info`, public checkpoints (torchvision, MoCo-v2/v3, DINO, SwAV) are
+    imported too. One that lacks a classifier for the dataset's classes is
+    returned with `meta["needs_probe"]` when `allow_probe`, else refused.
+    """
     try:
         return load_checkpoint(path)
+    except NotOurCheckpoint as e:
+        if info is None:
+            raise ConfigError(flag, str(e)) from None
     except CheckpointError as e:
         raise ConfigError(flag, str(e)) from None
+    try:
+        imp = import_backbone(path)
+        model, has_head = model_from_import(imp, info.num_classes)
+    except CheckpointError as e:
+        raise ConfigError(flag, str(e)) from None
+    if not has_head and not allow_probe:
+        raise ConfigError(flag, f"{path} ({imp.layout} layout) has no classifier for {info.num_classes} classes; "
+                                f"fit one first: scdd-ray squeeze --dataset {info.name} --from {path} --out PROBED.pt")
+    return Checkpoint(arch=imp.arch, width=imp.width, num_classes=info.num_classes,
+                      image_size=image_size or info.image_size, small_input=imp.small_input, mean=info.mean,
+                      std=info.std, method=imp.layout, state_dict=model.state_dict(),
+                      meta={"imported_from": os.path.abspath(path), "layout": imp.layout,
+                            "dropped_keys": len(imp.dropped), "needs_probe": not has_head})
 
 
 def prepare(cfg: DistillConfig) -> Prepared:
@@ -87,11 +111,18 @@ def prepare(cfg: DistillConfig) -> Prepared:
         raise ConfigError("", str(e)) from None
     backbone = teacher = None
     if cfg.backbone:
-        backbone = load_checkpoint_arg(cfg.backbone, "--backbone")
+        backbone = load_checkpoint_arg(cfg.backbone, "--backbone", info, cfg.image_size, allow_probe=True)
         check_checkpoint(backbone, cfg, info, "--backbone", cfg.backbone, match_arch=True)
     if cfg.teacher:
-        teacher = load_checkpoint_arg(cfg.teacher, "--teacher")
+        teacher = load_checkpoint_arg(cfg.teacher, "--teacher", info, cfg.image_size)
         check_checkpoint(teacher, cfg, info, "--teacher", cfg.teacher, match_arch=False)
+    if cfg.method != "random":
+        spec = parse_bn_weights(cfg.recover.bn_weights)  # the grammar was validated with the config
+        if spec.kind == "list":
+            n = num_bn_layers(backbone.arch if backbone else cfg.arch)
+            if len(spec.params) != n:
+                raise ConfigError("--bn-weights", f"lists {len(spec.params)} weights but {cfg.arch} has {n} "
+                                                  "BatchNorm2d layers (one weight per layer)")
     check_out_dir(cfg)
     if cfg.address:  # an existing cluster: its GPUs may sit on other nodes
         from .engine import cluster_gpus, connect
@@ -193,6 +224,28 @@ def get_backbone(cfg: DistillConfig, info: DatasetInfo, squeeze_method: str, dev
     return load_checkpoint(path), path
 
 
+def probe_backbone(cfg: DistillConfig, info: DatasetInfo, ckpt: Checkpoint, device) -> tuple[Checkpoint, str]:
+    """Fit the linear head of an imported SSL backbone (frozen, BN in eval mode); cached under OUT/backbones/."""
+    src = os.path.splitext(os.path.basename(ckpt.meta["imported_from"]))[0]
+    name = f"probe-{ckpt.method}-{src}-{ckpt.arch}-s{cfg.image_size}-p{cfg.squeeze.probe_epochs}-seed{cfg.seed}.pt"
+    path = os.path.join(cfg.out, "backbones", name)
+    if os.path.isfile(path):
+        log.info("using cached probed backbone %s", path)
+        return load_checkpoint(path), path
+    model = ckpt.build().to(device, memory_format=torch.channels_last)
+    train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size)
+    t0 = time.perf_counter()
+    linear_probe(model, train, cfg.squeeze, device, cfg.seed)
+    acc = top1(model, load_split(cfg.dataset, "test", cfg.data_dir, cfg.image_size), info.mean, info.std, device)
+    log.info("linear probe on imported %s backbone: test top-1 %.2f%%", ckpt.method, acc)
+    meta = {**ckpt.meta, "needs_probe": False, "dataset": cfg.dataset, "probe_epochs": cfg.squeeze.probe_epochs,
+            "seed": cfg.seed, "test_top1": acc, "seconds": time.perf_counter() - t0}
+    save_checkpoint(path, model, arch=ckpt.arch, width=ckpt.width, num_classes=info.num_classes,
+                    image_size=cfg.image_size, small_input=ckpt.small_input, mean=info.mean, std=info.std,
+                    method=ckpt.method, meta=meta)
+    return load_checkpoint(path), path
+
+
 def select_random(store: ShardStore, cfg: DistillConfig, info: DatasetInfo) -> dict:
     """The `random` baseline: IPC random real training images per class, one shard per IPC index."""
     train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size)
@@ -221,6 +274,8 @@ def run(prep: Prepared) -> dict:
     backbone, backbone_path = (prep.backbone, cfg.backbone) if prep.backbone else (None, None)
     if backbone is None and cfg.method != "random":
         backbone, backbone_path = get_backbone(cfg, info, cfg.squeeze.method, device)
+    elif backbone is not None and backbone.meta.get("needs_probe"):
+        backbone, backbone_path = probe_backbone(cfg, info, backbone, device)
     # Teacher for relabelling: --teacher, else the recovery backbone; the random
     # baseline gets the supervised teacher, the strongest we have.
     if prep.teacher is not None:

@@ -71,7 +71,7 @@ def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean
     weights = parse_bn_weights(cfg.bn_weights).resolve(len(bn_layers(model)))
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
     history: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    with BNMatch(model, weights) as bnm:
+    with BNMatch(model, weights, cfg.bn_normalize) as bnm:
         for it in range(cfg.iterations):
             set_lr(opt, cosine_lr(cfg.lr, it, cfg.iterations))
             xi = gray_to_rgb(x, m, s) if cfg.grayscale else x

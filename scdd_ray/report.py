@@ -47,3 +47,42 @@ def save_grid(path: str, images: torch.Tensor, class_ids, class_names, max_class
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_bn(path: str, groups: list[dict]) -> None:
+    """Per-layer BN-statistic spread of one or more backbone groups, side by side.
+
+    Each group is {"label": str, "runs": [bn_statistics rows, ...]}; a line is
+    the mean over its runs (e.g. seeds) with a +-1 std band.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("mean_variance", "across-channel variance of running_mean", True),
+              ("var_variance", "across-channel variance of running_var", True),
+              ("mean_entropy", "entropy of running_mean (nats)", False),
+              ("var_entropy", "entropy of running_var (nats)", False))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for ax, (key, title, log_y) in zip(axes.flat, panels):
+        positive = False
+        for grp in groups:
+            vals = np.array([[np.nan if row[key] is None else row[key] for row in run] for run in grp["runs"]],
+                            dtype=float)
+            mean, std = vals.mean(axis=0), vals.std(axis=0)
+            positive = positive or bool(np.nanmax(mean, initial=0.0) > 0)
+            layers = np.arange(vals.shape[1])
+            ax.plot(layers, mean, marker="o", ms=3, label=f"{grp['label']} (n={len(vals)})")
+            if len(vals) > 1:
+                ax.fill_between(layers, mean - std, mean + std, alpha=0.25)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("BatchNorm layer (model order)", fontsize=9)
+        if log_y and positive:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

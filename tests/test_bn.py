@@ -1,8 +1,10 @@
+import math
 import pytest
 import torch
 import torch.nn as nn
 
-from scdd_ray.bn import BNMatch, batch_stats, bn_layers, bn_loss, parse_bn_weights
+from scdd_ray.bn import (BNMatch, batch_stats, bn_layers, bn_loss, bn_statistics, histogram_entropy, parse_bn_weights,
+                         summarize_bn)
 
 
 class TwoBN(nn.Module):
@@ -113,3 +115,100 @@ def test_weight_schedule_errors(spec):
 def test_explicit_list_must_match_layer_count():
     with pytest.raises(ValueError, match="lists 3 weights but the model has 20"):
         parse_bn_weights("1,2,3").resolve(20)
+
+
+class OneBN(nn.Module):
+    def __init__(self, c=5):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+def test_depth_normalised_variants():
+    torch.manual_seed(2)
+    model = TwoBN().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(6, 3, 5, 5)
+    w = [10.0, 1.0]
+    assert bn_loss(model, x, w, "mean").item() == pytest.approx(bn_loss(model, x, w).item() / 2, rel=1e-6)
+    # "channel": per-channel gaps in units of the running scale, RMS over channels, mean over layers.
+    acts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(i[0])) for m in bn_layers(model)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    expected = 0.0
+    for wl, bn, a in zip(w, (model.bn1, model.bn2), acts):
+        mu = a.mean(dim=(0, 2, 3))
+        var = ((a - mu.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+        rm, rv = bn.running_mean, bn.running_var + 1e-5
+        expected += wl * (((mu - bn.running_mean) ** 2 / rv).mean().sqrt() + (((var - bn.running_var) / rv) ** 2).mean().sqrt())
+    assert bn_loss(model, x, w, "channel").item() == pytest.approx(expected.item() / 2, rel=1e-5)
+
+
+def test_channel_normalisation_is_invariant_to_activation_scale():
+    torch.manual_seed(3)
+    model = OneBN().eval()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 5, 3, 3)
+    raw, chan = bn_loss(model, x).item(), bn_loss(model, x, normalize="channel").item()
+    k = 30.0  # the same network with activations 30x larger: running stats scale with it
+    model.bn.running_mean.mul_(k)
+    model.bn.running_var.mul_(k * k)
+    assert bn_loss(model, k * x, normalize="channel").item() == pytest.approx(chan, rel=1e-4)
+    assert bn_loss(model, k * x).item() > 25 * raw
+
+
+def test_bn_statistics_and_entropy():
+    model = TwoBN()
+    model.bn1.running_mean.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    model.bn1.running_var.copy_(torch.tensor([1.0, 1.0, 1.0, 5.0]))
+    rows = bn_statistics(model)
+    assert [r["name"] for r in rows] == ["bn1", "bn2"] and rows[0]["channels"] == 4
+    assert rows[0]["mean_variance"] == pytest.approx(1.25)  # population variance of 0,1,2,3
+    assert rows[0]["var_variance"] == pytest.approx(3.0)
+    assert rows[1]["mean_variance"] == 0.0 and rows[1]["mean_entropy"] is None  # fresh BN: constant
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(400, generator=g)
+    assert histogram_entropy(torch.ones(5)) == float("-inf")
+    h = histogram_entropy(v)
+    assert h == pytest.approx(0.0, abs=0.05)  # U(0,1) has differential entropy 0
+    assert histogram_entropy(5 * v) == pytest.approx(h + math.log(5.0), abs=1e-6)
+    s = summarize_bn(rows)
+    assert s["layers"] == 2 and s["mean_variance"] == pytest.approx(0.625) and s["mean_entropy"] == rows[0]["mean_entropy"]
+
+
+def test_inspect_bn_cli_writes_groups_and_plot(tmp_path, capsys):
+    import json
+
+    from scdd_ray.cli import main
+    from scdd_ray.models import create_model, save_checkpoint
+
+    paths = []
+    for i, scale in enumerate((1.0, 1.0, 3.0)):
+        torch.manual_seed(i)
+        m = create_model("resnet18", 4, width=0.125)
+        for bn in bn_layers(m):
+            bn.running_mean.normal_().mul_(scale)
+        p = tmp_path / f"b{i}.pt"
+        save_checkpoint(str(p), m, arch="resnet18", width=0.125, num_classes=4, image_size=16, small_input=True,
+                        mean=(0.5,) * 3, std=(0.5,) * 3, method="simclr" if i < 2 else "supervised")
+        paths.append(str(p))
+    out = tmp_path / "bn.json"
+    assert main(["inspect-bn", "--backbone", paths[0], paths[1], "--compare", paths[2], "--json", str(out),
+                 "--plot", str(tmp_path / "bn.png")]) == 0
+    res = json.loads(out.read_text())
+    a, b = res["groups"]
+    assert (a["label"], len(a["checkpoints"]), b["label"]) == ("simclr", 2, "supervised")
+    assert len(a["checkpoints"][0]["layers"]) == 20
+    # running_mean ~ N(0, scale^2): the 3x group shows ~9x the across-channel variance
+    ratio = b["summary"]["mean_variance"]["mean"] / a["summary"]["mean_variance"]["mean"]
+    assert 5 < ratio < 15
+    assert (tmp_path / "bn.png").read_bytes()[:4] == b"\x89PNG"
+    assert "simclr" in capsys.readouterr().out
