@@ -221,10 +221,20 @@ def bn_statistics(model: nn.Module) -> list[dict]:
 def summarize_bn(rows: list[dict]) -> dict:
     """Averages over layers of the per-layer figures of `bn_statistics`.
 
-    A layer whose statistic is constant across channels (e.g. an untrained
-    one) has no entropy (None); it is left out of the entropy average, which
-    is None when no layer has one.
+    For each figure: the mean over all layers, the first layer's value (the
+    one `first:M` weighs up) and the mean over the other layers, since one
+    layer can dominate the average. A layer whose statistic is constant across
+    channels (e.g. an untrained one) has no entropy (None) and is left out of
+    entropy averages, which are None when no layer has one.
     """
-    keys = ("mean_variance", "var_variance", "mean_entropy", "var_entropy")
-    finite = {k: [r[k] for r in rows if r[k] is not None] for k in keys}
-    return {k: (sum(v) / len(v) if v else None) for k, v in finite.items()} | {"layers": len(rows)}
+    def avg(vals):
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    out: dict = {}
+    for k in ("mean_variance", "var_variance", "mean_entropy", "var_entropy"):
+        vals = [r[k] for r in rows]
+        out[k] = avg(vals)
+        out[f"{k}_first"] = vals[0] if vals else None
+        out[f"{k}_rest"] = avg(vals[1:])
+    return out | {"layers": len(rows)}
