@@ -32,6 +32,13 @@ def mocov3(state):
     return {"epoch": 300, "arch": "resnet50", "state_dict": sd, "optimizer": {"param_groups": [{"lr": 0.1}]}}
 
 
+def mocov2(state):
+    sd = {f"module.encoder_q.{k}": v for k, v in body(state).items()} | {"module.encoder_q.fc.0.weight": torch.randn(8, 64)}
+    sd |= {f"module.encoder_k.{k}": v * 2 for k, v in body(state).items()} | {"module.queue": torch.randn(8, 32),
+                                                                              "module.queue_ptr": torch.zeros(1)}
+    return {"epoch": 200, "arch": "resnet50", "state_dict": sd}
+
+
 def swav(state):
     sd = {f"module.{k}": v for k, v in body(state).items()}
     sd |= {"module.projection_head.0.weight": torch.randn(32, 64), "module.prototypes.weight": torch.randn(30, 16)}
@@ -50,6 +57,7 @@ def dino_full(state):
 
 @pytest.mark.parametrize("layout,make,dropped", [
     ("mocov3", mocov3, ("module.predictor.0.weight", "module.base_encoder.fc.0.weight")),
+    ("mocov2", mocov2, ("module.queue", "module.encoder_k.conv1.weight", "module.encoder_q.fc.0.weight")),
     ("swav", swav, ("module.prototypes.weight", "module.projection_head.0.weight")),
     ("torchvision", dino_plain, ()),
     ("dino", dino_full, ("head.mlp.0.weight",)),
