@@ -102,6 +102,7 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP); the global batch stays the same")
     p.add_argument("--num-gpus", type=int, default=0, help="> 0: one GPU per worker")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="CPUs (torch threads) each CPU worker reserves")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (auto, host:port or ray://host:port)")
     p.add_argument("--store-soft-labels", action="store_true",
                    help="also write the teacher's top-k probabilities on every crop to OUT/soft_labels/")
@@ -307,14 +308,16 @@ def _posttrain(a: argparse.Namespace) -> int:
     from .posttrain import check_workers
 
     use_gpu = a.num_gpus > 0
-    check_workers(job, a.num_workers, use_gpu, not a.address)  # before anything is written
+    if a.threads_per_worker < 1:
+        raise ConfigError("--threads-per-worker", f"must be a positive integer (got {a.threads_per_worker})")
+    check_workers(job, a.num_workers, use_gpu, a.threads_per_worker)  # before anything is written
     os.makedirs(a.out, exist_ok=True)
     atomic_write_json(run_path, {"fingerprint": fp, "config": dataclasses.asdict(cfg), "distilled": a.distilled,
                                  "teacher": a.teacher, "seed": a.seed})
     if job.store_soft_labels:
         atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, complete=False))
     res = run_posttrain(job, storage_path=os.path.join(a.out, "train"), name=f"student-{fp}",
-                        num_workers=a.num_workers, use_gpu=use_gpu, local=not a.address)
+                        num_workers=a.num_workers, use_gpu=use_gpu, threads=a.threads_per_worker)
     if job.store_soft_labels:
         atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, complete=True))
     from .models import create_model

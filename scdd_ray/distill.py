@@ -114,7 +114,7 @@ def prepare(cfg: DistillConfig) -> Prepared:
     batch = min(cfg.posttrain.batch_size, info.num_classes * cfg.ipc)
     if cfg.posttrain_workers > batch:
         raise ConfigError("--posttrain-workers", f"{cfg.posttrain_workers} workers cannot share a batch of {batch} images")
-    placement(cfg.posttrain_workers, cfg.num_gpus > 0, not cfg.address, "--posttrain-workers", resources)
+    placement(cfg.posttrain_workers, cfg.num_gpus > 0, 1, "--posttrain-workers", resources)
     return Prepared(cfg, info, backbone, teacher)
 
 
@@ -287,7 +287,7 @@ def run(prep: Prepared) -> dict:
                        small_input=cfg.small_input, seed=cfg.seed)
     connect(cfg.address)
     pt = run_posttrain(job, storage_path=os.path.join(cfg.out, "posttrain"), name=f"student-{job.fingerprint()}",
-                       num_workers=cfg.posttrain_workers, use_gpu=cfg.num_gpus > 0, local=not cfg.address)
+                       num_workers=cfg.posttrain_workers, use_gpu=cfg.num_gpus > 0, flag="--posttrain-workers")
     report = {
         "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width, "ipc": cfg.ipc,
         "num_classes": info.num_classes, "num_images": int(len(images)), "image_size": cfg.image_size,

@@ -255,8 +255,10 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = cfg.epochs * per_epoch
     rows, weight = rank_rows(batch, rank, world)
 
-    ckpt = ray.get(config["teacher"])
-    teacher = frozen(adapt_inputs(ckpt.build(), ckpt, info).to(device, memory_format=memory_format(device)))
+    teacher = None  # with stored soft labels the teacher is not run at all
+    if not config.get("soft_labels"):
+        ckpt = ray.get(config["teacher"])
+        teacher = frozen(adapt_inputs(ckpt.build(), ckpt, info).to(device, memory_format=memory_format(device)))
     torch.manual_seed(seed)  # student initialisation, identical on every rank
     student = create_model(cfg.student, info.num_classes, cfg.student_width, config["small_input"])
     student = student.to(device, memory_format=memory_format(device))
@@ -366,13 +368,15 @@ class PosttrainJob:
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def placement(num_workers: int, use_gpu: bool, local: bool, flag: str = "--num-workers",
+def placement(num_workers: int, use_gpu: bool, threads: int = 1, flag: str = "--num-workers",
               resources: dict | None = None) -> dict:
     """Check the cluster can place `num_workers` workers; returns the resources of one worker.
 
     Ray Train would otherwise wait for resources forever. `resources` are the
-    cluster totals (default: the running Ray cluster's). On a private local
-    instance each CPU worker gets an equal share of the cores (torch threads).
+    cluster totals (default: the running Ray cluster's). A CPU worker reserves
+    `threads` CPUs and runs that many torch threads: on CPU, scale with workers
+    (DDP) first; two torch threads on a busy 2-core machine ran one epoch 60x
+    slower than one thread here (OpenMP threads waiting on each other).
     """
     if resources is None:
         import ray
@@ -383,22 +387,23 @@ def placement(num_workers: int, use_gpu: bool, local: bool, flag: str = "--num-w
         if num_workers > gpus:
             raise ConfigError(flag, f"{num_workers} GPU workers need {num_workers} GPUs but the Ray cluster has {gpus}")
         return {"CPU": 1, "GPU": 1}
-    if num_workers > cpus:
-        raise ConfigError(flag, f"{num_workers} workers need {num_workers} CPUs but the Ray cluster has {cpus}")
-    return {"CPU": max(1, cpus // num_workers) if local else 1}
+    if num_workers * threads > cpus:
+        raise ConfigError(flag, f"{num_workers} workers need {num_workers * threads} CPUs but the Ray cluster has "
+                                f"{cpus}")
+    return {"CPU": threads}
 
 
-def check_workers(job: PosttrainJob, num_workers: int, use_gpu: bool, local: bool, flag: str = "--num-workers",
+def check_workers(job: PosttrainJob, num_workers: int, use_gpu: bool, threads: int = 1, flag: str = "--num-workers",
                   resources: dict | None = None) -> dict:
     """Every worker needs a slice of the global batch and a place in the cluster; returns per-worker resources."""
     batch = min(job.cfg.batch_size, job.num_images)
     if batch < num_workers:
         raise ConfigError(flag, f"{num_workers} workers cannot share a batch of {batch} images")
-    return placement(num_workers, use_gpu, local, flag, resources)
+    return placement(num_workers, use_gpu, threads, flag, resources)
 
 
 def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_workers: int = 1, use_gpu: bool = False,
-                  local: bool = True, max_failures: int = 0, fault_after_epoch: int | None = None,
+                  threads: int = 1, max_failures: int = 0, fault_after_epoch: int | None = None,
                   flag: str = "--num-workers") -> PosttrainResult:
     """Post-train `job` on `num_workers` Ray Train workers; resumes from `storage_path/name` if it holds a run.
 
@@ -411,7 +416,7 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
 
     from .engine import EngineError
 
-    per_worker = check_workers(job, num_workers, use_gpu, local, flag)
+    per_worker = check_workers(job, num_workers, use_gpu, threads, flag)
     done = finished_state(storage_path, name, job.cfg.epochs)
     if done is not None:  # a finished run: nothing to train, nothing to start
         return _result(done, 0.0, None, num_workers)
