@@ -231,7 +231,7 @@ def _posttrain(a: argparse.Namespace) -> int:
     from .distill import RUN_FILE, load_checkpoint_arg
     from .engine import connect
     from .models import save_checkpoint
-    from .posttrain import PosttrainJob, run_posttrain
+    from .posttrain import PosttrainJob, check_soft_labels, run_posttrain, soft_label_meta
     from .report import save_grid
     from .store import SOFT_META, StoreError, atomic_write_json, images_digest, read_distilled
 
@@ -337,41 +337,6 @@ def _posttrain(a: argparse.Namespace) -> int:
     atomic_write_json(os.path.join(a.out, "posttrain.json"), result)
     print(json.dumps({k: result[k] for k in ("dataset", "num_images", "num_workers", "top1", "posttrain_seconds")}))
     return 0
-
-
-def soft_label_meta(job, complete: bool) -> dict:
-    from .posttrain import steps_per_epoch
-    from .store import SOFT_FORMAT
-
-    batch = min(job.cfg.batch_size, job.num_images)
-    return {"format": SOFT_FORMAT, "complete": complete, "images_digest": job.images_digest,
-            "num_images": job.num_images, "num_classes": job.info.num_classes, "temperature": job.cfg.temperature,
-            "topk": min(job.topk, job.info.num_classes), "epochs": job.cfg.epochs, "batch_size": batch,
-            "steps_per_epoch": steps_per_epoch(job.num_images, batch), "seed": job.seed,
-            "crop_scale": list(job.cfg.crop_scale), "flip": job.cfg.flip, "mix": job.cfg.mix,
-            "mix_prob": job.cfg.mix_prob, "image_size": job.image_size}
-
-
-def check_soft_labels(root: str, cfg, digest: str, num_classes: int, num_images: int) -> None:
-    """Stored soft labels must be complete and made for these images, classes, temperature and batch."""
-    from .store import SOFT_FORMAT, SOFT_META
-
-    path = os.path.join(root, SOFT_META)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        raise ConfigError("--soft-labels", f"{root} holds no stored soft labels ({SOFT_META} missing or unreadable)") from None
-    if meta.get("format") != SOFT_FORMAT or not meta.get("complete"):
-        raise ConfigError("--soft-labels", f"{root} is incomplete (its post-train did not finish)")
-    if meta["images_digest"] != digest:
-        raise ConfigError("--soft-labels", f"{root} labels other images than --distilled holds")
-    for key, want, flag in (("num_classes", num_classes, "--teacher"), ("temperature", cfg.temperature, "--temperature"),
-                            ("batch_size", min(cfg.batch_size, num_images), "--batch-size")):
-        if meta[key] != want:
-            raise ConfigError(flag, f"{root} was stored with {key} {meta[key]}, this run uses {want}")
-    if cfg.epochs > meta["epochs"]:
-        raise ConfigError("--epochs", f"{root} holds {meta['epochs']} epochs of soft labels, {cfg.epochs} asked for")
 
 
 COMMANDS = {"distill": _distill, "squeeze": _squeeze, "posttrain": _posttrain, "bench": _bench}

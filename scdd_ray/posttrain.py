@@ -393,6 +393,41 @@ def placement(num_workers: int, use_gpu: bool, threads: int = 1, flag: str = "--
     return {"CPU": threads}
 
 
+def soft_label_meta(job: PosttrainJob, complete: bool) -> dict:
+    """What `--soft-labels` checks before training from stored labels."""
+    from .store import SOFT_FORMAT
+
+    batch = min(job.cfg.batch_size, job.num_images)
+    return {"format": SOFT_FORMAT, "complete": complete, "images_digest": job.images_digest,
+            "num_images": job.num_images, "num_classes": job.info.num_classes, "temperature": job.cfg.temperature,
+            "topk": min(job.topk, job.info.num_classes), "epochs": job.cfg.epochs, "batch_size": batch,
+            "steps_per_epoch": steps_per_epoch(job.num_images, batch), "seed": job.seed,
+            "crop_scale": list(job.cfg.crop_scale), "flip": job.cfg.flip, "mix": job.cfg.mix,
+            "mix_prob": job.cfg.mix_prob, "image_size": job.image_size}
+
+
+def check_soft_labels(root: str, cfg: PosttrainConfig, digest: str, num_classes: int, num_images: int) -> None:
+    """Stored soft labels must be complete and made for these images, classes, temperature and batch."""
+    from .store import SOFT_FORMAT, SOFT_META
+
+    path = os.path.join(root, SOFT_META)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        raise ConfigError("--soft-labels", f"{root} holds no stored soft labels ({SOFT_META} missing or unreadable)") from None
+    if meta.get("format") != SOFT_FORMAT or not meta.get("complete"):
+        raise ConfigError("--soft-labels", f"{root} is incomplete (its post-train did not finish)")
+    if meta.get("images_digest") != digest:
+        raise ConfigError("--soft-labels", f"{root} labels other images than --distilled holds")
+    for key, want, flag in (("num_classes", num_classes, "--teacher"), ("temperature", cfg.temperature, "--temperature"),
+                            ("batch_size", min(cfg.batch_size, num_images), "--batch-size")):
+        if meta.get(key) != want:
+            raise ConfigError(flag, f"{root} was stored with {key} {meta.get(key)}, this run uses {want}")
+    if cfg.epochs > meta.get("epochs", 0):
+        raise ConfigError("--epochs", f"{root} holds {meta.get('epochs', 0)} epochs of soft labels, {cfg.epochs} asked for")
+
+
 def check_workers(job: PosttrainJob, num_workers: int, use_gpu: bool, threads: int = 1, flag: str = "--num-workers",
                   resources: dict | None = None) -> dict:
     """Every worker needs a slice of the global batch and a place in the cluster; returns per-worker resources."""
