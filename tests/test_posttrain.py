@@ -153,8 +153,8 @@ def job(tmp_path_factory):
     save_checkpoint(str(root / "t.pt"), t, arch="resnet18", width=0.125, num_classes=info.num_classes, image_size=SIZE,
                     small_input=True, mean=info.mean, std=info.std, method="supervised")
     return PosttrainJob(source=store.root, images_digest=images_digest(images), num_images=12,
-                        teacher=load_checkpoint(str(root / "t.pt")), test=test, info=info, cfg=CFG, image_size=SIZE,
-                        small_input=True, seed=0)
+                        teacher=load_checkpoint(str(root / "t.pt")), test=test, info=info,
+                        cfg=dataclasses.replace(CFG, eval_every=3), image_size=SIZE, small_input=True, seed=0)
 
 
 def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(ray_session, job, tmp_path):
@@ -166,6 +166,9 @@ def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(ray_sessi
     assert res.trained_epochs == [1, 2, 3, 4]  # epochs 1-2 before the crash, 3-4 after: none twice, none more
     assert res.epochs == 4 and res.steps == 4 * per_epoch
     assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
-    assert 0 <= res.top1 <= 100 and "top1" in res.history[-1]
+    assert [h["epoch"] for h in res.history if "top1" in h] == [3, 4]  # --eval-every 3, and at the end
+    assert 0 <= res.top1 <= 100 and res.top1 == res.history[-1]["top1"]
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("epoch-"))
+    assert kept == ["epoch-00003", "epoch-00004"]  # the last two checkpoints
     again = run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1)  # finished: nothing to do
     assert again.trained_epochs == [1, 2, 3, 4] and again.top1 == res.top1 and again.seconds == 0.0
