@@ -38,8 +38,13 @@ def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float], g
 def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator,
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
     """Per-image random crop resized to `size` (bilinear), differentiable in `x`."""
+    return resized_crop(x, crop_boxes(x.shape[0], scale, ratio, g), size)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each image to its (w, h, cx, cy) box (fractions) and resize to `size`; rows are independent."""
     n = x.shape[0]
-    b = crop_boxes(n, scale, ratio, g).to(device=x.device, dtype=torch.float32)
+    b = boxes.to(device=x.device, dtype=torch.float32)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=torch.float32)
     theta[:, 0, 0] = b[:, 0]
     theta[:, 1, 1] = b[:, 1]
@@ -87,31 +92,45 @@ def beta(alpha: float, g: torch.Generator) -> float:
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
+def cutmix_params(n: int, h: int, w: int, g: torch.Generator, alpha: float = 1.0):
+    """The random part of CutMix: one box (y0, y1, x0, x1) for the batch and a partner permutation."""
+    lam = beta(alpha, g)
+    cut = math.sqrt(1 - lam)
+    bw, bh = int(w * cut), int(h * cut)
+    cx = int(torch.randint(0, w, (1,), generator=g).item())
+    cy = int(torch.randint(0, h, (1,), generator=g).item())
+    box = (max(cy - bh // 2, 0), min(cy + bh // 2, h), max(cx - bw // 2, 0), min(cx + bw // 2, w))
+    return box, torch.randperm(n, generator=g)
+
+
+def paste(x: torch.Tensor, partner: torch.Tensor, box) -> torch.Tensor:
+    """CutMix given its parameters: `partner[i]`'s pixels inside `box` replace image i's."""
+    y0, y1, x0, x1 = box
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
+    return out
+
+
 def cutmix(x: torch.Tensor, g: torch.Generator, alpha: float = 1.0) -> torch.Tensor:
     """Paste one random box from a shuffled copy of the batch into every image.
 
     Labels are not mixed here: the teacher relabels the mixed image itself.
     """
     n, _, h, w = x.shape
+    box, perm = cutmix_params(n, h, w, g, alpha)
+    return paste(x, x[perm.to(x.device)], box)
+
+
+def mixup_params(n: int, g: torch.Generator, alpha: float = 0.8):
+    """The random part of MixUp: lambda ~ Beta(alpha, alpha) and a partner permutation."""
     lam = beta(alpha, g)
-    cut = math.sqrt(1 - lam)
-    bw, bh = int(w * cut), int(h * cut)
-    cx = int(torch.randint(0, w, (1,), generator=g).item())
-    cy = int(torch.randint(0, h, (1,), generator=g).item())
-    x0, x1 = max(cx - bw // 2, 0), min(cx + bw // 2, w)
-    y0, y1 = max(cy - bh // 2, 0), min(cy + bh // 2, h)
-    perm = torch.randperm(n, generator=g).to(x.device)
-    out = x.clone()
-    out[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-    return out
+    return lam, torch.randperm(n, generator=g)
 
 
 def mixup(x: torch.Tensor, g: torch.Generator, alpha: float = 0.8) -> torch.Tensor:
     """Blend each image with a shuffled partner; lambda ~ Beta(alpha, alpha) drawn from g."""
-    n = x.shape[0]
-    lam = beta(alpha, g)
-    perm = torch.randperm(n, generator=g).to(x.device)
-    return lam * x + (1 - lam) * x[perm]
+    lam, perm = mixup_params(x.shape[0], g, alpha)
+    return lam * x + (1 - lam) * x[perm.to(x.device)]
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -73,6 +73,9 @@ def build_parser() -> Parser:
     d.add_argument("--num-gpus", type=int, default=0, help="one synthesis actor per GPU; 0 for CPU actors")
     d.add_argument("--num-workers", type=int, default=None, help="CPU synthesis actors (default: one per core)")
     d.add_argument("--address", default=None, help="join an existing Ray cluster (auto, host:port or ray://host:port)")
+    d.add_argument("--posttrain-workers", type=int, default=None,
+                   help="Ray Train workers for the post-train stage (default 1; one GPU each with --num-gpus)")
+    d.add_argument("--checkpoint-every", type=int, default=None, help="post-train epochs between checkpoints")
 
     s = sub.add_parser("squeeze", help="train a backbone (SSL + linear probe, or supervised)")
     _add_common_data(s)
@@ -99,9 +102,19 @@ def build_parser() -> Parser:
     p.add_argument("--optimizer", default=None, help=f"one of {', '.join(OPTIMIZERS)}")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--mix", default=None)
-    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="also evaluate every E epochs")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints (default: ~20 per run)")
+    p.add_argument("--amp", default=None, help="autocast on GPU: bf16 (default), fp16 or none")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-gpus", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP); the global batch stays the same")
+    p.add_argument("--num-gpus", type=int, default=0, help="> 0: one GPU per worker")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="CPUs (torch threads) each CPU worker reserves")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (auto, host:port or ray://host:port)")
+    p.add_argument("--store-soft-labels", action="store_true",
+                   help="also write the teacher's top-k probabilities on every crop to OUT/soft_labels/")
+    p.add_argument("--topk", type=int, default=10, help="probabilities kept per crop with --store-soft-labels")
+    p.add_argument("--soft-labels", default=None, help="train from soft labels stored by --store-soft-labels "
+                                                       "(the teacher is not run)")
     p.add_argument("--out", required=True)
     ib = sub.add_parser("inspect-bn", help="how much each BN layer's running statistics vary across channels")
     ib.add_argument("--backbone", nargs="+", required=True, help="checkpoint(s), e.g. one per seed")
@@ -156,7 +169,7 @@ def _distill(a: argparse.Namespace) -> int:
     ov = {
         "data_dir": a.data_dir, "image_size": a.image_size, "arch": a.arch, "width": a.width, "ipc": a.ipc,
         "method": a.method, "seed": a.seed, "backbone": a.backbone, "teacher": a.teacher, "num_gpus": a.num_gpus,
-        "num_workers": a.num_workers, "address": a.address,
+        "num_workers": a.num_workers, "address": a.address, "posttrain_workers": a.posttrain_workers,
         "squeeze.method": a.ssl, "squeeze.epochs": a.squeeze_epochs,
         "recover.iterations": a.iterations, "recover.lr": a.lr, "recover.bn_coef": a.bn_coef,
         "recover.bn_weights": a.bn_weights, "recover.jitter": a.jitter, "recover.init": a.init,
@@ -166,7 +179,7 @@ def _distill(a: argparse.Namespace) -> int:
         "posttrain.student": a.student, "posttrain.student_width": a.student_width,
         "posttrain.epochs": a.posttrain_epochs, "posttrain.batch_size": a.posttrain_batch_size,
         "posttrain.lr": a.posttrain_lr, "posttrain.temperature": a.temperature, "posttrain.mix": a.mix,
-        "posttrain.eval_every": a.eval_every,
+        "posttrain.eval_every": a.eval_every, "posttrain.checkpoint_every": a.checkpoint_every,
     }
     given = {k: v for k, v in ov.items() if v is not None}
     if a.recover_crop_scale is not None:  # "none" is a real value here: no random-resized-crop
@@ -244,11 +257,12 @@ def _posttrain(a: argparse.Namespace) -> int:
     import torch
 
     from .data import DataError, load_split
-    from .distill import RUN_FILE, adapt_inputs, load_checkpoint_arg
+    from .distill import RUN_FILE, load_checkpoint_arg
+    from .engine import connect
     from .models import save_checkpoint
-    from .posttrain import train_student
+    from .posttrain import PosttrainJob, check_soft_labels, run_posttrain, soft_label_meta
     from .report import save_grid
-    from .store import ShardStore, StoreError, atomic_write_json, read_imagefolder
+    from .store import SOFT_META, StoreError, atomic_write_json, images_digest, read_distilled
 
     src = a.distilled
     run_file = os.path.join(src, RUN_FILE)
@@ -260,14 +274,8 @@ def _posttrain(a: argparse.Namespace) -> int:
         data_dir = data_dir or prev["data_dir"]
         image_size = prev["image_size"]
         src = os.path.join(src, "distilled")
-    if not os.path.isdir(src):
-        raise ConfigError("--distilled", f"{a.distilled} is not a directory")
     try:
-        store = ShardStore(src)
-        if store.exists():
-            images, class_ids, _ = store.read()
-        else:
-            images, class_ids, _ = read_imagefolder(src)
+        images, class_ids, _ = read_distilled(src)
     except StoreError as e:
         raise ConfigError("--distilled", str(e)) from None
     teacher_ckpt = load_checkpoint_arg(a.teacher, "--teacher")
@@ -289,27 +297,74 @@ def _posttrain(a: argparse.Namespace) -> int:
     pt = {**preset}
     for key, val in (("student", a.student), ("student_width", a.student_width), ("epochs", a.epochs),
                      ("batch_size", a.batch_size), ("lr", a.lr), ("optimizer", a.optimizer),
-                     ("temperature", a.temperature), ("mix", a.mix), ("eval_every", a.eval_every)):
+                     ("temperature", a.temperature), ("mix", a.mix), ("eval_every", a.eval_every),
+                     ("checkpoint_every", a.checkpoint_every), ("amp", a.amp)):
         if val is not None:
             pt[key] = val
     cfg = PosttrainConfig(**pt)
     validate_posttrain(cfg)
-    if os.path.exists(a.out) and os.listdir(a.out) and not os.path.isfile(os.path.join(a.out, "posttrain.json")):
-        raise ConfigError("--out", f"{a.out} is not empty and holds no posttrain result; choose a new directory")
-    device = torch.device("cuda" if a.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-    teacher = adapt_inputs(teacher_ckpt.build(), teacher_ckpt, info)
-    res = train_student(images, teacher, test, cfg, image_size=image_size, mean=info.mean, std=info.std,
-                        num_classes=info.num_classes, small_input=image_size <= 64, device=device, seed=a.seed)
+    if not (isinstance(a.num_workers, int) and a.num_workers >= 1):
+        raise ConfigError("--num-workers", f"must be a positive integer (got {a.num_workers!r})")
+    if a.num_gpus < 0 or a.num_gpus > 0 and not a.address and a.num_gpus > torch.cuda.device_count():
+        raise ConfigError("--num-gpus", f"asked for {a.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
+    if a.topk < 1:
+        raise ConfigError("--topk", f"must be a positive integer (got {a.topk})")
+    if a.soft_labels and a.store_soft_labels:
+        raise ConfigError("--soft-labels", "cannot be combined with --store-soft-labels")
+    digest = images_digest(images)
+    if a.soft_labels:
+        check_soft_labels(a.soft_labels, cfg, digest, info.num_classes, len(images))
+    job = PosttrainJob(source=src, images_digest=digest, num_images=len(images), teacher=teacher_ckpt, test=test,
+                       info=info, cfg=cfg, image_size=image_size, small_input=image_size <= 64, seed=a.seed,
+                       soft_labels=a.soft_labels, topk=a.topk,
+                       store_soft_labels=os.path.join(a.out, "soft_labels") if a.store_soft_labels else None)
+    fp = job.fingerprint()
+    run_path = os.path.join(a.out, "posttrain-run.json")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise ConfigError("--out", f"{a.out} exists and is not a directory")
+    if os.path.isdir(a.out) and os.listdir(a.out):
+        try:
+            with open(run_path) as f:
+                same = json.load(f).get("fingerprint") == fp
+        except (OSError, ValueError):
+            raise ConfigError("--out", f"{a.out} is not empty and holds no posttrain run; choose a new directory") from None
+        if not same:
+            raise ConfigError("--out", f"{a.out} holds a post-train with other settings; choose a new directory")
+    try:
+        connect(a.address)
+    except ConnectionError as e:
+        raise ConfigError("--address", str(e)) from None
+    from .posttrain import check_workers
+
+    use_gpu = a.num_gpus > 0
+    if a.threads_per_worker < 1:
+        raise ConfigError("--threads-per-worker", f"must be a positive integer (got {a.threads_per_worker})")
+    check_workers(job, a.num_workers, use_gpu, a.threads_per_worker)  # before anything is written
     os.makedirs(a.out, exist_ok=True)
-    save_checkpoint(os.path.join(a.out, "student.pt"), res.student, arch=cfg.student, width=cfg.student_width,
+    atomic_write_json(run_path, {"fingerprint": fp, "config": dataclasses.asdict(cfg), "distilled": a.distilled,
+                                 "teacher": a.teacher, "seed": a.seed})
+    if job.store_soft_labels:
+        atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, complete=False))
+    res = run_posttrain(job, storage_path=os.path.join(a.out, "train"), name=f"student-{fp}",
+                        num_workers=a.num_workers, use_gpu=use_gpu, threads=a.threads_per_worker)
+    if job.store_soft_labels:
+        atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, complete=True))
+    from .models import create_model
+
+    student = create_model(cfg.student, info.num_classes, cfg.student_width, image_size <= 64)
+    student.load_state_dict(res.student_state)
+    save_checkpoint(os.path.join(a.out, "student.pt"), student, arch=cfg.student, width=cfg.student_width,
                     num_classes=info.num_classes, image_size=image_size, small_input=image_size <= 64,
                     mean=info.mean, std=info.std, method="student", meta={"dataset": dataset})
     save_grid(os.path.join(a.out, "grid.png"), images, class_ids, info.class_names)
     result = {"distilled": a.distilled, "teacher": a.teacher, "dataset": dataset, "num_images": int(len(images)),
-              "top1": round(res.top1, 3), "posttrain_seconds": round(res.seconds, 2), "seed": a.seed,
-              "history": res.history, "config": dataclasses.asdict(cfg)}
+              "top1": round(res.top1, 3), "posttrain_seconds": round(res.seconds, 2),
+              "startup_seconds": None if res.startup_seconds is None else round(res.startup_seconds, 2),
+              "num_workers": a.num_workers, "epochs": res.epochs, "steps": res.steps,
+              "trained_epochs": res.trained_epochs, "seed": a.seed, "soft_labels": a.soft_labels,
+              "stored_soft_labels": job.store_soft_labels, "history": res.history, "config": dataclasses.asdict(cfg)}
     atomic_write_json(os.path.join(a.out, "posttrain.json"), result)
-    print(json.dumps({k: result[k] for k in ("dataset", "num_images", "top1", "posttrain_seconds")}))
+    print(json.dumps({k: result[k] for k in ("dataset", "num_images", "num_workers", "top1", "posttrain_seconds")}))
     return 0
 
 

@@ -21,6 +21,7 @@ INITS = ("noise", "real")
 BN_NORMALIZE = ("none", "mean", "channel")
 MIXES = ("cutmix", "mixup", "none")
 OPTIMIZERS = ("adamw", "sgd")
+AMPS = ("bf16", "fp16", "none")
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,8 @@ class PosttrainConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     eval_every: int = 0  # 0: evaluate on the real test split only at the end
+    checkpoint_every: int = 0  # epochs between Ray Train checkpoints; 0: about 20 per run
+    amp: str = "bf16"  # autocast dtype on GPU: bf16, fp16 or none (CPU always runs float32)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class DistillConfig:
     num_gpus: int = 0
     num_workers: int | None = None
     address: str | None = None
+    posttrain_workers: int = 1  # Ray Train workers of the post-train stage
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
@@ -165,7 +169,7 @@ FLAGS = {
     "dataset": "--dataset", "out": "--out", "data_dir": "--data-dir", "image_size": "--image-size",
     "arch": "--arch", "width": "--width", "ipc": "--ipc", "method": "--method", "seed": "--seed",
     "backbone": "--backbone", "teacher": "--teacher", "num_gpus": "--num-gpus", "num_workers": "--num-workers",
-    "address": "--address",
+    "address": "--address", "posttrain_workers": "--posttrain-workers",
     "squeeze.method": "--ssl", "squeeze.epochs": "--squeeze-epochs", "squeeze.batch_size": "--squeeze-batch-size",
     "squeeze.lr": "--squeeze-lr", "squeeze.temperature": "--ssl-temperature",
     "recover.iterations": "--iterations", "recover.lr": "--lr", "recover.bn_coef": "--bn-coef",
@@ -177,6 +181,7 @@ FLAGS = {
     "posttrain.epochs": "--posttrain-epochs", "posttrain.batch_size": "--posttrain-batch-size",
     "posttrain.lr": "--posttrain-lr", "posttrain.temperature": "--temperature", "posttrain.mix": "--mix",
     "posttrain.optimizer": "--posttrain-optimizer", "posttrain.eval_every": "--eval-every",
+    "posttrain.checkpoint_every": "--checkpoint-every",
 }
 
 
@@ -264,6 +269,9 @@ def validate_posttrain(p: PosttrainConfig) -> None:
     _scale(p.crop_scale, "posttrain.crop_scale")
     _check(isinstance(p.eval_every, int) and p.eval_every >= 0, "posttrain.eval_every",
            f"must be a non-negative integer (got {p.eval_every!r})")
+    _check(isinstance(p.checkpoint_every, int) and p.checkpoint_every >= 0, "posttrain.checkpoint_every",
+           f"must be a non-negative integer (got {p.checkpoint_every!r})")
+    _choice(p.amp, AMPS, "posttrain.amp")
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -280,6 +288,7 @@ def validate(cfg: DistillConfig) -> None:
            f"must be a non-negative integer (got {cfg.num_gpus!r})")
     if cfg.num_workers is not None:
         _positive_int(cfg.num_workers, "num_workers")
+    _positive_int(cfg.posttrain_workers, "posttrain_workers")
     if cfg.method == "scdd":
         _check(cfg.squeeze.method in SSL_METHODS, "squeeze.method",
                f"--method scdd needs a self-supervised backbone (got {cfg.squeeze.method!r})")

@@ -134,10 +134,25 @@ def prepare(cfg: DistillConfig) -> Prepared:
         gpus = cluster_gpus()
         if cfg.num_gpus > gpus:
             raise ConfigError("--num-gpus", f"asked for {cfg.num_gpus} GPUs but the Ray cluster has {gpus}")
+        resources = None
     elif cfg.num_gpus > torch.cuda.device_count():
         # A private local Ray instance sees exactly this machine's GPUs.
         raise ConfigError("--num-gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
+    else:
+        resources = None if _ray_running() else {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+    from .posttrain import placement
+
+    batch = min(cfg.posttrain.batch_size, info.num_classes * cfg.ipc)
+    if cfg.posttrain_workers > batch:
+        raise ConfigError("--posttrain-workers", f"{cfg.posttrain_workers} workers cannot share a batch of {batch} images")
+    placement(cfg.posttrain_workers, cfg.num_gpus > 0, 1, "--posttrain-workers", resources)
     return Prepared(cfg, info, backbone, teacher)
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def num_workers(cfg: DistillConfig) -> int:
@@ -180,7 +195,7 @@ def check_out_dir(cfg: DistillConfig) -> None:
 
 def _diff(a: dict, b: dict, prefix: str = "") -> str:
     for k in sorted(set(a) & set(b)):
-        if k in ("out", "num_gpus", "num_workers", "address", "teacher", "posttrain"):
+        if k in ("out", "num_gpus", "num_workers", "address", "teacher", "posttrain", "posttrain_workers"):
             continue
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
@@ -314,14 +329,20 @@ def run(prep: Prepared) -> dict:
     export_imagefolder(os.path.join(cfg.out, "images"), images, class_ids, ipc_idx)
     save_grid(os.path.join(cfg.out, "grid.png"), images, class_ids, info.class_names)
 
-    from .posttrain import train_student
+    from .engine import connect
+    from .posttrain import PosttrainJob, run_posttrain
+    from .store import images_digest
 
     test = load_split(cfg.dataset, "test", cfg.data_dir, cfg.image_size)
     teacher = adapt_inputs(teacher_ckpt.build(), teacher_ckpt, info)
     teacher_top1 = top1(teacher, test, info.mean, info.std)
-    pt = train_student(images, teacher, test, cfg.posttrain, image_size=cfg.image_size, mean=info.mean,
-                       std=info.std, num_classes=info.num_classes, small_input=cfg.small_input, device=device,
-                       seed=cfg.seed)
+    # The same Ray Train post-train as `scdd-ray posttrain`, run under OUT/posttrain/.
+    job = PosttrainJob(source=store.root, images_digest=images_digest(images), num_images=len(images),
+                       teacher=teacher_ckpt, test=test, info=info, cfg=cfg.posttrain, image_size=cfg.image_size,
+                       small_input=cfg.small_input, seed=cfg.seed)
+    connect(cfg.address)
+    pt = run_posttrain(job, storage_path=os.path.join(cfg.out, "posttrain"), name=f"student-{job.fingerprint()}",
+                       num_workers=cfg.posttrain_workers, use_gpu=cfg.num_gpus > 0, flag="--posttrain-workers")
     report = {
         "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width, "ipc": cfg.ipc,
         "num_classes": info.num_classes, "num_images": int(len(images)), "image_size": cfg.image_size,
@@ -329,6 +350,8 @@ def run(prep: Prepared) -> dict:
         "teacher_method": teacher_ckpt.method, "backbone": backbone_path,
         "backbone_method": backbone.method if backbone else None,
         "recover_seconds": round(recover_seconds, 2), "posttrain_seconds": round(pt.seconds, 2),
+        "posttrain_startup_seconds": None if pt.startup_seconds is None else round(pt.startup_seconds, 2),
+        "posttrain_workers": pt.num_workers,
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "num_workers": stats.get("num_workers", 1), "device": str(device), "seed": cfg.seed,
         "shards_total": stats["shards_total"], "shards_computed": stats["shards_computed"],

@@ -10,6 +10,7 @@ never a duplicate row.
 from __future__ import annotations
 
 import io
+import re
 import json
 import os
 import tempfile
@@ -175,3 +176,116 @@ def read_imagefolder(root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         raise StoreError(f"{root} has no images in the new<class>/class<c>_id<i>.png layout")
     images = torch.stack([decode_png(b) for _, _, b in rows])
     return images, np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+
+
+def _read_parquet_rows(files: list[str], root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    table = pa.concat_tables([pq.read_table(f, columns=["class_id", "ipc_index", "image"]) for f in files])
+    cls = table.column("class_id").to_numpy().astype(np.int64)
+    ipc = table.column("ipc_index").to_numpy().astype(np.int64)
+    if len(set(zip(cls.tolist(), ipc.tolist()))) != len(cls):
+        raise StoreError(f"{root} holds duplicate (class_id, ipc_index) rows")
+    order = np.lexsort((ipc, cls))
+    blobs = table.column("image").to_pylist()
+    return torch.stack([decode_png(blobs[i]) for i in order]), cls[order], ipc[order]
+
+
+def find_distilled(root: str) -> tuple[str, list[str]]:
+    """What `root` holds: ('shards', files) for a manifest, ('parquet', files) for bare *.parquet
+    files, ('imagefolder', []) for the reference layout; StoreError when it holds no images."""
+    if not os.path.isdir(root):
+        raise StoreError(f"{root} is not a directory")
+    store = ShardStore(root)
+    if store.exists():
+        files = store.files()
+        if not files:
+            raise StoreError(f"{root} has no finished shards (its manifest lists none)")
+        return "shards", files
+    files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".parquet"))
+    if files:
+        return "parquet", files
+    if any(re.fullmatch(r"new\d+", d) for d in os.listdir(root)):
+        return "imagefolder", []
+    raise StoreError(f"{root} holds no distilled images: expected manifest.json + shard-*.parquet (a distill "
+                     "output), *.parquet files, or new<class>/class<c>_id<i>.png folders")
+
+
+def read_distilled(root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """uint8 images, class ids and ipc indices of a distilled set, sorted by (class_id, ipc_index)."""
+    kind, files = find_distilled(root)
+    if kind == "imagefolder":
+        images, cls, ipc = read_imagefolder(root)
+        order = np.lexsort((ipc, cls))
+        return images[torch.as_tensor(order)], cls[order], ipc[order]
+    return _read_parquet_rows(files, root)
+
+
+def images_digest(images: torch.Tensor) -> str:
+    """Content hash of a set of uint8 images (ties stored soft labels to the images they label)."""
+    import hashlib
+
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- stored soft labels ----------------------------------------------------------
+# One Parquet file per (epoch, writer rank): one row per crop with what is
+# needed to rebuild the crop (image, random-resized-crop box, flip, mixing
+# partner and box/weight) and the teacher's top-k probabilities on it.
+
+SOFT_META = "soft_labels.json"
+SOFT_FORMAT = "scdd-ray-soft-labels/1"
+
+
+def soft_label_schema(k: int) -> pa.Schema:
+    return pa.schema([
+        ("epoch", pa.int32()), ("step", pa.int32()), ("slot", pa.int32()), ("image", pa.int32()),
+        ("box_w", pa.float32()), ("box_h", pa.float32()), ("box_cx", pa.float32()), ("box_cy", pa.float32()),
+        ("flip", pa.bool_()), ("mix", pa.int8()), ("partner", pa.int32()),
+        ("cut_y0", pa.int16()), ("cut_y1", pa.int16()), ("cut_x0", pa.int16()), ("cut_x1", pa.int16()),
+        ("lam", pa.float32()),
+        ("topk_index", pa.list_(pa.int16(), k)), ("topk_prob", pa.list_(pa.float16(), k)),
+    ])
+
+
+def soft_label_file(root: str, epoch: int, rank: int) -> str:
+    return os.path.join(root, f"epoch-{epoch:05d}-rank-{rank:03d}.parquet")
+
+
+def write_soft_labels(root: str, epoch: int, rank: int, columns: dict, k: int) -> None:
+    """Write one epoch's rows of one writer atomically (columns: name -> numpy array)."""
+    cols = {}
+    for f in soft_label_schema(k):
+        v = columns[f.name]
+        if pa.types.is_fixed_size_list(f.type):
+            flat = pa.array(np.ascontiguousarray(v).reshape(-1), f.type.value_type)
+            cols[f.name] = pa.FixedSizeListArray.from_arrays(flat, k)
+        else:
+            cols[f.name] = pa.array(v, f.type)
+    table = pa.table(cols, schema=soft_label_schema(k))
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    atomic_write_bytes(soft_label_file(root, epoch, rank), buf.getvalue().to_pybytes())
+
+
+def read_soft_labels(root: str, epoch: int) -> dict:
+    """All rows of one epoch, sorted by (step, slot), as numpy arrays; StoreError if any is missing."""
+    prefix = f"epoch-{epoch:05d}-rank-"
+    files = sorted(f for f in os.listdir(root) if f.startswith(prefix) and f.endswith(".parquet"))
+    if not files:
+        raise StoreError(f"{root} has no stored soft labels for epoch {epoch + 1}")
+    table = pa.concat_tables([pq.read_table(os.path.join(root, f)) for f in files])
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            k = col.type.list_size
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    order = np.lexsort((out["slot"], out["step"]))
+    out = {k: v[order] for k, v in out.items()}
+    key = out["step"].astype(np.int64) * (1 << 32) + out["slot"]
+    if len(np.unique(key)) != len(key):
+        raise StoreError(f"{root} holds duplicate crops for epoch {epoch + 1}")
+    return out

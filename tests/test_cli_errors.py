@@ -107,3 +107,80 @@ def test_manifest_of_another_configuration_is_refused_before_writing(tmp_path, c
     line = run_err(capsys, ["distill", "--dataset", "synthetic", "--out", str(out)])
     assert "different configuration" in line
     assert sorted(str(p) for p in out.rglob("*")) == before
+
+
+# --- posttrain ---------------------------------------------------------------------
+
+@pytest.fixture
+def distilled(tmp_path):
+    """A tiny distilled set for the synthetic dataset (4 classes, 16x16) and a matching teacher."""
+    import torch
+
+    from scdd_ray.store import ShardStore
+
+    store = ShardStore(str(tmp_path / "set"))
+    store.open("fp")
+    store.write_shard("a", [0, 1, 2, 3], [0, 0, 0, 0], torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
+    teacher = tmp_path / "t4.pt"
+    save_checkpoint(str(teacher), create_model("resnet18", 4, width=0.125), arch="resnet18", width=0.125,
+                    num_classes=4, image_size=16, small_input=True, mean=(0.5,) * 3, std=(0.25,) * 3,
+                    method="supervised")
+    return tmp_path / "set", teacher
+
+
+def _posttrain(src, teacher, out, *extra):
+    return ["posttrain", "--distilled", str(src), "--teacher", str(teacher), "--dataset", "synthetic",
+            "--out", str(out), *extra]
+
+
+def test_posttrain_on_a_directory_without_shards(tmp_path, capsys, distilled):
+    _, teacher = distilled
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    line = run_err(capsys, _posttrain(tmp_path / "empty", teacher, out))
+    assert "--distilled" in line and "no distilled images" in line
+    none = tmp_path / "none"
+    none.mkdir()
+    (none / "manifest.json").write_text(json.dumps({"format": "scdd-ray-shards/1", "fingerprint": "x", "shards": {}}))
+    line = run_err(capsys, _posttrain(none, teacher, out))
+    assert "--distilled" in line and "no finished shards" in line
+    line = run_err(capsys, _posttrain(tmp_path / "missing", teacher, out))
+    assert "not a directory" in line
+    assert not out.exists()
+
+
+def test_posttrain_teacher_with_another_class_count(tmp_path, capsys, distilled):
+    src, _ = distilled
+    t10 = tmp_path / "t10.pt"
+    save_checkpoint(str(t10), create_model("resnet18", 10, width=0.125), arch="resnet18", width=0.125,
+                    num_classes=10, image_size=16, small_input=True, mean=(0.5,) * 3, std=(0.25,) * 3,
+                    method="supervised")
+    out = tmp_path / "out"
+    line = run_err(capsys, _posttrain(src, t10, out))
+    assert "--teacher" in line and "10 classes" in line and "has 4" in line
+    assert not out.exists()
+
+
+def test_more_workers_than_the_cluster_can_place(ray_session, tmp_path, capsys, distilled):
+    src, teacher = distilled
+    out = tmp_path / "out"
+    line = run_err(capsys, _posttrain(src, teacher, out, "--num-workers", "3"))  # the session has 2 CPUs
+    assert "--num-workers" in line and "3 workers need 3 CPUs" in line and "has 2" in line
+    line = run_err(capsys, _posttrain(src, teacher, out, "--num-workers", "2", "--batch-size", "1"))
+    assert "--num-workers" in line and "cannot share a batch of 1" in line
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--posttrain-workers", "3", "--out", str(out)])
+    assert "--posttrain-workers" in line and "has 2" in line
+    assert not out.exists()
+
+
+def test_stored_soft_labels_that_do_not_fit(tmp_path, capsys, distilled):
+    src, teacher = distilled
+    out = tmp_path / "out"
+    line = run_err(capsys, _posttrain(src, teacher, out, "--soft-labels", str(tmp_path)))
+    assert "--soft-labels" in line and "holds no stored soft labels" in line
+    meta = {"format": "scdd-ray-soft-labels/1", "complete": True, "images_digest": "other", "num_classes": 4,
+            "temperature": 4.0, "batch_size": 4, "epochs": 2}
+    (tmp_path / "soft_labels.json").write_text(json.dumps(meta))
+    line = run_err(capsys, _posttrain(src, teacher, out, "--soft-labels", str(tmp_path)))
+    assert "other images" in line
+    assert not out.exists()

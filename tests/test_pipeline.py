@@ -23,6 +23,8 @@ def test_distill_writes_the_documented_output(scdd_run):
     assert rep["method"] == "scdd" and rep["num_images"] == 8 and rep["num_classes"] == 4
     assert 0 <= rep["top1"] <= 100 and rep["teacher_top1"] > 50
     assert rep["backbone_method"] == "simclr"
+    assert rep["posttrain_workers"] == 1 and rep["posttrain_startup_seconds"] > 0
+    assert [h["epoch"] for h in rep["posttrain_history"]][-1] == rep["posttrain_epochs"]
     files = sorted(os.listdir(scdd_run / "distilled"))
     assert "manifest.json" in files and len([f for f in files if f.endswith(".parquet")]) == 2
     df = pd.concat(pd.read_parquet(scdd_run / "distilled" / f) for f in files if f.endswith(".parquet"))
@@ -55,13 +57,24 @@ def test_baselines_run_on_the_same_budget(tmp_path, method, backbone):
 
 
 def test_posttrain_standalone_on_a_distill_dir_and_on_an_imagefolder(scdd_run, tmp_path):
+    """1 worker storing soft labels on the distill dir, then 2 workers training from them on images/."""
     teacher = next((scdd_run / "backbones").iterdir())
-    for src in (scdd_run, scdd_run / "images"):
-        out = tmp_path / src.name
-        argv = ["-q", "posttrain", "--distilled", str(src), "--teacher", str(teacher), "--epochs", "1", "--out", str(out)]
-        if src.name == "images":
-            argv += ["--dataset", "synthetic"]
-        assert main(argv) == 0
-        res = json.loads((out / "posttrain.json").read_text())
+    first = tmp_path / "distill-dir"
+    argv = ["-q", "posttrain", "--distilled", str(scdd_run), "--teacher", str(teacher), "--epochs", "2",
+            "--store-soft-labels", "--out", str(first)]
+    assert main(argv) == 0
+    stored = first / "soft_labels"
+    assert sorted(os.listdir(stored)) == ["epoch-00000-rank-000.parquet", "epoch-00001-rank-000.parquet",
+                                          "soft_labels.json"]
+    assert json.loads((stored / "soft_labels.json").read_text())["complete"] is True
+    second = tmp_path / "imagefolder"
+    argv = ["-q", "posttrain", "--distilled", str(scdd_run / "images"), "--dataset", "synthetic", "--teacher",
+            str(teacher), "--epochs", "2", "--num-workers", "2", "--soft-labels", str(stored), "--out", str(second)]
+    assert main(argv) == 0
+    a, b = (json.loads((d / "posttrain.json").read_text()) for d in (first, second))
+    for res in (a, b):
         assert res["num_images"] == 8 and 0 <= res["top1"] <= 100
-        assert (out / "student.pt").exists()
+        assert res["epochs"] == 2 and res["trained_epochs"] == [1, 2]
+    assert (a["num_workers"], b["num_workers"]) == (1, 2)
+    assert a["steps"] == b["steps"]  # the same global batch: as many steps with 2 workers as with 1
+    assert (first / "student.pt").exists() and (second / "student.pt").exists()

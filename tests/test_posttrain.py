@@ -1,0 +1,174 @@
+"""Post-train: crops shared by every worker count, the teacher labels the student's very crop,
+stored soft labels equal online ones, and an interrupted Ray Train run resumes to exactly its epochs."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scdd_ray.augment import normalize, to_float
+from scdd_ray.config import PosttrainConfig
+from scdd_ray.data import load_split
+from scdd_ray.engine import EngineError
+from scdd_ray.models import create_model, frozen, load_checkpoint, save_checkpoint
+from scdd_ray.posttrain import (PosttrainJob, epoch_batches, make_optimizer, rank_rows, run_epoch, run_posttrain,
+                                soft_label_rows, steps_per_epoch, stored_batches, train_step)
+from scdd_ray.relabel import make_crops, plan_crops, student_crops
+from scdd_ray.store import ShardStore, images_digest, write_soft_labels
+
+SIZE = 16
+MEAN, STD = (0.5,) * 3, (0.25,) * 3
+CFG = PosttrainConfig(student="resnet18", student_width=0.125, epochs=4, batch_size=5, lr=2e-3, temperature=4.0,
+                      mix="cutmix", mix_prob=1.0, crop_scale=(0.5, 1.0), flip=True, checkpoint_every=1)
+
+
+def _images(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rank_rows_partition_the_global_batch_and_weigh_to_its_mean(world):
+    batch = 25
+    parts = [rank_rows(batch, r, world) for r in range(world)]
+    rows = torch.cat([p[0] for p in parts])
+    assert torch.equal(rows, torch.arange(batch))
+    # DDP averages the workers' gradients: weights make that average the global-batch mean.
+    per_sample = sum(w / len(r) * len(r) for r, w in parts) / world
+    assert per_sample == pytest.approx(1.0)
+    for r, w in parts:
+        assert w == pytest.approx(len(r) * world / batch)
+
+
+@pytest.mark.parametrize("mix", ["cutmix", "mixup", "none"])
+def test_any_subset_of_rows_gets_the_crops_of_the_whole_batch(mix):
+    cfg = dataclasses.replace(CFG, mix=mix)
+    images = _images(10)
+    plan = plan_crops(10, cfg, SIZE, torch.Generator().manual_seed(3))
+    full = make_crops(images, plan, SIZE, MEAN, STD)
+    for world in (2, 3):
+        parts = [make_crops(images, plan, SIZE, MEAN, STD, rank_rows(10, r, world)[0]) for r in range(world)]
+        assert torch.equal(torch.cat(parts), full)
+    # student_crops is the same draw order and the same crops
+    again = student_crops(images, cfg, SIZE, MEAN, STD, torch.Generator().manual_seed(3))
+    assert torch.equal(again, full)
+    if mix != "none":
+        assert plan.mix == mix and not torch.equal(plan.partner, torch.arange(10))
+
+
+def test_epoch_plan_depends_only_on_seed_and_epoch():
+    a = epoch_batches(12, CFG, SIZE, seed=1, epoch=3)
+    b = epoch_batches(12, CFG, SIZE, seed=1, epoch=3)
+    c = epoch_batches(12, CFG, SIZE, seed=1, epoch=4)
+    assert len(a) == steps_per_epoch(12, 5) == 2
+    assert all(torch.equal(x.idx, y.idx) and torch.equal(x.plan.boxes, y.plan.boxes) for x, y in zip(a, b))
+    assert not torch.equal(a[0].idx, c[0].idx)
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and keeps a copy of every input it is called with."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_teacher_labels_the_very_crop_the_student_sees(world):
+    torch.manual_seed(0)
+    images = _images(12)
+    teacher = Recorder(frozen(create_model("resnet18", 4, width=0.125)))
+    student = create_model("resnet18", 4, width=0.125)
+    seen = []
+    student.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    opt = make_optimizer(student, CFG)
+    batches = epoch_batches(len(images), CFG, SIZE, seed=0, epoch=0)
+    for rank in range(world):
+        rows, w = rank_rows(5, rank, world)
+        teacher.inputs.clear()
+        seen.clear()
+        for sb in batches:
+            _, target = train_step(student, teacher, opt, images, sb, rows, w, CFG, SIZE, MEAN, STD)
+            assert target.shape == (len(rows), 4)
+        assert len(teacher.inputs) == len(seen) == len(batches)
+        for t_in, s_in, sb in zip(teacher.inputs, seen, batches):
+            assert torch.equal(t_in, s_in)  # the same tensor, crop for crop
+            plain = normalize(to_float(images[sb.idx[rows]]), MEAN, STD)
+            assert t_in.shape == plain.shape
+            assert (t_in - plain).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every crop is augmented
+
+
+def test_stored_soft_labels_give_the_online_targets_and_crops(tmp_path):
+    torch.manual_seed(0)
+    images = _images(12)
+    teacher = frozen(create_model("resnet18", 4, width=0.125))
+    online = epoch_batches(len(images), CFG, SIZE, seed=0, epoch=0)
+    student = create_model("resnet18", 4, width=0.125)
+    opt = make_optimizer(student, CFG)
+    recorded, targets = [], []
+
+    def on_step(s, sb, target):
+        recorded.append(soft_label_rows(0, s, sb, rows, target, CFG.temperature, k=4))
+        targets.append(target)
+
+    for rank in range(2):  # two writers, as two Ray Train workers would be
+        rows, w = rank_rows(5, rank, 2)
+        recorded.clear()
+        run_epoch(student, teacher, opt, images, online, rows, w, CFG, SIZE, MEAN, STD, step=0, total_steps=8,
+                  on_step=on_step)
+        write_soft_labels(str(tmp_path), 0, rank, {c: np.concatenate([r[c] for r in recorded]) for c in recorded[0]},
+                          k=4)
+    stored = stored_batches(str(tmp_path), 0, num_classes=4, temperature=CFG.temperature)
+    assert len(stored) == len(online)
+    for s, (a, b) in enumerate(zip(online, stored)):
+        assert torch.equal(a.idx, b.idx)
+        assert torch.equal(make_crops(images, a.plan, SIZE, MEAN, STD), make_crops(images, b.plan, SIZE, MEAN, STD))
+        # online targets of step s: rank 0's rows then rank 1's
+        want = torch.cat([targets[s], targets[len(online) + s]])
+        p_online = F.softmax(want / CFG.temperature, dim=1)
+        p_stored = F.softmax(b.targets / CFG.temperature, dim=1)
+        torch.testing.assert_close(p_stored, p_online, atol=2e-3, rtol=0)  # float16 storage
+
+
+# --- Ray Train ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pt")
+    test = load_split("synthetic", "test", None, SIZE)
+    info = test.info
+    store = ShardStore(str(root / "distilled"))
+    store.open("fp")
+    images = _images(12)
+    store.write_shard("a", [i % info.num_classes for i in range(12)], [i // info.num_classes for i in range(12)],
+                      images)
+    images, _, _ = store.read()
+    torch.manual_seed(0)
+    t = create_model("resnet18", info.num_classes, width=0.125)
+    save_checkpoint(str(root / "t.pt"), t, arch="resnet18", width=0.125, num_classes=info.num_classes, image_size=SIZE,
+                    small_input=True, mean=info.mean, std=info.std, method="supervised")
+    return PosttrainJob(source=store.root, images_digest=images_digest(images), num_images=12,
+                        teacher=load_checkpoint(str(root / "t.pt")), test=test, info=info,
+                        cfg=dataclasses.replace(CFG, eval_every=3), image_size=SIZE, small_input=True, seed=0)
+
+
+def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(ray_session, job, tmp_path):
+    with pytest.raises(EngineError, match="injected failure after epoch 2"):
+        run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1, fault_after_epoch=2)
+    res = run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1)
+    per_epoch = steps_per_epoch(12, 5)
+    assert res.resumed_from == 2
+    assert res.trained_epochs == [1, 2, 3, 4]  # epochs 1-2 before the crash, 3-4 after: none twice, none more
+    assert res.epochs == 4 and res.steps == 4 * per_epoch
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in res.history if "top1" in h] == [3, 4]  # --eval-every 3, and at the end
+    assert 0 <= res.top1 <= 100 and res.top1 == res.history[-1]["top1"]
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("epoch-"))
+    assert kept == ["epoch-00003", "epoch-00004"]  # the last two checkpoints
+    again = run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1)  # finished: nothing to do
+    assert again.trained_epochs == [1, 2, 3, 4] and again.top1 == res.top1 and again.seconds == 0.0
