@@ -116,6 +116,12 @@ def build_parser() -> Parser:
     p.add_argument("--soft-labels", default=None, help="train from soft labels stored by --store-soft-labels "
                                                        "(the teacher is not run)")
     p.add_argument("--out", required=True)
+    t = sub.add_parser("tune", help="Ray Tune sweep of recover settings across recovery-model sizes")
+    t.add_argument("--config", required=True, help="tune_configs/NAME.yaml")
+    t.add_argument("--num-samples", type=int, default=None, help="samples per arch x method (default: the YAML's)")
+    t.add_argument("--data-dir", default=None, help="overrides the YAML's data_dir")
+    t.add_argument("--address", default=None, help="join an existing Ray cluster")
+    t.add_argument("--out", required=True, help="sweep directory; rerun the same command to resume")
     ib = sub.add_parser("inspect-bn", help="how much each BN layer's running statistics vary across channels")
     ib.add_argument("--backbone", nargs="+", required=True, help="checkpoint(s), e.g. one per seed")
     ib.add_argument("--compare", nargs="+", default=None, help="a second group, e.g. supervised backbones")
@@ -369,6 +375,35 @@ def _posttrain(a: argparse.Namespace) -> int:
 
 
 
+def _tune(a: argparse.Namespace) -> int:
+    from .tune_config import read_tune_config
+
+    cfg = read_tune_config(a.config)
+    if a.data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=a.data_dir)
+    if a.num_samples is not None and a.num_samples < 1:
+        raise ConfigError("--num-samples", f"must be a positive integer (got {a.num_samples})")
+    from .data import DataError, load_split
+
+    try:  # the dataset must be there before Ray starts or anything is written (val: the sweep's objective)
+        load_split(cfg.dataset, "val", cfg.data_dir, cfg.image_size)
+    except DataError as e:
+        raise ConfigError("data_dir", str(e)) from None
+    done = os.path.join(a.out, "best.json")
+    if os.path.isdir(a.out) and os.listdir(a.out) and not os.path.isdir(os.path.join(a.out, "tune")):
+        raise ConfigError("--out", f"{a.out} is not empty and holds no sweep; choose a new directory")
+    from .tune import run_sweep
+
+    try:
+        res = run_sweep(cfg, a.out, num_samples=a.num_samples, address=a.address)
+    except ConnectionError as e:
+        raise ConfigError("--address", str(e)) from None
+    print(json.dumps({k: {"val_top1": v["val_top1"], "test_top1": v["test_top1"], **v["config"]}
+                      for k, v in res["best"].items()}))
+    print(f"wrote {done} and {os.path.join(a.out, 'summary.md')}", file=sys.stderr)
+    return 0
+
+
 def _bn_model(path: str, flag: str):
     """(model, method) of our checkpoint or a public one; BN statistics need no head."""
     from .models import CheckpointError, NotOurCheckpoint, import_backbone, load_checkpoint, model_from_import
@@ -432,7 +467,7 @@ def _inspect_bn(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"distill": _distill, "squeeze": _squeeze, "posttrain": _posttrain, "bench": _bench,
-            "inspect-bn": _inspect_bn}
+            "inspect-bn": _inspect_bn, "tune": _tune}
 
 
 def main(argv: list[str] | None = None) -> int:

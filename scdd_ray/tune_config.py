@@ -1,0 +1,258 @@
+"""Sweep definitions read from `tune_configs/*.yaml`, validated before Ray starts.
+
+A sweep is a grid over recovery architectures x methods, and within each cell
+`num_samples` draws from a search space over recover settings. Every key is
+checked here: an unknown key or a bad range is a ConfigError naming the key,
+so a typo never silently becomes a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import (ARCHS, DATASETS, FLAGS, PRESETS, ConfigError, PosttrainConfig, RecoverConfig, SqueezeConfig,
+                     validate_arch, validate_posttrain, validate_recover, validate_squeeze)
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+# Recover settings a sweep may search; `first_multiplier` is shorthand for bn_weights "first:M".
+SEARCHABLE = ("bn_coef", "bn_weights", "first_multiplier", "lr", "iterations", "jitter", "bn_normalize", "init",
+              "grayscale")
+SCHEDULERS = ("asha", "fifo")
+TOP_KEYS = ("name", "dataset", "data_dir", "image_size", "width", "ipc", "seed", "archs", "methods", "squeeze",
+            "recover", "posttrain", "search", "scheduler", "resources", "num_samples", "max_concurrent",
+            "eval_every", "backbones")
+
+
+@dataclass(frozen=True)
+class Param:
+    kind: str  # one of DISTRIBUTIONS, or "value" for a constant
+    args: tuple
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    name: str = "asha"
+    grace_period: int = 1  # epochs of post-training before ASHA may stop a trial
+    reduction_factor: float = 3.0
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    name: str
+    dataset: str
+    archs: tuple[str, ...]
+    methods: tuple[str, ...]
+    search: dict[str, Param]
+    squeeze: SqueezeConfig
+    recover: RecoverConfig
+    posttrain: PosttrainConfig
+    data_dir: str | None = None
+    image_size: int = 32
+    width: float = 1.0
+    ipc: int = 10
+    seed: int = 0
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
+    num_samples: int = 4
+    max_concurrent: int = 0  # 0: as many as the resources allow
+    eval_every: int = 1  # post-train epochs between validation reports (ASHA decides at these)
+    backbones: dict[str, str] = field(default_factory=dict)  # "method/arch" -> checkpoint; others are squeezed
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _err(key: str, msg: str) -> ConfigError:
+    return ConfigError(key, msg)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_param(key: str, spec: Any) -> Param:
+    """`{loguniform: [lo, hi]}`, `{uniform: [lo, hi]}`, `{randint: [lo, hi]}`, `{choice: [...]}`,
+    `{grid: [...]}`, or a plain value (constant)."""
+    if not isinstance(spec, dict):
+        return Param("value", (spec,))
+    if len(spec) != 1:
+        raise _err(key, f"give exactly one distribution of {', '.join(DISTRIBUTIONS)} (got {sorted(spec)})")
+    kind, args = next(iter(spec.items()))
+    if kind not in DISTRIBUTIONS:
+        raise _err(key, f"unknown distribution {kind!r} (choose from {', '.join(DISTRIBUTIONS)})")
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise _err(key, f"{kind} takes a non-empty list (got {args!r})")
+        return Param(kind, tuple(args))
+    if not (isinstance(args, list) and len(args) == 2 and all(_number(a) for a in args)):
+        raise _err(key, f"{kind} takes [low, high] numbers (got {args!r})")
+    lo, hi = args
+    if not lo < hi:
+        raise _err(key, f"{kind} needs low < high (got {args!r})")
+    if kind == "loguniform" and lo <= 0:
+        raise _err(key, f"loguniform needs low > 0 (got {args!r})")
+    if kind == "randint" and not (float(lo).is_integer() and float(hi).is_integer()):
+        raise _err(key, f"randint takes integers (got {args!r})")
+    return Param(kind, (lo, hi))
+
+
+def _values(p: Param) -> list:
+    """Values a parameter can take that can be checked up front (all of them for discrete kinds)."""
+    if p.kind in ("choice", "grid", "value"):
+        return list(p.args)
+    lo, hi = p.args
+    return [int(lo), int(hi) - 1] if p.kind == "randint" else [lo, hi]
+
+
+def recover_for(base: RecoverConfig, sample: dict) -> RecoverConfig:
+    """The trial's recover config: the base with the sampled values."""
+    sample = dict(sample)
+    if "first_multiplier" in sample:
+        sample["bn_weights"] = f"first:{sample.pop('first_multiplier'):g}"
+    return dataclasses.replace(base, **sample)
+
+
+def _section(raw: dict, key: str, cls: type, preset: dict) -> Any:
+    given = raw.get(key) or {}
+    if not isinstance(given, dict):
+        raise _err(key, f"must be a mapping of {cls.__name__} fields (got {given!r})")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in given:
+        if k not in names:
+            raise _err(f"{key}.{k}", f"unknown key (valid: {', '.join(sorted(names))})")
+    vals = {**preset, **given}
+    for k in ("crop_scale",):
+        if isinstance(vals.get(k), list):
+            vals[k] = tuple(vals[k])
+    return cls(**vals)
+
+
+def load_tune_config(raw: dict) -> TuneConfig:
+    """Validate a parsed YAML mapping; raises ConfigError naming the offending key."""
+    if not isinstance(raw, dict):
+        raise _err("config", "the YAML file must hold a mapping at its top level")
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise _err(k, f"unknown key (valid: {', '.join(TOP_KEYS)})")
+    dataset = raw.get("dataset")
+    if dataset not in DATASETS:
+        raise _err("dataset", f"must be one of {', '.join(DATASETS)} (got {dataset!r})")
+    preset = PRESETS[dataset]
+    archs = raw.get("archs", [preset["arch"]])
+    methods = raw.get("methods", ["scdd"])
+    if not isinstance(archs, list) or not archs:
+        raise _err("archs", f"must be a non-empty list (got {archs!r})")
+    for a in archs:
+        try:
+            validate_arch(a, "arch")
+        except ConfigError as e:
+            raise _err("archs", str(e).split(": ", 1)[1]) from None
+    if not isinstance(methods, list) or not methods or any(m not in ("scdd", "sre2l") for m in methods):
+        raise _err("methods", f"must be a non-empty list of scdd, sre2l (got {methods!r})")
+    squeeze = _section(raw, "squeeze", SqueezeConfig, preset.get("squeeze", {}))
+    recover = _section(raw, "recover", RecoverConfig, preset.get("recover", {}))
+    posttrain = _section(raw, "posttrain", PosttrainConfig, preset.get("posttrain", {}))
+    for fn, obj, sec in ((validate_squeeze, squeeze, "squeeze"), (validate_recover, recover, "recover"),
+                         (validate_posttrain, posttrain, "posttrain")):
+        try:
+            fn(obj)
+        except ConfigError as e:  # name the YAML key, not the distill flag
+            key = {flag: k for k, flag in FLAGS.items()}.get(e.flag, sec)
+            raise _err(key if key.startswith(sec + ".") else sec, str(e).split(": ", 1)[1]) from None
+    search_raw = raw.get("search") or {}
+    if not isinstance(search_raw, dict) or not search_raw:
+        raise _err("search", "must map recover settings to distributions, e.g. bn_coef: {loguniform: [0.01, 1]}")
+    search = {}
+    for k, spec in search_raw.items():
+        if k not in SEARCHABLE:
+            raise _err(f"search.{k}", f"not searchable (choose from {', '.join(SEARCHABLE)})")
+        search[k] = parse_param(f"search.{k}", spec)
+    if "first_multiplier" in search and "bn_weights" in search:
+        raise _err("search.first_multiplier", "give either first_multiplier or bn_weights, not both")
+    # Every value the space can produce must make a valid recover config.
+    for k, p in search.items():
+        for v in _values(p):
+            try:
+                validate_recover(recover_for(recover, {k: v}))
+            except (ConfigError, TypeError) as e:
+                raise _err(f"search.{k}", f"value {v!r} is invalid: {e}") from None
+    sched_raw = raw.get("scheduler") or {}
+    if not isinstance(sched_raw, dict):
+        raise _err("scheduler", f"must be a mapping (got {sched_raw!r})")
+    for k in sched_raw:
+        if k not in ("name", "grace_period", "reduction_factor"):
+            raise _err(f"scheduler.{k}", "unknown key (valid: name, grace_period, reduction_factor)")
+    sched = Scheduler(**sched_raw)
+    if sched.name not in SCHEDULERS:
+        raise _err("scheduler.name", f"must be one of {', '.join(SCHEDULERS)} (got {sched.name!r})")
+    if not (isinstance(sched.grace_period, int) and 1 <= sched.grace_period <= posttrain.epochs):
+        raise _err("scheduler.grace_period", f"must be an integer in [1, posttrain.epochs={posttrain.epochs}] "
+                                             f"(got {sched.grace_period!r})")
+    if not (_number(sched.reduction_factor) and sched.reduction_factor > 1):
+        raise _err("scheduler.reduction_factor", f"must be > 1 (got {sched.reduction_factor!r})")
+    res_raw = raw.get("resources") or {}
+    if not isinstance(res_raw, dict):
+        raise _err("resources", f"must be a mapping (got {res_raw!r})")
+    for k in res_raw:
+        if k not in ("cpu", "gpu"):
+            raise _err(f"resources.{k}", "unknown key (valid: cpu, gpu)")
+    res = Resources(**res_raw)
+    if not (_number(res.cpu) and res.cpu > 0):
+        raise _err("resources.cpu", f"must be > 0 (got {res.cpu!r})")
+    if not (_number(res.gpu) and res.gpu >= 0):
+        raise _err("resources.gpu", f"must be >= 0; fractions share a GPU (got {res.gpu!r})")
+    bb = raw.get("backbones") or {}
+    if not isinstance(bb, dict):
+        raise _err("backbones", f"must map method/arch to a checkpoint path (got {bb!r})")
+    cells = {f"{m}/{a}" for m in methods for a in archs}
+    for k, v in bb.items():
+        if k not in cells:
+            raise _err(f"backbones.{k}", f"is not a method/arch of this sweep (valid: {', '.join(sorted(cells))})")
+        if not isinstance(v, str) or not v:
+            raise _err(f"backbones.{k}", f"must be a checkpoint path (got {v!r})")
+    cfg = TuneConfig(
+        name=str(raw.get("name", "sweep")), dataset=dataset, archs=tuple(archs), methods=tuple(methods),
+        search=search, squeeze=squeeze, recover=recover, posttrain=posttrain, data_dir=raw.get("data_dir"),
+        image_size=raw.get("image_size", preset["image_size"]), width=raw.get("width", preset["width"]),
+        ipc=raw.get("ipc", preset["ipc"]), seed=raw.get("seed", 0), scheduler=sched, resources=res,
+        num_samples=raw.get("num_samples", 4), max_concurrent=raw.get("max_concurrent", 0),
+        eval_every=raw.get("eval_every", 1), backbones=dict(bb),
+    )
+    for k in ("image_size", "ipc", "num_samples", "eval_every"):
+        v = getattr(cfg, k)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise _err(k, f"must be a positive integer (got {v!r})")
+    if not (isinstance(cfg.max_concurrent, int) and cfg.max_concurrent >= 0):
+        raise _err("max_concurrent", f"must be a non-negative integer (got {cfg.max_concurrent!r})")
+    if not (_number(cfg.width) and cfg.width > 0):
+        raise _err("width", f"must be a positive number (got {cfg.width!r})")
+    if not isinstance(cfg.seed, int):
+        raise _err("seed", f"must be an integer (got {cfg.seed!r})")
+    return cfg
+
+
+def read_tune_config(path: str) -> TuneConfig:
+    import os
+
+    import yaml
+
+    if not os.path.isfile(path):
+        raise _err("--config", f"{path} does not exist")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise _err("--config", f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return load_tune_config(raw)
+
+
+__all__ = ["TuneConfig", "Param", "Scheduler", "Resources", "load_tune_config", "read_tune_config", "recover_for",
+           "parse_param", "ARCHS"]
