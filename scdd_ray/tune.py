@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import torch
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from .config import ConfigError
 from .data import DataError, ImageSet, load_split
@@ -197,12 +198,57 @@ def run_trial(config: dict, cfg: TuneConfig, backbones: dict, val: ImageSet, tra
 
 # --- the sweep --------------------------------------------------------------------------
 
+class PerCellASHA(FIFOScheduler):
+    """ASHA run separately within each (arch, method) cell of the grid.
+
+    One ASHA over the whole sweep would compare a ResNet-50 trial with a
+    ResNet-18 one and could stop every trial of a weaker cell early, leaving
+    that cell with no finished configuration (it did, in a first digits
+    sweep). Successive halving is only meant to rank settings of one cell.
+    """
+
+    def __init__(self, max_t: int, grace_period: int, reduction_factor: float):
+        super().__init__()
+        self._args = dict(time_attr="epoch", max_t=max_t, grace_period=grace_period,
+                          reduction_factor=reduction_factor)
+        self._cells: dict[tuple, ASHAScheduler] = {}
+        self._props: tuple = (None, None)
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        self._props = (metric, mode)
+        return all(s.set_search_properties(metric, mode) for s in self._cells.values())
+
+    def _cell(self, trial) -> ASHAScheduler:
+        key = (trial.config.get("arch"), trial.config.get("method"))
+        if key not in self._cells:
+            sched = ASHAScheduler(**self._args)
+            sched.set_search_properties(*self._props)
+            self._cells[key] = sched
+        return self._cells[key]
+
+    def on_trial_add(self, tc, trial):
+        self._cell(trial).on_trial_add(tc, trial)
+
+    def on_trial_result(self, tc, trial, result):
+        return self._cell(trial).on_trial_result(tc, trial, result)
+
+    def on_trial_complete(self, tc, trial, result):
+        self._cell(trial).on_trial_complete(tc, trial, result)
+
+    def on_trial_error(self, tc, trial):
+        self._cell(trial).on_trial_error(tc, trial)
+
+    def on_trial_remove(self, tc, trial):
+        self._cell(trial).on_trial_remove(tc, trial)
+
+    def debug_string(self) -> str:
+        return "; ".join(f"{a}/{m}: {s.debug_string()}" for (a, m), s in self._cells.items())
+
+
 def run_sweep(cfg: TuneConfig, out: str, num_samples: int | None = None, address: str | None = None) -> dict:
     """Run (or resume) the sweep under `out`, then write best.json and summary.md."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     from .engine import connect
 
     connect(address)
@@ -225,9 +271,8 @@ def run_sweep(cfg: TuneConfig, out: str, num_samples: int | None = None, address
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         if cfg.scheduler.name == "asha":
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.posttrain.epochs,
-                                      grace_period=cfg.scheduler.grace_period,
-                                      reduction_factor=cfg.scheduler.reduction_factor)
+            scheduler = PerCellASHA(cfg.posttrain.epochs, cfg.scheduler.grace_period,
+                                    cfg.scheduler.reduction_factor)
         else:
             scheduler = FIFOScheduler()
         tuner = tune.Tuner(
@@ -322,4 +367,4 @@ def check_resources(cfg: TuneConfig) -> None:
                                            f"{have.get('GPU', 0):g}")
 
 
-__all__ = ["run_sweep", "trial", "summarize", "prepare_backbones", "search_space", "check_resources"]
+__all__ = ["run_sweep", "trial", "summarize", "prepare_backbones", "search_space", "check_resources", "PerCellASHA"]

@@ -158,3 +158,28 @@ def test_interrupted_sweep_resumes_instead_of_starting_over(tmp_path):
     best = json.loads((out / "best.json").read_text())
     assert set(best["best"]) == {"resnet18/scdd", "resnet18/sre2l"}
     assert (out / "summary.md").read_text().count("| resnet18 |") == 2
+
+
+def test_asha_ranks_trials_only_within_their_cell():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from scdd_ray.tune import PerCellASHA
+
+    def trials():
+        return [SimpleNamespace(trial_id=f"t{i}", config={"arch": arch, "method": "scdd"}, status="RUNNING")
+                for i, arch in enumerate(("resnet18", "resnet18", "resnet50"))]
+
+    def decisions(sched):
+        sched.set_search_properties("val_top1", "max")
+        ts = trials()
+        for t in ts:
+            sched.on_trial_add(None, t)
+        return [sched.on_trial_result(None, t, {"epoch": 10, "val_top1": v}) for t, v in zip(ts, (90, 95, 50))]
+
+    # One ASHA for the whole sweep stops the only ResNet-50 trial for being worse than ResNet-18 ones...
+    assert decisions(ASHAScheduler(time_attr="epoch", max_t=40, grace_period=10, reduction_factor=2))[2] == \
+        TrialScheduler.STOP
+    # ...per-cell ASHA compares it with its own cell only: it goes on.
+    assert decisions(PerCellASHA(40, 10, 2))[2] == TrialScheduler.CONTINUE
