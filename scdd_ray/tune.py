@@ -29,17 +29,19 @@ from .tune_config import Param, TuneConfig, recover_for
 
 log = logging.getLogger("scdd_ray")
 METRIC = "val_top1"
-SQUEEZE_OF = {"scdd": "simclr", "sre2l": "supervised"}
 STATE_FILE = "trial.pt"
 
 
 # --- backbones -----------------------------------------------------------------------
 
+def squeeze_method(cfg: TuneConfig, method: str) -> str:
+    """scdd recovers from the SSL backbone of the YAML's squeeze section, sre2l from a supervised one."""
+    return cfg.squeeze.method if method == "scdd" else "supervised"
+
+
 def backbone_path(out: str, cfg: TuneConfig, method: str, arch: str) -> str:
-    sq = cfg.squeeze
-    ssl = sq.method if method == "scdd" else "supervised"
-    return os.path.join(out, "backbones", f"{ssl}-{arch}-w{cfg.width:g}-s{cfg.image_size}-e{sq.epochs}-"
-                                          f"seed{cfg.seed}-train-noval.pt")
+    return os.path.join(out, "backbones", f"{squeeze_method(cfg, method)}-{arch}-w{cfg.width:g}-s{cfg.image_size}-"
+                                          f"e{cfg.squeeze.epochs}-seed{cfg.seed}-train-noval.pt")
 
 
 def _squeeze_one(cfg: TuneConfig, method: str, arch: str, path: str, threads: int) -> str:
@@ -47,7 +49,7 @@ def _squeeze_one(cfg: TuneConfig, method: str, arch: str, path: str, threads: in
 
     torch.set_num_threads(threads)
     train = load_split(cfg.dataset, "train-noval", cfg.data_dir, cfg.image_size)
-    sq = dataclasses.replace(cfg.squeeze, method=SQUEEZE_OF[method] if method == "sre2l" else cfg.squeeze.method)
+    sq = dataclasses.replace(cfg.squeeze, method=squeeze_method(cfg, method))
     device = "cuda" if torch.cuda.is_available() and cfg.resources.gpu > 0 else "cpu"
     model = squeeze(train, arch, cfg.width, sq, device=device, seed=cfg.seed, small_input=cfg.image_size <= 64)
     info = train.info
