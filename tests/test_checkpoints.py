@@ -1,5 +1,6 @@
 """Public SSL checkpoints: tiny fakes in each layout researchers have on disk."""
 import argparse
+import os
 
 import pytest
 import torch
@@ -153,3 +154,21 @@ def test_distill_refuses_public_checkpoint_of_another_arch_and_bad_weight_lists(
                             "--out", str(out)])
     assert "--teacher" in line and "no classifier for 10 classes" in line and "squeeze" in line
     assert not out.exists()
+
+
+def test_distill_probes_a_public_ssl_backbone_and_keeps_its_bn_statistics(tmp_path, ray_session):
+    import json
+
+    _, state = backbone_state("resnet18", 0.125, True)
+    src = tmp_path / "r-18-moco.pth.tar"
+    torch.save(mocov3(state), src)
+    out = tmp_path / "run"
+    assert main(["-q", "distill", "--dataset", "synthetic", "--backbone", str(src), "--num-workers", "1",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["backbone_method"] == "mocov3" and rep["num_images"] == 8
+    probed = [f for f in os.listdir(out / "backbones") if f.startswith("probe-mocov3-r-18-moco")]
+    assert len(probed) == 1 and rep["backbone"].endswith(probed[0])
+    ck = load_checkpoint(str(out / "backbones" / probed[0]))
+    for k, v in body(state).items():
+        assert torch.equal(ck.state_dict[k], v), k
