@@ -390,8 +390,9 @@ def _tune(a: argparse.Namespace) -> int:
     except DataError as e:
         raise ConfigError("data_dir", str(e)) from None
     done = os.path.join(a.out, "best.json")
-    if os.path.isdir(a.out) and os.listdir(a.out) and not os.path.isdir(os.path.join(a.out, "tune")):
-        raise ConfigError("--out", f"{a.out} is not empty and holds no sweep; choose a new directory")
+    ours = {"backbones", "tune", "best.json", "summary.md"}  # what a sweep (maybe interrupted) leaves
+    if os.path.isdir(a.out) and set(os.listdir(a.out)) - ours:
+        raise ConfigError("--out", f"{a.out} holds files that are not a sweep's; choose a new directory")
     from .tune import run_sweep
 
     try:

@@ -69,6 +69,11 @@ def test_cli_reports_bad_yaml_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     line = run_err(capsys, ["tune", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "out")])
     assert "--config" in line and "does not exist" in line
+    p.write_text(yaml.safe_dump(TINY))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    line = run_err(capsys, ["tune", "--config", str(p), "--out", str(tmp_path / "mine")])
+    assert "--out" in line and os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
 def test_objective_never_reads_the_test_split(monkeypatch, tmp_path):
