@@ -158,10 +158,10 @@ def head(model: nn.Module) -> nn.Linear:
     return model.get_classifier()
 
 
-def autocast(device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (where it pays), a no-op elsewhere."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device, amp: str = "bf16") -> contextlib.AbstractContextManager:
+    """bf16 (default) or fp16 autocast on CUDA, where it pays; a no-op on CPU or with amp="none"."""
+    if torch.device(device).type == "cuda" and amp != "none":
+        return torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
     return contextlib.nullcontext()
 
 

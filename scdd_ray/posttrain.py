@@ -41,6 +41,7 @@ import torch.nn as nn
 from .config import ConfigError, PosttrainConfig
 from .data import DatasetInfo, ImageSet
 from .evaluation import top1
+from .models import autocast
 from .relabel import (MIX_CODES, CropPlan, kd_loss, logits_from_topk, make_crops, plan_crops, soft_labels,
                       topk_probs)
 from .schedules import cosine_lr, set_lr
@@ -164,15 +165,6 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def amp_context(device: torch.device, amp: str):
-    """bf16 / fp16 autocast on CUDA; a no-op on CPU or with amp='none'."""
-    import contextlib
-
-    if device.type != "cuda" or amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def train_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor,
                sb: StepBatch, rows: torch.Tensor, weight: float, cfg: PosttrainConfig, image_size: int, mean, std,
                scaler=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +176,7 @@ def train_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimize
     device = images.device
     crops = make_crops(images[sb.idx.to(device)], sb.plan, image_size, mean, std, rows)
     crops = crops.contiguous(memory_format=memory_format(device))
-    with amp_context(device, cfg.amp):
+    with autocast(device, cfg.amp):
         if sb.targets is None:
             target = soft_labels(teacher, crops)
         else:
