@@ -56,3 +56,43 @@ def bench_scaling(workers: list[int], *, arch: str, width: float, image_size: in
             "num_classes": num_classes, "shards": shards, "iterations": iterations, "threads_per_worker": 1,
             "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__, "results": rows}
+
+
+def bench_recover(*, arch: str, width: float, image_size: int, num_classes: int, batch: int, iterations: int,
+                  threads: int, repeats: int = 3, warmup: int = 5, device: str = "cpu",
+                  channels_last: bool | None = None) -> dict:
+    """The production recover step (`recover.synthesize`) on a randomly initialised model.
+
+    `img_iters_per_s` is images x iterations per second of the median of
+    `repeats` timed runs, after a `warmup`-iteration run (allocator, kernels).
+    """
+    from .models import frozen
+    from .recover import synthesize
+
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = frozen(create_model(arch, num_classes, width, image_size <= 64)).to(device)
+    cfg = RecoverConfig(iterations=iterations, lr=0.25, bn_coef=0.01, bn_weights="first:10", jitter=4,
+                        crop_scale=None, flip=True)
+    targets = torch.arange(batch) % num_classes
+    mean, std = (0.5,) * 3, (0.25,) * 3
+
+    def run(iters: int) -> float:
+        c = RecoverConfig(**{**cfg.__dict__, "iterations": iters})
+        t0 = time.perf_counter()
+        synthesize(model, targets, c, mean, std, image_size, seed=0, device=device, channels_last=channels_last,
+                   log_every=10 ** 9)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(warmup)
+    times = sorted(run(iterations) for _ in range(repeats))
+    median = times[len(times) // 2]
+    return {"benchmark": "recover", "arch": arch, "width": width, "image_size": image_size,
+            "num_classes": num_classes, "batch": batch, "iterations": iterations, "threads": threads,
+            "device": str(device), "repeats": repeats, "seconds": [round(t, 4) for t in times],
+            "img_iters_per_s": round(batch * iterations / median, 2),
+            "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__}

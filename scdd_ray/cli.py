@@ -141,13 +141,41 @@ def build_parser() -> Parser:
     sc.add_argument("--iterations", type=int, default=100)
     sc.add_argument("--address", default=None)
     sc.add_argument("--json", required=True)
+    rc = bsub.add_parser("recover", help="images x iterations per second of the production recover step")
+    rc.add_argument("--arch", default="resnet18")
+    rc.add_argument("--width", type=float, default=0.25)
+    rc.add_argument("--image-size", type=int, default=32)
+    rc.add_argument("--num-classes", type=int, default=100)
+    rc.add_argument("--batch", type=int, default=100)
+    rc.add_argument("--iterations", type=int, default=20)
+    rc.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    rc.add_argument("--repeats", type=int, default=3)
+    rc.add_argument("--num-gpus", type=int, default=0, help="1: time on the GPU")
+    rc.add_argument("--json", required=True)
     return ap
 
 
 def _bench(a: argparse.Namespace) -> int:
-    from .bench import bench_scaling
+    from .bench import bench_recover, bench_scaling
     from .store import atomic_write_json
 
+    if a.bench == "recover":
+        import torch
+
+        validate_arch(a.arch, "arch")
+        for flag, v in (("--width", a.width), ("--image-size", a.image_size), ("--num-classes", a.num_classes),
+                        ("--batch", a.batch), ("--iterations", a.iterations), ("--threads", a.threads),
+                        ("--repeats", a.repeats)):
+            if not v > 0:
+                raise ConfigError(flag, f"must be positive (got {v!r})")
+        if a.num_gpus > torch.cuda.device_count():
+            raise ConfigError("--num-gpus", f"asked for {a.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
+        res = bench_recover(arch=a.arch, width=a.width, image_size=a.image_size, num_classes=a.num_classes,
+                            batch=a.batch, iterations=a.iterations, threads=a.threads, repeats=a.repeats,
+                            device="cuda" if a.num_gpus else "cpu")
+        atomic_write_json(a.json, res)
+        print(json.dumps({k: res[k] for k in ("arch", "width", "image_size", "batch", "threads", "img_iters_per_s")}))
+        return 0
     try:
         workers = [int(w) for w in a.workers.split(",")]
     except ValueError:

@@ -212,3 +212,26 @@ def test_inspect_bn_cli_writes_groups_and_plot(tmp_path, capsys):
     assert 5 < ratio < 15
     assert (tmp_path / "bn.png").read_bytes()[:4] == b"\x89PNG"
     assert "simclr" in capsys.readouterr().out
+
+
+def test_channels_last_statistics_match_var_mean_even_far_from_zero():
+    g = torch.Generator().manual_seed(0)
+    for loc, scale in ((0.0, 1.0), (10.0, 0.1)):
+        x = torch.randn(50, 6, 5, 7, generator=g) * scale + loc
+        var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+        cl = x.contiguous(memory_format=torch.channels_last)
+        mean, var = batch_stats(cl, torch.full((6,), loc))  # shifted by a running mean near the batch mean
+        assert torch.allclose(mean.double(), mean_ref, atol=1e-5)
+        assert torch.allclose(var.double(), var_ref, rtol=1e-4, atol=1e-7)
+        m2, v2 = batch_stats(x)  # NCHW: the fused var_mean
+        assert torch.allclose(v2.double(), var_ref, rtol=1e-5) and torch.allclose(m2.double(), mean_ref, atol=1e-5)
+    # bn_loss does not depend on the activation layout
+    torch.manual_seed(0)
+    model = TwoBN().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(8, 3, 6, 6)
+    a = bn_loss(model, x).item()
+    b = bn_loss(model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)).item()
+    assert a == pytest.approx(b, rel=1e-5)

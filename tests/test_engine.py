@@ -96,3 +96,17 @@ def test_bench_scaling_reports_throughput_and_efficiency(ray_session, tmp_path):
     assert [r["workers"] for r in res["results"]] == [1, 2]
     assert all(r["img_iters_per_s"] > 0 for r in res["results"])
     assert res["results"][0]["parallel_efficiency"] == 1.0
+
+
+def test_bench_recover_writes_throughput(tmp_path, capsys):
+    import json
+
+    from scdd_ray.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["-q", "bench", "recover", "--width", "0.125", "--image-size", "16", "--num-classes", "4",
+                 "--batch", "8", "--iterations", "3", "--threads", "1", "--repeats", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "recover" and res["img_iters_per_s"] > 0 and res["batch"] == 8
+    assert main(["bench", "recover", "--batch", "0", "--json", str(out)]) == 2
+    assert "--batch" in capsys.readouterr().err

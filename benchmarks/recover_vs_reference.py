@@ -1,0 +1,163 @@
+"""Our production recover step against a straightforward loop written the way the reference scripts do it.
+
+(a) reference: BN statistics in forward hooks via x.mean([0,2,3]) and
+    x.permute(1,0,2,3).contiguous().view(C,-1).var(1, unbiased=False), the
+    loss read back to the host (`loss.item()`) every step, float32, NCHW,
+    clipping channel by channel;
+(b) production: `scdd_ray.recover.synthesize` (one fused `torch.var_mean` per
+    BN layer, no host sync inside the loop, channels_last unless told not to).
+
+Both run in one process on the same model, batch, augmentation functions and
+thread count, alternating, and each is timed `--repeats` times after a warm-up;
+the median images x iterations per second is reported. A separate short run
+from the same start and the same random draws compares the images.
+
+    python benchmarks/recover_vs_reference.py --json benchmarks/recover_vs_reference_cpu2.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from scdd_ray.augment import denormalize, random_flip, random_roll, to_uint8
+from scdd_ray.bn import parse_bn_weights
+from scdd_ray.config import RecoverConfig
+from scdd_ray.models import create_model, frozen
+from scdd_ray.recover import synthesize
+
+
+class RefBNHook:
+    """The reference scripts' BN feature hook."""
+
+    def __init__(self, module: nn.BatchNorm2d):
+        self.hook = module.register_forward_hook(self.fn)
+        self.r_feature = None
+
+    def fn(self, module, inputs, output):
+        x = inputs[0]
+        nch = x.shape[1]
+        mean = x.mean([0, 2, 3])
+        var = x.permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
+        self.r_feature = torch.norm(module.running_var.data - var, 2) + torch.norm(module.running_mean.data - mean, 2)
+
+    def close(self):
+        self.hook.remove()
+
+
+def reference_recover(model, targets, cfg: RecoverConfig, mean, std, image_size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n = len(targets)
+    x = torch.randn(n, 3, image_size, image_size, generator=g).requires_grad_(True)
+    hooks = [RefBNHook(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    weights = parse_bn_weights(cfg.bn_weights).resolve(len(hooks))
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+    log = []
+    for it in range(cfg.iterations):
+        lr = 0.5 * cfg.lr * (1 + math.cos(math.pi * it / cfg.iterations))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        xi = random_flip(x, g) if cfg.flip else x
+        xi = random_roll(xi, cfg.jitter, g)
+        logits = model(xi)
+        ce = F.cross_entropy(logits, targets)
+        bn = sum(w * h.r_feature for w, h in zip(weights, hooks))
+        loss = ce + cfg.bn_coef * bn
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for c in range(3):
+                m, s = mean[c], std[c]
+                x.data[:, c] = torch.clamp(x.data[:, c], -m / s, (1 - m) / s)
+        log.append(loss.item())  # the per-step host read-back of the reference scripts
+    for h in hooks:
+        h.close()
+    return to_uint8(denormalize(x.detach(), mean, std))
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--iterations", type=int, default=20, help="iterations per timed run")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    num_classes = min(a.batch, 100)
+    model = frozen(create_model(a.arch, num_classes, a.width, a.image_size <= 64))
+    # Non-trivial BN statistics so the BN term and its gradient are realistic.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    targets = torch.arange(a.batch) % num_classes
+    cfg = RecoverConfig(iterations=a.iterations, lr=0.25, bn_coef=0.01, bn_weights="first:10", jitter=4,
+                        crop_scale=None, flip=True)
+
+    def ours(channels_last=True, iterations=a.iterations):
+        c = RecoverConfig(**{**cfg.__dict__, "iterations": iterations})
+        model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return synthesize(model, targets, c, mean, std, a.image_size, seed=1, channels_last=channels_last,
+                          log_every=10 ** 9).images
+
+    def ref(iterations=a.iterations):
+        c = RecoverConfig(**{**cfg.__dict__, "iterations": iterations})
+        model.to(memory_format=torch.contiguous_format)
+        return reference_recover(model, targets, c, mean, std, a.image_size, seed=1)
+
+    variants = {"reference": ref, "ours": ours, "ours_nchw": lambda: ours(channels_last=False)}
+    for fn in variants.values():  # warm-up: allocator, kernels, first-call overheads
+        fn()
+    times = {k: [] for k in variants}
+    for _ in range(a.repeats):  # alternate so drifts in machine load hit every variant alike
+        for k, fn in variants.items():
+            times[k].append(timed(fn))
+    work = a.batch * a.iterations
+    rows = {k: {"median_seconds": round(statistics.median(v), 4), "img_iters_per_s": round(work / statistics.median(v), 1),
+                "all_seconds": [round(t, 4) for t in v]} for k, v in times.items()}
+    base = rows["reference"]["img_iters_per_s"]
+    for r in rows.values():
+        r["speedup_vs_reference"] = round(r["img_iters_per_s"] / base, 3)
+    # Same start, same random draws, 10 iterations: how far apart do the images end up?
+    img_ref = ref(iterations=10)
+    diffs = {}
+    for k, kw in (("ours", {}), ("ours_nchw", {"channels_last": False})):
+        d = (ours(iterations=10, **kw).int() - img_ref.int()).abs()
+        diffs[k] = {"max_abs_uint8": int(d.max()), "mean_abs_uint8": round(float(d.float().mean()), 4),
+                    "share_pixels_exact": round(float((d == 0).float().mean()), 4)}
+    res = {"benchmark": "recover_vs_reference", "arch": a.arch, "width": a.width, "image_size": a.image_size,
+           "batch": a.batch, "iterations": a.iterations, "repeats": a.repeats, "threads": a.threads,
+           "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "torch": torch.__version__, "results": rows, "image_difference_after_10_iterations": diffs}
+    with open(a.json + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(a.json + ".tmp", a.json)
+    print(json.dumps({k: (v["img_iters_per_s"], v["speedup_vs_reference"]) for k, v in rows.items()}))
+    print(json.dumps(diffs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
