@@ -126,12 +126,18 @@ class OneBN(nn.Module):
         return self.bn(x)
 
 
-def test_depth_normalised_variants():
-    torch.manual_seed(2)
+def _two_bn_with_stats(seed: int) -> TwoBN:
+    """TwoBN in eval mode with random, non-trivial running statistics."""
+    torch.manual_seed(seed)
     model = TwoBN().eval()
     for bn in (model.bn1, model.bn2):
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_depth_normalised_variants():
+    model = _two_bn_with_stats(2)
     x = torch.randn(6, 3, 5, 5)
     w = [10.0, 1.0]
     assert bn_loss(model, x, w, "mean").item() == pytest.approx(bn_loss(model, x, w).item() / 2, rel=1e-6)
@@ -226,11 +232,7 @@ def test_channels_last_statistics_match_var_mean_even_far_from_zero():
         m2, v2 = batch_stats(x)  # NCHW: the fused var_mean
         assert torch.allclose(v2.double(), var_ref, rtol=1e-5) and torch.allclose(m2.double(), mean_ref, atol=1e-5)
     # bn_loss does not depend on the activation layout
-    torch.manual_seed(0)
-    model = TwoBN().eval()
-    for bn in (model.bn1, model.bn2):
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
+    model = _two_bn_with_stats(0)
     x = torch.randn(8, 3, 6, 6)
     a = bn_loss(model, x).item()
     b = bn_loss(model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)).item()
