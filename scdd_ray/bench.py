@@ -1,6 +1,7 @@
 """Benchmarks behind `scdd-ray bench`: the production code paths, timed."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import tempfile
@@ -96,3 +97,53 @@ def bench_recover(*, arch: str, width: float, image_size: int, num_classes: int,
             "img_iters_per_s": round(batch * iterations / median, 2),
             "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__}
+
+
+def models_row(report: dict, squeeze_meta: dict) -> dict:
+    """One row of the model-size table from a distill report and its backbone's metadata."""
+    work = report["num_images"] * report["config"]["recover"]["iterations"]
+    return {"arch": report["arch"], "width": report["width"], "method": report["method"],
+            "backbone_method": report["backbone_method"], "ipc": report["ipc"], "num_images": report["num_images"],
+            "iterations": report["config"]["recover"]["iterations"],
+            "recover_seconds": report["recover_seconds"],
+            "recover_img_iters_per_s": round(work / report["recover_seconds"], 2),
+            "squeeze_seconds": round(squeeze_meta.get("seconds", float("nan")), 2),
+            "backbone_test_top1": squeeze_meta.get("test_top1"),
+            "teacher_top1": report["teacher_top1"], "top1": report["top1"],
+            "student": f"{report['student']} w{report['student_width']:g}",
+            "posttrain_epochs": report["posttrain_epochs"], "posttrain_seconds": report["posttrain_seconds"],
+            "total_seconds": report["total_seconds"]}
+
+
+def bench_models(archs: list[str], methods: list[str], *, dataset: str = "digits", work: str, width: float, ipc: int,
+                 seed: int, threads: int, overrides: dict | None = None) -> dict:
+    """The paper's model-size table in miniature: a full `distill` per (recovery arch, method).
+
+    Each cell squeezes its own backbone (SSL for scdd, supervised for sre2l)
+    at `width`, recovers IPC images per class with it, and post-trains the
+    preset's student (the same for every cell, so only the recovery model
+    changes) on the real test split. Recover throughput is images x
+    iterations per second of that job's recover stage (one in-process worker,
+    `threads` torch threads). A cell whose report.json exists is read, not
+    rerun, so an interrupted table resumes.
+    """
+    from . import distill
+    from .config import build_distill_config
+    from .models import load_checkpoint
+
+    torch.set_num_threads(threads)
+    rows = []
+    for arch in archs:
+        for method in methods:
+            out = os.path.join(work, f"{dataset}-{arch.replace(':', '_')}-w{width:g}-{method}-ipc{ipc}-seed{seed}")
+            report_path = os.path.join(out, "report.json")
+            if not os.path.isfile(report_path):
+                cfg = build_distill_config(dataset, out, {"arch": arch, "width": width, "method": method, "ipc": ipc,
+                                                           "seed": seed, "num_workers": 1, **(overrides or {})})
+                distill.run(distill.prepare(cfg))
+            with open(report_path) as f:
+                report = json.load(f)
+            rows.append(models_row(report, load_checkpoint(report["backbone"]).meta))
+    return {"benchmark": "models", "dataset": dataset, "width": width, "ipc": ipc, "seed": seed,
+            "threads": threads, "overrides": overrides or {}, "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": rows}

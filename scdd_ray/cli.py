@@ -152,13 +152,67 @@ def build_parser() -> Parser:
     rc.add_argument("--repeats", type=int, default=3)
     rc.add_argument("--num-gpus", type=int, default=0, help="1: time on the GPU")
     rc.add_argument("--json", required=True)
+    mo = bsub.add_parser("models", help="recover throughput and student top-1 per recovery-model size")
+    mo.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)}")
+    mo.add_argument("--data-dir", default=None)
+    mo.add_argument("--archs", default="resnet18,resnet50,resnet101", help="comma-separated recovery archs")
+    mo.add_argument("--methods", default="scdd,sre2l", help="comma-separated: scdd and/or sre2l")
+    mo.add_argument("--width", type=float, default=0.25)
+    mo.add_argument("--ipc", type=int, default=10)
+    mo.add_argument("--seed", type=int, default=0)
+    mo.add_argument("--threads", type=int, default=1, help="torch threads of the in-process job")
+    mo.add_argument("--image-size", type=int, default=None, help="(digits preset if omitted)")
+    mo.add_argument("--iterations", type=int, default=None, help="recover iterations (preset if omitted)")
+    mo.add_argument("--squeeze-epochs", type=int, default=None)
+    mo.add_argument("--posttrain-epochs", type=int, default=None)
+    mo.add_argument("--bn-normalize", default=None, help="none | mean | channel (preset: none, as the paper)")
+    mo.add_argument("--num-gpus", type=int, default=0, help="1: recover and post-train on one GPU")
+    mo.add_argument("--work", required=True, help="one distill run per cell; rerun the command to resume")
+    mo.add_argument("--json", required=True)
     return ap
+
+
+def _bench_models(a: argparse.Namespace) -> int:
+    from .bench import bench_models
+    from .store import atomic_write_json
+
+    archs = [x.strip() for x in a.archs.split(",") if x.strip()]
+    methods = [x.strip() for x in a.methods.split(",") if x.strip()]
+    if not archs:
+        raise ConfigError("--archs", f"names no arch (got {a.archs!r})")
+    for arch in archs:
+        try:
+            validate_arch(arch, "arch")
+        except ConfigError as e:
+            raise ConfigError("--archs", str(e).split(": ", 1)[1]) from None
+    if not methods or any(m not in ("scdd", "sre2l") for m in methods):
+        raise ConfigError("--methods", f"must be scdd and/or sre2l, comma-separated (got {a.methods!r})")
+    for flag, v in (("--width", a.width), ("--ipc", a.ipc), ("--threads", a.threads)):
+        if not v > 0:
+            raise ConfigError(flag, f"must be positive (got {v!r})")
+    overrides = {k: v for k, v in {"data_dir": a.data_dir, "image_size": a.image_size, "recover.iterations": a.iterations,
+                                   "squeeze.epochs": a.squeeze_epochs, "posttrain.epochs": a.posttrain_epochs,
+                                   "recover.bn_normalize": a.bn_normalize,
+                                   "num_gpus": a.num_gpus or None}.items() if v is not None}
+    # Every cell's settings are checked before the first one starts (hours of work on a CPU).
+    for arch in archs:
+        for method in methods:
+            build_distill_config(a.dataset, os.path.join(a.work, "check"), {"arch": arch, "width": a.width,
+                                                                            "method": method, "ipc": a.ipc, **overrides})
+    res = bench_models(archs, methods, dataset=a.dataset, work=a.work, width=a.width, ipc=a.ipc, seed=a.seed,
+                       threads=a.threads, overrides=overrides)
+    atomic_write_json(a.json, res)
+    print(json.dumps([{k: r[k] for k in ("arch", "method", "recover_img_iters_per_s", "teacher_top1", "top1")}
+                      for r in res["results"]]))
+    return 0
 
 
 def _bench(a: argparse.Namespace) -> int:
     from .bench import bench_recover, bench_scaling
     from .store import atomic_write_json
 
+    if a.bench == "models":
+        return _bench_models(a)
     if a.bench == "recover":
         import torch
 

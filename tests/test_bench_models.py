@@ -1,0 +1,41 @@
+"""`scdd-ray bench models`: one full distill per (recovery arch, method), tabulated and resumable."""
+import json
+import os
+
+from scdd_ray.cli import main
+
+TINY = ["--dataset", "synthetic", "--width", "0.125", "--ipc", "1", "--iterations", "3", "--squeeze-epochs", "1",
+        "--posttrain-epochs", "1"]
+
+
+def test_bench_models_runs_every_cell_and_resumes(ray_session, tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "models.json"
+    argv = ["-q", "bench", "models", "--archs", "resnet18", "--methods", "scdd,sre2l", *TINY,
+            "--work", str(work), "--json", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    rows = {r["method"]: r for r in res["results"]}
+    assert set(rows) == {"scdd", "sre2l"} and res["dataset"] == "synthetic"
+    # Each method recovers from its own backbone: SSL for scdd, supervised for sre2l.
+    assert rows["scdd"]["backbone_method"] == "simclr" and rows["sre2l"]["backbone_method"] == "supervised"
+    for r in rows.values():
+        assert r["arch"] == "resnet18" and r["iterations"] == 3 and r["num_images"] == 4  # 4 classes x IPC 1
+        assert abs(r["recover_img_iters_per_s"] - 4 * 3 / r["recover_seconds"]) < 0.01 * r["recover_img_iters_per_s"]
+        assert 0 <= r["top1"] <= 100 and 0 <= r["teacher_top1"] <= 100 and r["squeeze_seconds"] > 0
+        report = json.loads((work / f"synthetic-resnet18-w0.125-{r['method']}-ipc1-seed0" / "report.json").read_text())
+        assert report["top1"] == r["top1"] and report["posttrain_epochs"] == 1
+    # A rerun reads the finished cells instead of recomputing them.
+    stamps = {p: os.stat(p).st_mtime_ns for p in work.glob("*/report.json")}
+    assert main(argv) == 0
+    assert {p: os.stat(p).st_mtime_ns for p in work.glob("*/report.json")} == stamps
+    assert json.loads(out.read_text())["results"] == res["results"]
+
+
+def test_bench_models_rejects_bad_flags_before_any_work(tmp_path, capsys):
+    work = tmp_path / "work"
+    for flags, flag in ((["--methods", "random"], "--methods"), (["--archs", "resnet9"], "--archs"),
+                        (["--ipc", "0"], "--ipc"), (["--iterations", "0"], "--iterations")):
+        assert main(["bench", "models", *flags, "--work", str(work), "--json", str(tmp_path / "o.json")]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "Traceback" not in err
+    assert not work.exists()
