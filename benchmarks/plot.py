@@ -30,7 +30,7 @@ def plot_models(res: dict, out: str) -> None:
     for j, m in enumerate(methods):
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(archs))]
         got = [(x, cell[(a, m)]) for x, a in zip(xs, archs) if (a, m) in cell]
-        ax_t.bar([x for x, _ in got], [r["recover_img_iters_per_s"] for _, r in got], width, label=m,
+        ax_t.bar([x for x, _ in got], [r["step_img_iters_per_s"] for _, r in got], width, label=m,
                  color=COLORS.get(m))
         ax_a.bar([x for x, _ in got], [r["top1"] for _, r in got], width, label=f"{m} student", color=COLORS.get(m))
         ax_a.scatter([x for x, _ in got], [r["teacher_top1"] for _, r in got], marker="_", s=300, color="black",
@@ -40,7 +40,7 @@ def plot_models(res: dict, out: str) -> None:
     for ax in (ax_t, ax_a):
         ax.set_xticks(range(len(archs)), archs)
         ax.set_xlabel(f"recovery model (width {res['width']:g})")
-    ax_t.set_ylabel("recover images x iterations / s")
+    ax_t.set_ylabel("recover step: images x iterations / s")
     ax_t.set_title(f"recover throughput ({res['threads']} thread(s), {res.get('machine') or 'CPU'})", fontsize=9)
     ax_a.set_ylabel("top-1 on the real test split (%)")
     ax_a.set_title(f"{res['dataset']}, IPC {res['ipc']}, seed {res['seed']}", fontsize=9)

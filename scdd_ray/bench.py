@@ -1,6 +1,7 @@
 """Benchmarks behind `scdd-ray bench`: the production code paths, timed."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -10,6 +11,7 @@ import time
 import torch
 
 from .config import RecoverConfig
+from .distill import backbone_name
 from .engine import connect, plan_shards, run_ray
 from .models import create_model, load_checkpoint, save_checkpoint
 from .store import ShardStore
@@ -61,11 +63,13 @@ def bench_scaling(workers: list[int], *, arch: str, width: float, image_size: in
 
 def bench_recover(*, arch: str, width: float, image_size: int, num_classes: int, batch: int, iterations: int,
                   threads: int, repeats: int = 3, warmup: int = 5, device: str = "cpu",
-                  channels_last: bool | None = None) -> dict:
+                  channels_last: bool | None = None, cfg: RecoverConfig | None = None) -> dict:
     """The production recover step (`recover.synthesize`) on a randomly initialised model.
 
     `img_iters_per_s` is images x iterations per second of the median of
     `repeats` timed runs, after a `warmup`-iteration run (allocator, kernels).
+    `cfg` sets the augmentations and loss (its iteration count is ignored);
+    by default the CIFAR-like settings of the reference comparison.
     """
     from .models import frozen
     from .recover import synthesize
@@ -74,8 +78,8 @@ def bench_recover(*, arch: str, width: float, image_size: int, num_classes: int,
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = frozen(create_model(arch, num_classes, width, image_size <= 64)).to(device)
-    cfg = RecoverConfig(iterations=iterations, lr=0.25, bn_coef=0.01, bn_weights="first:10", jitter=4,
-                        crop_scale=None, flip=True)
+    cfg = cfg or RecoverConfig(iterations=iterations, lr=0.25, bn_coef=0.01, bn_weights="first:10", jitter=4,
+                               crop_scale=None, flip=True)
     targets = torch.arange(batch) % num_classes
     mean, std = (0.5,) * 3, (0.25,) * 3
 
@@ -112,38 +116,67 @@ def models_row(report: dict, squeeze_meta: dict) -> dict:
             "teacher_top1": report["teacher_top1"], "top1": report["top1"],
             "student": f"{report['student']} w{report['student_width']:g}",
             "posttrain_epochs": report["posttrain_epochs"], "posttrain_seconds": report["posttrain_seconds"],
-            "total_seconds": report["total_seconds"]}
+            "total_seconds": report["total_seconds"], "image_size": report["image_size"],
+            "num_classes": report["num_classes"], "_recover": report["config"]["recover"]}
 
 
 def bench_models(archs: list[str], methods: list[str], *, dataset: str = "digits", work: str, width: float, ipc: int,
-                 seed: int, threads: int, overrides: dict | None = None) -> dict:
+                 seed: int, threads: int, overrides: dict | None = None, step_iterations: int = 30,
+                 step_repeats: int = 5) -> dict:
     """The paper's model-size table in miniature: a full `distill` per (recovery arch, method).
 
-    Each cell squeezes its own backbone (SSL for scdd, supervised for sre2l)
-    at `width`, recovers IPC images per class with it, and post-trains the
-    preset's student (the same for every cell, so only the recovery model
-    changes) on the real test split. Recover throughput is images x
-    iterations per second of that job's recover stage (one in-process worker,
-    `threads` torch threads). A cell whose report.json exists is read, not
-    rerun, so an interrupted table resumes.
+    Each cell distills with its own kind of backbone (SSL for scdd,
+    supervised for sre2l) at `width`, recovers IPC images per class with it,
+    and post-trains the preset's student (the same for every cell, so only the
+    recovery model changes) on the real test split. Recover throughput is
+    images x iterations per second of that job's recover stage (one
+    in-process worker, `threads` torch threads). A cell whose report.json
+    exists is read, not rerun, so an interrupted table resumes; a backbone
+    some cell in `work` already squeezed with the same settings is reused
+    (e.g. by a second table with another `--bn-normalize`), not trained again.
+
+    The job's throughput depends on what else ran on the machine meanwhile,
+    so each arch's recover step is also timed afresh by every invocation
+    (`step_img_iters_per_s`: `bench_recover` with the cells' recover settings
+    and batch, median of `step_repeats`); run the final, collecting
+    invocation on a quiet machine.
     """
     from . import distill
     from .config import build_distill_config
     from .models import load_checkpoint
 
     torch.set_num_threads(threads)
+    # Settings that are not the preset's name the cell, so tables with other settings never collide.
+    suffix = "".join(f"-{k.replace('.', '_')}-{v}" for k, v in sorted((overrides or {}).items())
+                     if k not in ("data_dir", "num_gpus"))
     rows = []
     for arch in archs:
         for method in methods:
-            out = os.path.join(work, f"{dataset}-{arch.replace(':', '_')}-w{width:g}-{method}-ipc{ipc}-seed{seed}")
+            cell = f"{dataset}-{arch.replace(':', '_')}-w{width:g}-{method}-ipc{ipc}-seed{seed}{suffix}"
+            out = os.path.join(work, cell)
             report_path = os.path.join(out, "report.json")
             if not os.path.isfile(report_path):
-                cfg = build_distill_config(dataset, out, {"arch": arch, "width": width, "method": method, "ipc": ipc,
-                                                           "seed": seed, "num_workers": 1, **(overrides or {})})
+                given = {"arch": arch, "width": width, "method": method, "ipc": ipc, "seed": seed, "num_workers": 1,
+                         **(overrides or {})}
+                cfg = build_distill_config(dataset, out, given)
+                shared = sorted(glob.glob(os.path.join(glob.escape(work), f"{glob.escape(dataset)}-*", "backbones",
+                                                       backbone_name(cfg))))
+                if shared:
+                    cfg = build_distill_config(dataset, out, {**given, "backbone": shared[0]})
                 distill.run(distill.prepare(cfg))
             with open(report_path) as f:
                 report = json.load(f)
             rows.append(models_row(report, load_checkpoint(report["backbone"]).meta))
+    step: dict[str, dict] = {}
+    for row in rows:
+        if row["arch"] not in step:
+            rc = RecoverConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in row.pop("_recover").items()})
+            step[row["arch"]] = bench_recover(arch=row["arch"], width=width, image_size=row["image_size"],
+                                              num_classes=row["num_classes"], batch=rc.classes_per_batch,
+                                              iterations=step_iterations, threads=threads, repeats=step_repeats,
+                                              device="cuda" if (overrides or {}).get("num_gpus") else "cpu", cfg=rc)
+        row.pop("_recover", None)
+        row["step_img_iters_per_s"] = step[row["arch"]]["img_iters_per_s"]
     return {"benchmark": "models", "dataset": dataset, "width": width, "ipc": ipc, "seed": seed,
-            "threads": threads, "overrides": overrides or {}, "machine": platform.processor() or platform.machine(),
+            "threads": threads, "step_iterations": step_iterations, "step_repeats": step_repeats, "overrides": overrides or {}, "machine": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": rows}

@@ -202,7 +202,7 @@ def _bench_models(a: argparse.Namespace) -> int:
     res = bench_models(archs, methods, dataset=a.dataset, work=a.work, width=a.width, ipc=a.ipc, seed=a.seed,
                        threads=a.threads, overrides=overrides)
     atomic_write_json(a.json, res)
-    print(json.dumps([{k: r[k] for k in ("arch", "method", "recover_img_iters_per_s", "teacher_top1", "top1")}
+    print(json.dumps([{k: r[k] for k in ("arch", "method", "step_img_iters_per_s", "teacher_top1", "top1")}
                       for r in res["results"]]))
     return 0
 

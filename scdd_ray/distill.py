@@ -217,11 +217,16 @@ def pick_device(cfg: DistillConfig) -> torch.device:
     return torch.device("cuda") if cfg.num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
+def backbone_name(cfg: DistillConfig, squeeze_method: str | None = None) -> str:
+    """File name under OUT/backbones/ of the backbone `distill` squeezes for `cfg`."""
+    return (f"{squeeze_method or cfg.squeeze.method}-{cfg.arch}-w{cfg.width:g}-s{cfg.image_size}-e{cfg.squeeze.epochs}"
+            f"-seed{cfg.seed}.pt")
+
+
 def get_backbone(cfg: DistillConfig, info: DatasetInfo, squeeze_method: str, device) -> tuple[Checkpoint, str]:
     """Load the cached backbone for `squeeze_method`, or train and cache it under OUT/backbones/."""
     sq = dataclasses.replace(cfg.squeeze, method=squeeze_method)
-    name = f"{squeeze_method}-{cfg.arch}-w{cfg.width:g}-s{cfg.image_size}-e{sq.epochs}-seed{cfg.seed}.pt"
-    path = os.path.join(cfg.out, "backbones", name)
+    path = os.path.join(cfg.out, "backbones", backbone_name(cfg, squeeze_method))
     if os.path.isfile(path):
         log.info("using cached backbone %s", path)
         return load_checkpoint(path), path
