@@ -121,7 +121,7 @@ def models_row(report: dict, squeeze_meta: dict) -> dict:
 
 
 def bench_models(archs: list[str], methods: list[str], *, dataset: str = "digits", work: str, width: float, ipc: int,
-                 seed: int, threads: int, overrides: dict | None = None, step_iterations: int = 30,
+                 seed: int, threads: int, overrides: dict | None = None, step_iterations: int = 100,
                  step_repeats: int = 5) -> dict:
     """The paper's model-size table in miniature: a full `distill` per (recovery arch, method).
 
