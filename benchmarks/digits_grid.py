@@ -23,6 +23,8 @@ import shlex
 import statistics
 import subprocess
 import sys
+
+from _tables import write_table
 import time
 
 # name -> list of (row label, method, extra distill flags, relative cost for --part)
@@ -116,13 +118,8 @@ def main() -> int:
                      f"{statistics.fmean(r['recover_seconds'] for r in rs):.0f} | "
                      f"{statistics.fmean(r['posttrain_seconds'] for r in rs):.0f} |")
     table = "\n".join(lines) + "\n"
-    with open(a.md + ".tmp", "w") as f:
-        f.write(f"Seeds {seeds}; command: python benchmarks/digits_grid.py --grid {a.grid} --seeds {a.seeds} "
-                f"--work {a.work} --md {a.md}\n\n" + table)
-    os.replace(a.md + ".tmp", a.md)
-    with open(os.path.splitext(a.md)[0] + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    print(table)
+    write_table(a.md, f"Seeds {seeds}; command: python benchmarks/digits_grid.py --grid {a.grid} --seeds {a.seeds} "
+                      f"--work {a.work} --md {a.md}", table, results)
     return 0
 
 

@@ -23,6 +23,8 @@ import statistics
 import subprocess
 import sys
 
+from _tables import write_table
+
 OWN_TEACHER = {"scdd": "simclr", "sre2l": "supervised"}
 
 
@@ -66,13 +68,9 @@ def main() -> int:
         lines.append(f"| {r['ipc']} | {ms(r['own_teacher'])} | {ms(r['swapped_teacher'])} | "
                      f"{', '.join(f'{t:.1f}' for t in r['swapped_teacher'])} |")
     table = "\n".join(lines) + "\n"
-    with open(a.md + ".tmp", "w") as f:
-        f.write(f"Seeds {seeds}; command: python benchmarks/teacher_swap.py --images {a.images} --teacher {a.teacher} "
-                f"--ipcs {a.ipcs} --seeds {a.seeds} --work {a.work} --md {a.md}\n\n" + table)
-    os.replace(a.md + ".tmp", a.md)
-    with open(os.path.splitext(a.md)[0] + ".json", "w") as f:
-        json.dump({"images": a.images, "teacher": a.teacher, "seeds": seeds, "rows": rows}, f, indent=1)
-    print(table)
+    write_table(a.md, f"Seeds {seeds}; command: python benchmarks/teacher_swap.py --images {a.images} "
+                      f"--teacher {a.teacher} --ipcs {a.ipcs} --seeds {a.seeds} --work {a.work} --md {a.md}", table,
+                {"images": a.images, "teacher": a.teacher, "seeds": seeds, "rows": rows})
     return 0
 
 
