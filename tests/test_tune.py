@@ -78,7 +78,8 @@ def test_cli_reports_bad_yaml_in_one_line(tmp_path, capsys):
 
 def test_objective_never_reads_the_test_split(monkeypatch, tmp_path):
     """A trial's only data are val (its score) and train-noval; loading the test split fails the test."""
-    from scdd_ray import data, tune
+    # distill is imported before the patch: a first import under it would bind the guard for good.
+    from scdd_ray import data, distill, tune
     from scdd_ray.evaluation import top1
     from scdd_ray.models import create_model
 
@@ -95,6 +96,7 @@ def test_objective_never_reads_the_test_split(monkeypatch, tmp_path):
     real = data.load_split
     monkeypatch.setattr(data, "load_split", guarded)
     monkeypatch.setattr(tune, "load_split", guarded)
+    monkeypatch.setattr(distill, "load_split", guarded)
     backbones = {}
     for method in cfg.methods:
         path = tune.backbone_path(str(tmp_path), cfg, method, "resnet18")
