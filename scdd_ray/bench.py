@@ -117,7 +117,7 @@ def models_row(report: dict, squeeze_meta: dict) -> dict:
             "student": f"{report['student']} w{report['student_width']:g}",
             "posttrain_epochs": report["posttrain_epochs"], "posttrain_seconds": report["posttrain_seconds"],
             "total_seconds": report["total_seconds"], "image_size": report["image_size"],
-            "num_classes": report["num_classes"], "_recover": report["config"]["recover"]}
+            "num_classes": report["num_classes"]}
 
 
 def bench_models(archs: list[str], methods: list[str], *, dataset: str = "digits", work: str, width: float, ipc: int,
@@ -149,7 +149,7 @@ def bench_models(archs: list[str], methods: list[str], *, dataset: str = "digits
     # Settings that are not the preset's name the cell, so tables with other settings never collide.
     suffix = "".join(f"-{k.replace('.', '_')}-{v}" for k, v in sorted((overrides or {}).items())
                      if k not in ("data_dir", "num_gpus"))
-    rows = []
+    rows, step = [], {}
     for arch in archs:
         for method in methods:
             cell = f"{dataset}-{arch.replace(':', '_')}-w{width:g}-{method}-ipc{ipc}-seed{seed}{suffix}"
@@ -167,16 +167,15 @@ def bench_models(archs: list[str], methods: list[str], *, dataset: str = "digits
             with open(report_path) as f:
                 report = json.load(f)
             rows.append(models_row(report, load_checkpoint(report["backbone"]).meta))
-    step: dict[str, dict] = {}
-    for row in rows:
-        if row["arch"] not in step:
-            rc = RecoverConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in row.pop("_recover").items()})
-            step[row["arch"]] = bench_recover(arch=row["arch"], width=width, image_size=row["image_size"],
-                                              num_classes=row["num_classes"], batch=rc.classes_per_batch,
-                                              iterations=step_iterations, threads=threads, repeats=step_repeats,
-                                              device="cuda" if (overrides or {}).get("num_gpus") else "cpu", cfg=rc)
-        row.pop("_recover", None)
-        row["step_img_iters_per_s"] = step[row["arch"]]["img_iters_per_s"]
+            if arch not in step:  # the step does not depend on the weights: one timing per arch
+                rc = RecoverConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in report["config"]["recover"].items()})
+                step[arch] = bench_recover(arch=arch, width=width, image_size=report["image_size"],
+                                           num_classes=report["num_classes"], batch=rc.classes_per_batch,
+                                           iterations=step_iterations, threads=threads, repeats=step_repeats,
+                                           device="cuda" if (overrides or {}).get("num_gpus") else "cpu", cfg=rc)
+            rows[-1]["step_img_iters_per_s"] = step[arch]["img_iters_per_s"]
     return {"benchmark": "models", "dataset": dataset, "width": width, "ipc": ipc, "seed": seed,
-            "threads": threads, "step_iterations": step_iterations, "step_repeats": step_repeats, "overrides": overrides or {}, "machine": platform.processor() or platform.machine(),
+            "threads": threads, "step_iterations": step_iterations, "step_repeats": step_repeats,
+            "overrides": overrides or {}, "machine": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": rows}

@@ -12,8 +12,8 @@ import os
 import sys
 
 from .config import (ARCHS, DATASETS, METHODS, MIXES, OPTIMIZERS, PRESETS, SQUEEZE_METHODS, ConfigError,
-                     PosttrainConfig, SqueezeConfig, build_distill_config, parse_scale, validate_arch,
-                     validate_posttrain, validate_squeeze)
+                     PosttrainConfig, SqueezeConfig, build_distill_config, parse_scale, recovery_grid_problem,
+                     validate_arch, validate_posttrain, validate_squeeze)
 
 log = logging.getLogger("scdd_ray")
 
@@ -178,15 +178,9 @@ def _bench_models(a: argparse.Namespace) -> int:
 
     archs = [x.strip() for x in a.archs.split(",") if x.strip()]
     methods = [x.strip() for x in a.methods.split(",") if x.strip()]
-    if not archs:
-        raise ConfigError("--archs", f"names no arch (got {a.archs!r})")
-    for arch in archs:
-        try:
-            validate_arch(arch, "arch")
-        except ConfigError as e:
-            raise ConfigError("--archs", str(e).split(": ", 1)[1]) from None
-    if not methods or any(m not in ("scdd", "sre2l") for m in methods):
-        raise ConfigError("--methods", f"must be scdd and/or sre2l, comma-separated (got {a.methods!r})")
+    problem = recovery_grid_problem(archs, methods)
+    if problem:
+        raise ConfigError(f"--{problem[0]}", problem[1])
     for flag, v in (("--width", a.width), ("--ipc", a.ipc), ("--threads", a.threads)):
         if not v > 0:
             raise ConfigError(flag, f"must be positive (got {v!r})")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
 ARCHS = ("resnet18", "resnet50", "resnet101")
 METHODS = ("scdd", "sre2l", "random")
+RECOVERY_METHODS = ("scdd", "sre2l")  # the methods that recover images from a backbone
 SSL_METHODS = ("simclr", "mocov3")
 SQUEEZE_METHODS = SSL_METHODS + ("supervised",)
 INITS = ("noise", "real")
@@ -224,6 +225,25 @@ def _scale(value, key: str, allow_none: bool = False) -> None:
 def validate_arch(name: str, key: str) -> None:
     _check(isinstance(name, str) and (name in ARCHS or (name.startswith("timm:") and len(name) > 5)), key,
            f"unknown arch {name!r} (choose from {', '.join(ARCHS)} or timm:<name>)")
+
+
+def recovery_grid_problem(archs, methods) -> tuple[str, str] | None:
+    """The first problem with lists of recovery archs and methods, as ("archs" | "methods", message).
+
+    Shared by the tune YAML (`archs:`, `methods:`) and `bench models`
+    (`--archs`, `--methods`), which each name the field their own way; None
+    when both lists are valid.
+    """
+    if not isinstance(archs, list) or not archs:
+        return "archs", f"must name at least one arch (got {archs!r})"
+    for name in archs:
+        try:
+            validate_arch(name, "arch")
+        except ConfigError as e:
+            return "archs", str(e).split(": ", 1)[1]
+    if not isinstance(methods, list) or not methods or any(m not in RECOVERY_METHODS for m in methods):
+        return "methods", f"must name one or more of {', '.join(RECOVERY_METHODS)} (got {methods!r})"
+    return None
 
 
 def validate_squeeze(s: SqueezeConfig) -> None:

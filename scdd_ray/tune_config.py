@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import (ARCHS, DATASETS, FLAGS, PRESETS, ConfigError, PosttrainConfig, RecoverConfig, SqueezeConfig,
-                     validate_arch, validate_posttrain, validate_recover, validate_squeeze)
+                     recovery_grid_problem, validate_posttrain, validate_recover, validate_squeeze)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 # Recover settings a sweep may search; `first_multiplier` is shorthand for bn_weights "first:M".
@@ -148,15 +148,9 @@ def load_tune_config(raw: dict) -> TuneConfig:
     preset = PRESETS[dataset]
     archs = raw.get("archs", [preset["arch"]])
     methods = raw.get("methods", ["scdd"])
-    if not isinstance(archs, list) or not archs:
-        raise _err("archs", f"must be a non-empty list (got {archs!r})")
-    for a in archs:
-        try:
-            validate_arch(a, "arch")
-        except ConfigError as e:
-            raise _err("archs", str(e).split(": ", 1)[1]) from None
-    if not isinstance(methods, list) or not methods or any(m not in ("scdd", "sre2l") for m in methods):
-        raise _err("methods", f"must be a non-empty list of scdd, sre2l (got {methods!r})")
+    problem = recovery_grid_problem(archs, methods)
+    if problem:
+        raise _err(*problem)
     squeeze = _section(raw, "squeeze", SqueezeConfig, preset.get("squeeze", {}))
     recover = _section(raw, "recover", RecoverConfig, preset.get("recover", {}))
     posttrain = _section(raw, "posttrain", PosttrainConfig, preset.get("posttrain", {}))
