@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from scdd_ray.augment import normalize, to_float
-from scdd_ray.bn import bn_layers, bn_loss, parse_bn_weights
+from scdd_ray.core.augment import normalize, to_float
+from scdd_ray.core.bn import bn_layers, bn_loss, parse_bn_weights
 from scdd_ray.data import iterate, load_split
 from scdd_ray.models import create_model
 

@@ -4,7 +4,7 @@
     x.permute(1,0,2,3).contiguous().view(C,-1).var(1, unbiased=False), the
     loss read back to the host (`loss.item()`) every step, float32, NCHW,
     clipping channel by channel;
-(b) production: `scdd_ray.recover.synthesize` (one fused `torch.var_mean` per
+(b) production: `scdd_ray.core.recover.synthesize` (one fused `torch.var_mean` per
     BN layer, no host sync inside the loop, channels_last unless told not to).
 
 Both run in one process on the same model, batch, augmentation functions and
@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scdd_ray.augment import denormalize, random_flip, random_roll, to_uint8
-from scdd_ray.bn import parse_bn_weights
+from scdd_ray.core.augment import denormalize, random_flip, random_roll, to_uint8
+from scdd_ray.core.bn import parse_bn_weights
 from scdd_ray.config import RecoverConfig
-from scdd_ray.models import create_model, frozen
-from scdd_ray.recover import synthesize
+from scdd_ray.models import create_model, frozen, small_input
+from scdd_ray.core.recover import synthesize
 
 
 class RefBNHook:
@@ -105,7 +105,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     num_classes = min(a.batch, 100)
-    model = frozen(create_model(a.arch, num_classes, a.width, a.image_size <= 64))
+    model = frozen(create_model(a.arch, num_classes, a.width, small_input(a.image_size)))
     # Non-trivial BN statistics so the BN term and its gradient are realistic.
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):

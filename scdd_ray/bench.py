@@ -10,20 +10,24 @@ import time
 
 import torch
 
-from .config import RecoverConfig
-from .distill import backbone_name
-from .engine import connect, plan_shards, run_ray
-from .models import create_model, load_checkpoint, save_checkpoint
+from .backbones import distill_backbone_name
+from .config import RecoverConfig, build_distill_config
+from .core.recover import synthesize
+from .core.shards import plan_shards
+from .dist.cluster import connect
+from .dist.synthesis import run_ray
+from .models import create_model, frozen, load_checkpoint, save_checkpoint, small_input
+from .pipeline import distill
 from .store import ShardStore
 
 
 def random_checkpoint(arch: str, width: float, num_classes: int, image_size: int, directory: str):
     """A randomly initialised backbone saved and reloaded exactly as users' checkpoints are."""
     torch.manual_seed(0)
-    model = create_model(arch, num_classes, width, image_size <= 64)
+    model = create_model(arch, num_classes, width, small_input(image_size))
     path = os.path.join(directory, "bench-backbone.pt")
     save_checkpoint(path, model, arch=arch, width=width, num_classes=num_classes, image_size=image_size,
-                    small_input=image_size <= 64, mean=(0.5,) * 3, std=(0.25,) * 3, method="random-init")
+                    small_input=small_input(image_size), mean=(0.5,) * 3, std=(0.25,) * 3, method="random-init")
     return load_checkpoint(path)
 
 
@@ -71,13 +75,10 @@ def bench_recover(*, arch: str, width: float, image_size: int, num_classes: int,
     `cfg` sets the augmentations and loss (its iteration count is ignored);
     by default the CIFAR-like settings of the reference comparison.
     """
-    from .models import frozen
-    from .recover import synthesize
-
     if device == "cpu":
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = frozen(create_model(arch, num_classes, width, image_size <= 64)).to(device)
+    model = frozen(create_model(arch, num_classes, width, small_input(image_size))).to(device)
     cfg = cfg or RecoverConfig(iterations=iterations, lr=0.25, bn_coef=0.01, bn_weights="first:10", jitter=4,
                                crop_scale=None, flip=True)
     targets = torch.arange(batch) % num_classes
@@ -141,10 +142,6 @@ def bench_models(archs: list[str], methods: list[str], *, dataset: str = "digits
     and batch, median of `step_repeats`); run the final, collecting
     invocation on a quiet machine.
     """
-    from . import distill
-    from .config import build_distill_config
-    from .models import load_checkpoint
-
     torch.set_num_threads(threads)
     # Settings that are not the preset's name the cell, so tables with other settings never collide.
     suffix = "".join(f"-{k.replace('.', '_')}-{v}" for k, v in sorted((overrides or {}).items())
@@ -160,7 +157,7 @@ def bench_models(archs: list[str], methods: list[str], *, dataset: str = "digits
                          **(overrides or {})}
                 cfg = build_distill_config(dataset, out, given)
                 shared = sorted(glob.glob(os.path.join(glob.escape(work), f"{glob.escape(dataset)}-*", "backbones",
-                                                       backbone_name(cfg))))
+                                                       distill_backbone_name(cfg))))
                 if shared:
                     cfg = build_distill_config(dataset, out, {**given, "backbone": shared[0]})
                 distill.run(distill.prepare(cfg))

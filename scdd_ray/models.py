@@ -7,14 +7,19 @@ what torchvision lacks: a width multiplier (tiny models for CPU tests) and the
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
+
+from .errors import CheckpointError, NotOurCheckpoint
+from .store import atomic_write_bytes
 
 ARCHS = ("resnet18", "resnet50", "resnet101")
 _LAYOUT = {
@@ -23,6 +28,11 @@ _LAYOUT = {
     "resnet101": ("bottleneck", (3, 4, 23, 3)),
 }
 TIMM_PREFIX = "timm:"
+SMALL_INPUT_MAX = 64  # images up to this side use the 3x3 stride-1 stem without max-pool (CIFAR-style)
+
+
+def small_input(image_size: int) -> bool:
+    return image_size <= SMALL_INPUT_MAX
 
 
 class BasicBlock(nn.Module):
@@ -131,7 +141,7 @@ def create_model(name: str, num_classes: int, width: float = 1.0, small_input: b
     without pretrained weights: nothing is downloaded; `width` must stay 1).
     """
     if name.startswith(TIMM_PREFIX):
-        import timm
+        import timm  # deferred: a heavy import that only timm: architectures need
 
         if width != 1.0:
             raise ValueError(f"width {width} is not supported for timm models (only our resnets scale width)")
@@ -207,24 +217,9 @@ def save_checkpoint(path: str, model: nn.Module, *, arch: str, width: float, num
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-class NotOurCheckpoint(CheckpointError):
-    """A readable torch file without our header: maybe a public checkpoint to import."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str) -> Checkpoint:
@@ -315,8 +310,6 @@ def import_backbone(path: str) -> ImportedBackbone:
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
-    import argparse
-
     try:  # DINO's full checkpoints pickle their argparse.Namespace next to the weights
         with torch.serialization.safe_globals([argparse.Namespace]):
             payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -377,3 +370,25 @@ def num_bn_layers(arch: str) -> int:
     """BatchNorm2d layers of `arch` (counted on a 1-channel-wide copy, so it is cheap)."""
     model = create_model(arch, 2, 1.0 if arch.startswith(TIMM_PREFIX) else 1 / 64)
     return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+class Renormalize(nn.Module):
+    """Feed a model trained with other mean/std: re-map normalised inputs first."""
+
+    def __init__(self, model: nn.Module, from_mean, from_std, to_mean, to_std):
+        super().__init__()
+        self.model = model
+        fm, fs = torch.tensor(from_mean).view(1, -1, 1, 1), torch.tensor(from_std).view(1, -1, 1, 1)
+        tm, ts = torch.tensor(to_mean).view(1, -1, 1, 1), torch.tensor(to_std).view(1, -1, 1, 1)
+        self.register_buffer("scale", fs / ts)
+        self.register_buffer("shift", (fm - tm) / ts)
+
+    def forward(self, x):
+        return self.model(x * self.scale + self.shift)
+
+
+def adapt_inputs(model: nn.Module, ckpt: Checkpoint, info) -> nn.Module:
+    """`model` (built from `ckpt`) fed inputs normalised with `info`'s mean/std (a data.DatasetInfo)."""
+    if np.allclose(ckpt.mean, info.mean, atol=1e-4) and np.allclose(ckpt.std, info.std, atol=1e-4):
+        return model
+    return Renormalize(model, info.mean, info.std, ckpt.mean, ckpt.std)

@@ -5,6 +5,7 @@ import io
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
 from .store import atomic_write_bytes, atomic_write_json
 
@@ -22,15 +23,11 @@ def write_report(path: str, report: dict) -> None:
 def save_grid(path: str, images: torch.Tensor, class_ids, class_names, max_classes: int = 10,
               max_per_class: int = 10) -> None:
     """One row per class (the first `max_classes`), up to `max_per_class` images each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     class_ids = np.asarray(class_ids)
     classes = sorted(set(class_ids.tolist()))[:max_classes]
     cols = min(max_per_class, max(int((class_ids == c).sum()) for c in classes))
-    fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 0.9 + 0.8, len(classes) * 0.9), squeeze=False)
+    fig = Figure(figsize=(cols * 0.9 + 0.8, len(classes) * 0.9))
+    axes = fig.subplots(len(classes), cols, squeeze=False)
     for r, c in enumerate(classes):
         idx = np.flatnonzero(class_ids == c)[:cols]
         for k in range(cols):
@@ -45,7 +42,6 @@ def save_grid(path: str, images: torch.Tensor, class_ids, class_names, max_class
     fig.tight_layout(pad=0.2)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -55,16 +51,12 @@ def plot_bn(path: str, groups: list[dict]) -> None:
     Each group is {"label": str, "runs": [bn_statistics rows, ...]}; a line is
     the mean over its runs (e.g. seeds) with a +-1 std band.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = (("mean_variance", "across-channel variance of running_mean", True),
               ("var_variance", "across-channel variance of running_var", True),
               ("mean_entropy", "entropy of running_mean (nats)", False),
               ("var_entropy", "entropy of running_var (nats)", False))
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    fig = Figure(figsize=(10, 6.5))
+    axes = fig.subplots(2, 2)
     for ax, (key, title, log_y) in zip(axes.flat, panels):
         positive = False
         for grp in groups:
@@ -84,5 +76,4 @@ def plot_bn(path: str, groups: list[dict]) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())

@@ -9,16 +9,20 @@ never a duplicate row.
 """
 from __future__ import annotations
 
+import hashlib
 import io
-import re
 import json
 import os
+import re
 import tempfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
+
+from .errors import StoreError
 
 MANIFEST = "manifest.json"
 FORMAT = "scdd-ray-shards/1"
@@ -26,10 +30,6 @@ SCHEMA = pa.schema([
     ("class_id", pa.int32()), ("ipc_index", pa.int32()), ("image", pa.binary()),
     ("height", pa.int32()), ("width", pa.int32()), ("channels", pa.int32()),
 ])
-
-
-class StoreError(ValueError):
-    pass
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -53,8 +53,6 @@ def atomic_write_json(path: str, obj) -> None:
 
 def encode_png(image: torch.Tensor) -> bytes:
     """uint8 CHW tensor -> PNG bytes (lossless, so a reread equals what was written)."""
-    from PIL import Image
-
     arr = image.permute(1, 2, 0).numpy()
     buf = io.BytesIO()
     Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
@@ -62,8 +60,6 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 
 def decode_png(data: bytes) -> torch.Tensor:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         arr = np.array(im.convert("RGB"))
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
@@ -139,16 +135,7 @@ class ShardStore:
         files = self.files()
         if not files:
             raise StoreError(f"{self.root} has no finished shards")
-        table = pa.concat_tables([pq.read_table(f) for f in files])
-        cls = table.column("class_id").to_numpy().astype(np.int64)
-        ipc = table.column("ipc_index").to_numpy().astype(np.int64)
-        pairs = set(zip(cls.tolist(), ipc.tolist()))
-        if len(pairs) != len(cls):
-            raise StoreError(f"{self.root} holds duplicate (class_id, ipc_index) rows")
-        order = np.lexsort((ipc, cls))
-        blobs = table.column("image").to_pylist()
-        images = torch.stack([decode_png(blobs[i]) for i in order])
-        return images, cls[order], ipc[order]
+        return read_parquet_rows(files, self.root)
 
 
 def export_imagefolder(root: str, images: torch.Tensor, class_ids, ipc_indices) -> None:
@@ -160,8 +147,6 @@ def export_imagefolder(root: str, images: torch.Tensor, class_ids, ipc_indices) 
 
 def read_imagefolder(root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Read a reference-layout folder of synthetic images back (for `posttrain` on such folders)."""
-    import re
-
     rows = []
     for d in sorted(os.listdir(root)):
         m = re.fullmatch(r"new(\d+)", d)
@@ -178,7 +163,7 @@ def read_imagefolder(root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     return images, np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
 
 
-def _read_parquet_rows(files: list[str], root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def read_parquet_rows(files: list[str], root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     table = pa.concat_tables([pq.read_table(f, columns=["class_id", "ipc_index", "image"]) for f in files])
     cls = table.column("class_id").to_numpy().astype(np.int64)
     ipc = table.column("ipc_index").to_numpy().astype(np.int64)
@@ -216,13 +201,11 @@ def read_distilled(root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         images, cls, ipc = read_imagefolder(root)
         order = np.lexsort((ipc, cls))
         return images[torch.as_tensor(order)], cls[order], ipc[order]
-    return _read_parquet_rows(files, root)
+    return read_parquet_rows(files, root)
 
 
 def images_digest(images: torch.Tensor) -> str:
     """Content hash of a set of uint8 images (ties stored soft labels to the images they label)."""
-    import hashlib
-
     h = hashlib.sha256(str(tuple(images.shape)).encode())
     h.update(images.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

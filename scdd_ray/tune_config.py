@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import (ARCHS, DATASETS, FLAGS, PRESETS, ConfigError, PosttrainConfig, RecoverConfig, SqueezeConfig,
-                     recovery_grid_problem, validate_posttrain, validate_recover, validate_squeeze)
+import yaml
+
+from . import data
+from .config import (PosttrainConfig, RecoverConfig, SqueezeConfig, validate_posttrain, validate_recover,
+                     validate_recovery_grid, validate_squeeze)
+from .errors import ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 # Recover settings a sweep may search; `first_multiplier` is shorthand for bn_weights "first:M".
@@ -135,32 +140,7 @@ def _section(raw: dict, key: str, cls: type, preset: dict) -> Any:
     return cls(**vals)
 
 
-def load_tune_config(raw: dict) -> TuneConfig:
-    """Validate a parsed YAML mapping; raises ConfigError naming the offending key."""
-    if not isinstance(raw, dict):
-        raise _err("config", "the YAML file must hold a mapping at its top level")
-    for k in raw:
-        if k not in TOP_KEYS:
-            raise _err(k, f"unknown key (valid: {', '.join(TOP_KEYS)})")
-    dataset = raw.get("dataset")
-    if dataset not in DATASETS:
-        raise _err("dataset", f"must be one of {', '.join(DATASETS)} (got {dataset!r})")
-    preset = PRESETS[dataset]
-    archs = raw.get("archs", [preset["arch"]])
-    methods = raw.get("methods", ["scdd"])
-    problem = recovery_grid_problem(archs, methods)
-    if problem:
-        raise _err(*problem)
-    squeeze = _section(raw, "squeeze", SqueezeConfig, preset.get("squeeze", {}))
-    recover = _section(raw, "recover", RecoverConfig, preset.get("recover", {}))
-    posttrain = _section(raw, "posttrain", PosttrainConfig, preset.get("posttrain", {}))
-    for fn, obj, sec in ((validate_squeeze, squeeze, "squeeze"), (validate_recover, recover, "recover"),
-                         (validate_posttrain, posttrain, "posttrain")):
-        try:
-            fn(obj)
-        except ConfigError as e:  # name the YAML key, not the distill flag
-            key = {flag: k for k, flag in FLAGS.items()}.get(e.flag, sec)
-            raise _err(key if key.startswith(sec + ".") else sec, str(e).split(": ", 1)[1]) from None
+def _search(raw: dict, recover: RecoverConfig) -> dict[str, Param]:
     search_raw = raw.get("search") or {}
     if not isinstance(search_raw, dict) or not search_raw:
         raise _err("search", "must map recover settings to distributions, e.g. bn_coef: {loguniform: [0.01, 1]}")
@@ -178,13 +158,21 @@ def load_tune_config(raw: dict) -> TuneConfig:
                 validate_recover(recover_for(recover, {k: v}))
             except (ConfigError, TypeError) as e:
                 raise _err(f"search.{k}", f"value {v!r} is invalid: {e}") from None
-    sched_raw = raw.get("scheduler") or {}
-    if not isinstance(sched_raw, dict):
-        raise _err("scheduler", f"must be a mapping (got {sched_raw!r})")
-    for k in sched_raw:
-        if k not in ("name", "grace_period", "reduction_factor"):
-            raise _err(f"scheduler.{k}", "unknown key (valid: name, grace_period, reduction_factor)")
-    sched = Scheduler(**sched_raw)
+    return search
+
+
+def _mapping(raw: dict, key: str, keys: tuple[str, ...]) -> dict:
+    given = raw.get(key) or {}
+    if not isinstance(given, dict):
+        raise _err(key, f"must be a mapping (got {given!r})")
+    for k in given:
+        if k not in keys:
+            raise _err(f"{key}.{k}", f"unknown key (valid: {', '.join(keys)})")
+    return given
+
+
+def _scheduler(raw: dict, posttrain: PosttrainConfig) -> Scheduler:
+    sched = Scheduler(**_mapping(raw, "scheduler", ("name", "grace_period", "reduction_factor")))
     if sched.name not in SCHEDULERS:
         raise _err("scheduler.name", f"must be one of {', '.join(SCHEDULERS)} (got {sched.name!r})")
     if not (isinstance(sched.grace_period, int) and 1 <= sched.grace_period <= posttrain.epochs):
@@ -192,17 +180,19 @@ def load_tune_config(raw: dict) -> TuneConfig:
                                              f"(got {sched.grace_period!r})")
     if not (_number(sched.reduction_factor) and sched.reduction_factor > 1):
         raise _err("scheduler.reduction_factor", f"must be > 1 (got {sched.reduction_factor!r})")
-    res_raw = raw.get("resources") or {}
-    if not isinstance(res_raw, dict):
-        raise _err("resources", f"must be a mapping (got {res_raw!r})")
-    for k in res_raw:
-        if k not in ("cpu", "gpu"):
-            raise _err(f"resources.{k}", "unknown key (valid: cpu, gpu)")
-    res = Resources(**res_raw)
+    return sched
+
+
+def _resources(raw: dict) -> Resources:
+    res = Resources(**_mapping(raw, "resources", ("cpu", "gpu")))
     if not (_number(res.cpu) and res.cpu > 0):
         raise _err("resources.cpu", f"must be > 0 (got {res.cpu!r})")
     if not (_number(res.gpu) and res.gpu >= 0):
         raise _err("resources.gpu", f"must be >= 0; fractions share a GPU (got {res.gpu!r})")
+    return res
+
+
+def _backbones(raw: dict, methods: list, archs: list) -> dict[str, str]:
     bb = raw.get("backbones") or {}
     if not isinstance(bb, dict):
         raise _err("backbones", f"must map method/arch to a checkpoint path (got {bb!r})")
@@ -212,14 +202,10 @@ def load_tune_config(raw: dict) -> TuneConfig:
             raise _err(f"backbones.{k}", f"is not a method/arch of this sweep (valid: {', '.join(sorted(cells))})")
         if not isinstance(v, str) or not v:
             raise _err(f"backbones.{k}", f"must be a checkpoint path (got {v!r})")
-    cfg = TuneConfig(
-        name=str(raw.get("name", "sweep")), dataset=dataset, archs=tuple(archs), methods=tuple(methods),
-        search=search, squeeze=squeeze, recover=recover, posttrain=posttrain, data_dir=raw.get("data_dir"),
-        image_size=raw.get("image_size", preset["image_size"]), width=raw.get("width", preset["width"]),
-        ipc=raw.get("ipc", preset["ipc"]), seed=raw.get("seed", 0), scheduler=sched, resources=res,
-        num_samples=raw.get("num_samples", 4), max_concurrent=raw.get("max_concurrent", 0),
-        eval_every=raw.get("eval_every", 1), backbones=dict(bb),
-    )
+    return dict(bb)
+
+
+def _check_scalars(cfg: TuneConfig) -> None:
     for k in ("image_size", "ipc", "num_samples", "eval_every"):
         v = getattr(cfg, k)
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
@@ -230,23 +216,52 @@ def load_tune_config(raw: dict) -> TuneConfig:
         raise _err("width", f"must be a positive number (got {cfg.width!r})")
     if not isinstance(cfg.seed, int):
         raise _err("seed", f"must be an integer (got {cfg.seed!r})")
+
+
+def load_tune_config(raw: dict) -> TuneConfig:
+    """Validate a parsed YAML mapping; raises ConfigError naming the offending key."""
+    if not isinstance(raw, dict):
+        raise _err("config", "the YAML file must hold a mapping at its top level")
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise _err(k, f"unknown key (valid: {', '.join(TOP_KEYS)})")
+    dataset = raw.get("dataset")
+    if dataset not in data.names():
+        raise _err("dataset", f"must be one of {', '.join(data.names())} (got {dataset!r})")
+    preset = data.get(dataset).preset
+    archs = raw.get("archs", [preset["arch"]])
+    methods = raw.get("methods", ["scdd"])
+    validate_recovery_grid(archs, methods)
+    squeeze = _section(raw, "squeeze", SqueezeConfig, preset.get("squeeze", {}))
+    recover = _section(raw, "recover", RecoverConfig, preset.get("recover", {}))
+    posttrain = _section(raw, "posttrain", PosttrainConfig, preset.get("posttrain", {}))
+    # Their errors name the field, which is the YAML key (recover.iterations).
+    validate_squeeze(squeeze)
+    validate_recover(recover)
+    validate_posttrain(posttrain)
+    cfg = TuneConfig(
+        name=str(raw.get("name", "sweep")), dataset=dataset, archs=tuple(archs), methods=tuple(methods),
+        search=_search(raw, recover), squeeze=squeeze, recover=recover, posttrain=posttrain,
+        data_dir=raw.get("data_dir"), image_size=raw.get("image_size", preset["image_size"]),
+        width=raw.get("width", preset["width"]), ipc=raw.get("ipc", preset["ipc"]), seed=raw.get("seed", 0),
+        scheduler=_scheduler(raw, posttrain), resources=_resources(raw), num_samples=raw.get("num_samples", 4),
+        max_concurrent=raw.get("max_concurrent", 0), eval_every=raw.get("eval_every", 1),
+        backbones=_backbones(raw, methods, archs),
+    )
+    _check_scalars(cfg)
     return cfg
 
 
 def read_tune_config(path: str) -> TuneConfig:
-    import os
-
-    import yaml
-
     if not os.path.isfile(path):
-        raise _err("--config", f"{path} does not exist")
+        raise _err("config", f"{path} does not exist")
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise _err("--config", f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise _err("config", f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
     return load_tune_config(raw)
 
 
 __all__ = ["TuneConfig", "Param", "Scheduler", "Resources", "load_tune_config", "read_tune_config", "recover_for",
-           "parse_param", "ARCHS"]
+           "parse_param"]

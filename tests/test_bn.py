@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from scdd_ray.bn import (BNMatch, batch_stats, bn_layers, bn_loss, bn_statistics, histogram_entropy, parse_bn_weights,
+from scdd_ray.core.bn import (BNMatch, batch_stats, bn_layers, bn_loss, bn_statistics, histogram_entropy, parse_bn_weights,
                          summarize_bn)
 
 

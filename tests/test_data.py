@@ -46,8 +46,9 @@ def test_cifar100_layout(tmp_path):
 
 
 def test_cifar_errors_say_what_was_expected_where(tmp_path):
-    with pytest.raises(DataError, match="--data-dir is required"):
+    with pytest.raises(DataError, match="`data_dir` is required") as e:  # the field; the CLI shows its flag
         load_split("cifar100", "train", None)
+    assert e.value.render({"data_dir": "--data-dir"}.get).startswith("--data-dir is required")
     with pytest.raises(DataError, match="does not exist"):
         load_split("cifar100", "train", str(tmp_path / "nope"))
     (tmp_path / "cifar-100-python").mkdir()

@@ -1,12 +1,15 @@
 """Ray engine: disjoint shards, a killed actor, interrupt + resume, same images as in process."""
 import dataclasses
 import os
+import sys
 
 import pytest
 import torch
 
 from scdd_ray.config import RecoverConfig
-from scdd_ray.engine import EngineError, Fault, plan_shards, run_local, run_ray
+from scdd_ray.core.shards import plan_shards, recover_shard, run_local
+from scdd_ray.dist.synthesis import SynthesisWorker, run_ray
+from scdd_ray.errors import EngineError
 from scdd_ray.models import create_model, frozen, save_checkpoint, load_checkpoint
 from scdd_ray.store import ShardStore
 
@@ -41,12 +44,29 @@ def _pairs(store):
     return sorted(zip(cls.tolist(), ipc.tolist()))
 
 
+class DiesOnce(SynthesisWorker):
+    """Dies (os._exit, as an OOM kill or a lost node would) at iteration 2 of its first attempt at `victim`."""
+
+    victim = ""
+
+    def run(self, shard, attempt):
+        if shard.id == self.victim and attempt == 0:
+            def die(it):
+                if it == 2:
+                    os._exit(1)
+
+            recover_shard(self.model, shard, self.cfg, self.mean, self.std, self.image_size, self.run_seed,
+                          self.device, on_step=die)
+        return SynthesisWorker.run(self, shard, attempt)  # no super(): its __class__ cell does not pickle by value
+
+
 def test_killed_actor_is_replaced_and_output_is_complete_and_identical(ray_session, ckpt, reference, tmp_path):
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
     store = ShardStore(str(tmp_path))
     store.open("fp")
     shards = plan_shards(4, 3, 2)
-    victim = shards[2].id
-    stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False, fault=Fault(victim, 2))
+    victim = type("DiesOnceAt", (DiesOnce,), {"victim": shards[2].id})
+    stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False, worker_cls=victim)
     assert stats["restarts"] == 1 and stats["shards_computed"] == len(shards)
     pairs = _pairs(store)
     assert pairs == [(c, i) for c in range(4) for i in range(3)]  # every pair exactly once

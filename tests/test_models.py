@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from scdd_ray.bn import bn_layers
+from scdd_ray.core.bn import bn_layers
 from scdd_ray.models import CheckpointError, create_model, load_checkpoint, save_checkpoint
 
 

@@ -1,20 +1,23 @@
 """Post-train: crops shared by every worker count, the teacher labels the student's very crop,
 stored soft labels equal online ones, and an interrupted Ray Train run resumes to exactly its epochs."""
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from scdd_ray.augment import normalize, to_float
+from scdd_ray.core.augment import normalize, to_float
 from scdd_ray.config import PosttrainConfig
 from scdd_ray.data import load_split
-from scdd_ray.engine import EngineError
+from scdd_ray.errors import EngineError
 from scdd_ray.models import create_model, frozen, load_checkpoint, save_checkpoint
-from scdd_ray.posttrain import (PosttrainJob, epoch_batches, make_optimizer, rank_rows, run_epoch, run_posttrain,
-                                soft_label_rows, steps_per_epoch, stored_batches, train_step)
-from scdd_ray.relabel import make_crops, plan_crops, student_crops
+from scdd_ray.core.training import (PosttrainJob, epoch_batches, make_optimizer, rank_rows, run_epoch,
+                                    soft_label_rows, steps_per_epoch, stored_batches, train_step)
+from scdd_ray.dist import train as dist_train
+from scdd_ray.dist.train import run_posttrain
+from scdd_ray.core.relabel import make_crops, plan_crops
 from scdd_ray.store import ShardStore, images_digest, write_soft_labels
 
 SIZE = 16
@@ -50,9 +53,6 @@ def test_any_subset_of_rows_gets_the_crops_of_the_whole_batch(mix):
     for world in (2, 3):
         parts = [make_crops(images, plan, SIZE, MEAN, STD, rank_rows(10, r, world)[0]) for r in range(world)]
         assert torch.equal(torch.cat(parts), full)
-    # student_crops is the same draw order and the same crops
-    again = student_crops(images, cfg, SIZE, MEAN, STD, torch.Generator().manual_seed(3))
-    assert torch.equal(again, full)
     if mix != "none":
         assert plan.mix == mix and not torch.equal(plan.partner, torch.arange(10))
 
@@ -157,9 +157,25 @@ def job(tmp_path_factory):
                         cfg=dataclasses.replace(CFG, eval_every=3), image_size=SIZE, small_input=True, seed=0)
 
 
+def crash_after_epoch_2(config):
+    """The worker loop, dying right after epoch 2's checkpoint is reported (as a lost node would)."""
+    import ray.train
+
+    report = ray.train.report
+
+    def report_then_crash(metrics, **kw):
+        report(metrics, **kw)
+        if metrics["epoch"] == 2:
+            raise RuntimeError("injected failure after epoch 2")
+
+    ray.train.report = report_then_crash  # this worker process only
+    dist_train.train_loop_per_worker(config)
+
+
 def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(ray_session, job, tmp_path):
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
     with pytest.raises(EngineError, match="injected failure after epoch 2"):
-        run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1, fault_after_epoch=2)
+        run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1, loop=crash_after_epoch_2)
     res = run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1)
     per_epoch = steps_per_epoch(12, 5)
     assert res.resumed_from == 2

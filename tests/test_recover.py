@@ -3,9 +3,9 @@ import dataclasses
 import torch
 
 from scdd_ray.config import RecoverConfig
-from scdd_ray.engine import plan_shards, recover_shard, shard_seed
+from scdd_ray.core.shards import plan_shards, recover_shard, shard_seed
 from scdd_ray.models import frozen
-from scdd_ray.recover import synthesize
+from scdd_ray.core.recover import synthesize
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 CFG = RecoverConfig(iterations=6, lr=0.1, bn_coef=0.1, bn_weights="first:10", jitter=2, crop_scale=(0.5, 1.0),

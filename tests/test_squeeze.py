@@ -6,7 +6,8 @@ import torch
 from scdd_ray.config import SqueezeConfig
 from scdd_ray.data import load_split
 from scdd_ray.models import create_model
-from scdd_ray.squeeze import NTXentLoss, linear_probe, pretrain_ssl, squeeze
+from scdd_ray.core.squeeze import linear_probe, pretrain_ssl, squeeze
+from scdd_ray.core.ssl import NTXentLoss
 
 CFG = SqueezeConfig(method="simclr", epochs=1, batch_size=16, lr=0.05, crop_scale=(0.5, 1.0), flip=False,
                     probe_epochs=30)
@@ -38,7 +39,7 @@ def test_linear_probe_keeps_ssl_bn_statistics_bit_identical():
 
 
 def test_probe_and_supervised_learn_the_synthetic_classes():
-    from scdd_ray.evaluation import top1
+    from scdd_ray.core.evaluation import top1
 
     train = load_split("synthetic", "train", image_size=16)
     test = load_split("synthetic", "test", image_size=16)

@@ -78,9 +78,11 @@ def test_cli_reports_bad_yaml_in_one_line(tmp_path, capsys):
 
 def test_objective_never_reads_the_test_split(monkeypatch, tmp_path):
     """A trial's only data are val (its score) and train-noval; loading the test split fails the test."""
-    # distill is imported before the patch: a first import under it would bind the guard for good.
-    from scdd_ray import data, distill, tune
-    from scdd_ray.evaluation import top1
+    # Every module that reads data is imported before the patch: a first import under it would bind the guard
+    # for good.
+    from scdd_ray import backbones, data
+    from scdd_ray.core.evaluation import top1
+    from scdd_ray.dist import tune
     from scdd_ray.models import create_model
 
     cfg = load_tune_config(TINY)
@@ -96,7 +98,7 @@ def test_objective_never_reads_the_test_split(monkeypatch, tmp_path):
     real = data.load_split
     monkeypatch.setattr(data, "load_split", guarded)
     monkeypatch.setattr(tune, "load_split", guarded)
-    monkeypatch.setattr(distill, "load_split", guarded)
+    monkeypatch.setattr(backbones, "load_split", guarded)
     backbones = {}
     for method in cfg.methods:
         path = tune.backbone_path(str(tmp_path), cfg, method, "resnet18")
@@ -172,7 +174,7 @@ def test_asha_ranks_trials_only_within_their_cell():
 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from scdd_ray.tune import PerCellASHA
+    from scdd_ray.dist.tune import PerCellASHA
 
     def trials():
         return [SimpleNamespace(trial_id=f"t{i}", config={"arch": arch, "method": "scdd"}, status="RUNNING")

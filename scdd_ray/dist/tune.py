@@ -18,14 +18,22 @@ import statistics
 import tempfile
 import time
 
+import ray
 import torch
+from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from .config import ConfigError
-from .data import DataError, ImageSet, load_split
-from .models import Checkpoint, frozen, load_checkpoint, save_checkpoint
-from .store import atomic_write_bytes, atomic_write_json
-from .tune_config import Param, TuneConfig, recover_for
+from ..config import SqueezeSetup
+from ..core.evaluation import top1
+from ..core.shards import plan_shards, recover_shard
+from ..core.training import PostTrainer, build_teacher
+from ..data import ImageSet, load_split
+from ..errors import ConfigError, EngineError
+from ..models import Checkpoint, create_model, frozen, load_checkpoint, small_input
+from ..backbones import backbone_name, load_checkpoint_arg, squeeze_and_save
+from ..store import atomic_write_bytes, atomic_write_json
+from ..tune_config import Param, TuneConfig, recover_for
+from .cluster import cluster_resources, connect
 
 log = logging.getLogger("scdd_ray")
 METRIC = "val_top1"
@@ -40,32 +48,23 @@ def squeeze_method(cfg: TuneConfig, method: str) -> str:
 
 
 def backbone_path(out: str, cfg: TuneConfig, method: str, arch: str) -> str:
-    return os.path.join(out, "backbones", f"{squeeze_method(cfg, method)}-{arch}-w{cfg.width:g}-s{cfg.image_size}-"
-                                          f"e{cfg.squeeze.epochs}-seed{cfg.seed}-train-noval.pt")
+    return os.path.join(out, "backbones", backbone_name(squeeze_method(cfg, method), arch, cfg.width, cfg.image_size,
+                                                        cfg.squeeze.epochs, cfg.seed, split="train-noval"))
 
 
 def _squeeze_one(cfg: TuneConfig, method: str, arch: str, path: str, threads: int) -> str:
-    from .squeeze import squeeze
-
     torch.set_num_threads(threads)
     train = load_split(cfg.dataset, "train-noval", cfg.data_dir, cfg.image_size)
-    sq = dataclasses.replace(cfg.squeeze, method=squeeze_method(cfg, method))
+    setup = SqueezeSetup(cfg.dataset, arch, cfg.width, cfg.image_size,
+                         dataclasses.replace(cfg.squeeze, method=squeeze_method(cfg, method)))
     device = "cuda" if torch.cuda.is_available() and cfg.resources.gpu > 0 else "cpu"
-    model = squeeze(train, arch, cfg.width, sq, device=device, seed=cfg.seed, small_input=cfg.image_size <= 64)
-    info = train.info
-    save_checkpoint(path, model, arch=arch, width=cfg.width, num_classes=info.num_classes, image_size=cfg.image_size,
-                    small_input=cfg.image_size <= 64, mean=info.mean, std=info.std, method=sq.method,
-                    meta={"dataset": cfg.dataset, "split": "train-noval", "epochs": sq.epochs, "seed": cfg.seed})
+    squeeze_and_save(path, setup, train, device, cfg.seed, meta={"split": "train-noval"})
     return path
 
 
 def prepare_backbones(cfg: TuneConfig, out: str, info) -> dict[tuple[str, str], Checkpoint]:
     """One backbone per (method, arch): the YAML's `backbones`, else trained on train-noval (cached,
     missing ones squeezed as Ray tasks in parallel)."""
-    import ray
-
-    from .distill import load_checkpoint_arg
-
     todo, paths, given = [], {}, {}
     for method in cfg.methods:
         for arch in cfg.archs:
@@ -93,8 +92,6 @@ def prepare_backbones(cfg: TuneConfig, out: str, info) -> dict[tuple[str, str], 
 # --- one trial -------------------------------------------------------------------------
 
 def search_space(cfg: TuneConfig) -> dict:
-    from ray import tune
-
     def dist(p: Param):
         if p.kind == "value":
             return p.args[0]
@@ -117,8 +114,6 @@ def sampled(config: dict, cfg: TuneConfig) -> dict:
 
 def recover_images(ckpt: Checkpoint, cfg: TuneConfig, rcfg, device, train: ImageSet | None) -> torch.Tensor:
     """All synthetic images of the trial (uint8), in process: a trial owns its CPU slot or GPU share."""
-    from .engine import plan_shards, recover_shard
-
     model = frozen(ckpt.build().to(device))
     shards = plan_shards(ckpt.num_classes, cfg.ipc, rcfg.classes_per_batch)
     images, labels = [], []
@@ -130,41 +125,26 @@ def recover_images(ckpt: Checkpoint, cfg: TuneConfig, rcfg, device, train: Image
 
 
 def train_and_validate(images: torch.Tensor, teacher_ckpt: Checkpoint, val: ImageSet, cfg: TuneConfig, device,
-                       report) -> tuple[float, dict]:
-    """Short post-train; `report(epoch, val_top1, student)` after every `eval_every` epochs and at the end."""
-    from .distill import adapt_inputs
-    from .evaluation import top1
-    from .models import create_model
-    from .posttrain import epoch_batches, make_optimizer, rank_rows, run_epoch, steps_per_epoch
+                       report) -> float:
+    """Short post-train (the one training loop); `report(epoch, val_top1, student)` after every
+    `eval_every` epochs and at the end. Returns the last validation top-1."""
+    info = val.info
+    teacher = build_teacher(teacher_ckpt, info, device)
+    trainer = PostTrainer(cfg.posttrain, images.to(device), teacher, info, image_size=cfg.image_size,
+                          small_input=small_input(cfg.image_size), seed=cfg.seed)
+    acc = [0.0]
 
-    pcfg, info = cfg.posttrain, val.info
-    teacher = frozen(adapt_inputs(teacher_ckpt.build(), teacher_ckpt, info).to(device))
-    torch.manual_seed(cfg.seed)
-    student = create_model(pcfg.student, info.num_classes, pcfg.student_width, cfg.image_size <= 64).to(device)
-    opt = make_optimizer(student, pcfg)
-    images = images.to(device)
-    n = len(images)
-    batch = min(pcfg.batch_size, n)
-    total = pcfg.epochs * steps_per_epoch(n, batch)
-    rows, weight = rank_rows(batch, 0, 1)
-    step, acc = 0, 0.0
-    student.train()
-    for epoch in range(pcfg.epochs):
-        batches = epoch_batches(n, pcfg, cfg.image_size, cfg.seed, epoch)
-        _, step = run_epoch(student, teacher, opt, images, batches, rows, weight, pcfg, cfg.image_size, info.mean,
-                            info.std, step=step, total_steps=total)
-        e1 = epoch + 1
-        if e1 % cfg.eval_every == 0 or e1 == pcfg.epochs:
-            acc = top1(student, val, info.mean, info.std, device)
-            report(e1, acc, student)
-            student.train()
-    return acc, {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    def on_epoch(e1: int, running, steps: int) -> None:
+        if e1 % cfg.eval_every == 0 or e1 == cfg.posttrain.epochs:
+            acc[0] = top1(trainer.student, val, info.mean, info.std, device)
+            report(e1, acc[0], trainer.student)
+
+    trainer.fit(on_epoch=on_epoch)
+    return acc[0]
 
 
 def trial(config: dict, cfg: TuneConfig, backbones: dict, val: ImageSet, train: ImageSet | None) -> None:
     """The Tune function trainable."""
-    from ray import tune
-
     run_trial(config, cfg, backbones, val, train, tune.report, tune.Checkpoint)
 
 
@@ -249,18 +229,11 @@ class PerCellASHA(FIFOScheduler):
 
 def run_sweep(cfg: TuneConfig, out: str, num_samples: int | None = None, address: str | None = None) -> dict:
     """Run (or resume) the sweep under `out`, then write best.json and summary.md."""
-    import ray
-    from ray import tune
-    from .engine import connect
-
     connect(address)
     check_resources(cfg)
     os.makedirs(out, exist_ok=True)
-    try:
-        val = load_split(cfg.dataset, "val", cfg.data_dir, cfg.image_size)
-        train = load_split(cfg.dataset, "train-noval", cfg.data_dir, cfg.image_size)
-    except DataError as e:
-        raise ConfigError("dataset", str(e)) from None
+    val = load_split(cfg.dataset, "val", cfg.data_dir, cfg.image_size)
+    train = load_split(cfg.dataset, "train-noval", cfg.data_dir, cfg.image_size)
     backbones = prepare_backbones(cfg, out, val.info)
     storage, name = os.path.abspath(out), "tune"
     exp_dir = os.path.join(storage, name)
@@ -294,8 +267,6 @@ def run_sweep(cfg: TuneConfig, out: str, num_samples: int | None = None, address
         log.warning("%d of %d trials failed; the first: %s", grid.num_errors, len(grid),
                     str(first).strip().splitlines()[-1] if str(first).strip() else type(first).__name__)
     if grid.num_errors == len(grid):
-        from .engine import EngineError
-
         raise EngineError(f"every trial of the sweep failed; see {exp_dir}")
     return summarize(grid, cfg, out, seconds)
 
@@ -311,9 +282,6 @@ def expected_trials(cfg: TuneConfig, num_samples: int | None = None) -> int:
 
 def summarize(grid, cfg: TuneConfig, out: str, seconds: float) -> dict:
     """best.json: best config per (arch, method) by validation top-1; summary.md: its test top-1, read once."""
-    from .evaluation import top1
-    from .models import create_model
-
     rows = []
     for r in grid:
         if r.metrics is None or METRIC not in (r.metrics or {}):
@@ -329,9 +297,9 @@ def summarize(grid, cfg: TuneConfig, out: str, seconds: float) -> dict:
                 continue
             top = max(full, key=lambda r: r.metrics[METRIC])
             with top.checkpoint.as_directory() as d:
-                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
             student = create_model(cfg.posttrain.student, test.info.num_classes, cfg.posttrain.student_width,
-                                   cfg.image_size <= 64)
+                                   small_input(cfg.image_size))
             student.load_state_dict(state["student"])
             test_acc = top1(student, test, test.info.mean, test.info.std)
             vals = [r.metrics[METRIC] for r in full]
@@ -358,9 +326,7 @@ def summarize(grid, cfg: TuneConfig, out: str, seconds: float) -> dict:
 
 def check_resources(cfg: TuneConfig) -> None:
     """A trial that asks for more than the cluster has would wait forever: refuse it up front."""
-    import ray
-
-    have = ray.cluster_resources()
+    have = cluster_resources()
     if cfg.resources.cpu > have.get("CPU", 0):
         raise ConfigError("resources.cpu", f"a trial asks for {cfg.resources.cpu} CPUs but the Ray cluster has "
                                            f"{have.get('CPU', 0):g}")

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import crop_boxes, cutmix_params, mixup_params, normalize, paste, resized_crop, to_float
-from .config import PosttrainConfig
+from .configs import PosttrainConfig
 
 MIX_CODES = {"none": 0, "cutmix": 1, "mixup": 2}
 
@@ -79,12 +79,6 @@ def make_crops(images_u8: torch.Tensor, plan: CropPlan, image_size: int, mean, s
         other = _crop_rows(images_u8, plan.partner[rows], plan, image_size)
         x = paste(x, other, plan.box) if plan.mix == "cutmix" else plan.lam * x + (1 - plan.lam) * other
     return normalize(x, mean, std)
-
-
-def student_crops(images_u8: torch.Tensor, cfg: PosttrainConfig, image_size: int, mean, std,
-                  g: torch.Generator) -> torch.Tensor:
-    """Normalised augmented crops of a batch: random-resized-crop, flip, then CutMix/MixUp."""
-    return make_crops(images_u8, plan_crops(len(images_u8), cfg, image_size, g), image_size, mean, std)
 
 
 @torch.no_grad()

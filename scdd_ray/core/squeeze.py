@@ -4,57 +4,26 @@ SSL (SimCLR or MoCo-v3 style) pretrains the backbone without labels; a linear
 head is then fitted on frozen features with every BatchNorm layer in eval
 mode, so the running statistics are exactly those of SSL training. The
 `supervised` method trains end to end (the SRe2L baseline).
+
+The SSL objectives themselves live in core.ssl, by name.
 """
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data import ImageSet, iterate
+from ..models import autocast, create_model, features, head
+from . import ssl
+from .configs import SUPERVISED, SqueezeConfig
 from .augment import color_jitter, normalize, random_flip, random_resized_crop, to_float
-from .config import SqueezeConfig
-from .data import ImageSet, iterate
-from .models import autocast, create_model, features, head
 from .progress import Progress
 from .schedules import cosine_lr, set_lr
 
 log = logging.getLogger("scdd_ray")
-
-
-class NTXentLoss(nn.Module):
-    """SimCLR's normalised-temperature cross entropy over 2N views.
-
-    Each view's positive is the other view of its image; the other 2N-2 views
-    of the batch are negatives.
-    """
-
-    def __init__(self, temperature: float = 0.5):
-        super().__init__()
-        self.temperature = temperature
-
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        n = z1.shape[0]
-        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-        sim = z @ z.t() / self.temperature
-        sim.fill_diagonal_(float("-inf"))
-        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-        return F.cross_entropy(sim, target)
-
-
-def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo-v3 contrastive loss: the key of the same image is the positive, in-batch keys the negatives."""
-    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
-    logits = q @ k.t() / temperature
-    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device)) * (2 * temperature)
-
-
-def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d_hidden, bias=False), nn.BatchNorm1d(d_hidden), nn.ReLU(inplace=True),
-                         nn.Linear(d_hidden, d_out))
-
 
 def ssl_view(x_u8: torch.Tensor, size: int, cfg: SqueezeConfig, mean, std, g: torch.Generator) -> torch.Tensor:
     x = random_resized_crop(to_float(x_u8), size, cfg.crop_scale, g)
@@ -79,21 +48,15 @@ def _sgd(params, cfg: SqueezeConfig) -> torch.optim.Optimizer:
 
 
 def pretrain_ssl(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, seed: int) -> None:
-    """SimCLR or MoCo-v3 pretraining of `model`'s backbone in place (its `fc` is untouched)."""
+    """Self-supervised pretraining (`cfg.method`, an objective of core.ssl) of `model`'s backbone in place.
+
+    Its `fc` is untouched.
+    """
     info = train.info
     g = torch.Generator().manual_seed(seed)
-    dim = model.num_features
-    projector = mlp(dim, dim, 128).to(device)
-    trainable = [p for n, p in model.named_parameters() if not n.startswith("fc.")] + list(projector.parameters())
-    predictor = momentum_model = momentum_proj = None
-    if cfg.method == "mocov3":
-        predictor = mlp(128, dim, 128).to(device)
-        trainable += list(predictor.parameters())
-        momentum_model, momentum_proj = copy.deepcopy(model), copy.deepcopy(projector)
-        for p in list(momentum_model.parameters()) + list(momentum_proj.parameters()):
-            p.requires_grad_(False)
+    objective = ssl.get(cfg.method)(model, model.num_features, cfg.temperature, device)
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("fc.")] + objective.parameters()
     opt = _sgd(trainable, cfg)
-    ntxent = NTXentLoss(cfg.temperature)
     batch = min(cfg.batch_size, len(train))
     total = cfg.epochs * _steps(len(train), batch)
     model.train()
@@ -106,32 +69,13 @@ def pretrain_ssl(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, 
                 v1 = ssl_view(x, info.image_size, cfg, info.mean, info.std, g)
                 v2 = ssl_view(x, info.image_size, cfg, info.mean, info.std, g)
                 with autocast(device):
-                    if cfg.method == "simclr":
-                        loss = ntxent(projector(features(model, v1)), projector(features(model, v2)))
-                    else:
-                        q1 = predictor(projector(features(model, v1)))
-                        q2 = predictor(projector(features(model, v2)))
-                        with torch.no_grad():
-                            _ema(momentum_model, model, momentum_proj, projector, step, total)
-                            k1 = momentum_proj(features(momentum_model, v1))
-                            k2 = momentum_proj(features(momentum_model, v2))
-                        loss = info_nce(q1, k2, cfg.temperature) + info_nce(q2, k1, cfg.temperature)
+                    loss = objective.loss(model, v1, v2, step, total)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
                 bar.update(1, epoch=epoch)
     log.info("squeeze %s: final loss %.4f", cfg.method, float(loss.detach()))
-
-
-def _ema(m_model, model, m_proj, proj, step: int, total: int, base: float = 0.99) -> None:
-    """MoCo-v3 momentum update with the momentum cosine-annealed from `base` to 1."""
-    m = 1 - (1 - base) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / max(total, 1)))).item()
-    for dst, src in ((m_model, model), (m_proj, proj)):
-        for pd, ps in zip(dst.parameters(), src.parameters()):
-            pd.mul_(m).add_(ps.detach(), alpha=1 - m)
-        for bd, bs in zip(dst.buffers(), src.buffers()):
-            bd.copy_(bs)
 
 
 @torch.no_grad()
@@ -200,7 +144,7 @@ def squeeze(train: ImageSet, arch: str, width: float, cfg: SqueezeConfig, device
     """Train a backbone + linear head on `train` with `cfg.method`; returns it in eval mode on `device`."""
     torch.manual_seed(seed)  # model initialisation
     model = create_model(arch, train.info.num_classes, width, small_input).to(device, memory_format=torch.channels_last)
-    if cfg.method == "supervised":
+    if cfg.method == SUPERVISED:
         train_supervised(model, train, cfg, device, seed)
     else:
         pretrain_ssl(model, train, cfg, device, seed)

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models import autocast
 from .augment import denormalize, random_flip, random_resized_crop, random_roll, to_uint8
 from .bn import BNMatch, bn_layers, parse_bn_weights
-from .config import RecoverConfig
-from .models import autocast
+from .configs import RecoverConfig
 from .schedules import cosine_lr, set_lr
 
 

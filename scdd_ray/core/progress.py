@@ -5,6 +5,8 @@ import logging
 import sys
 import time
 
+from tqdm import tqdm
+
 log = logging.getLogger("scdd_ray")
 
 
@@ -15,8 +17,6 @@ class Progress:
         self.t0 = self._last = time.monotonic()
         self._bar = None
         if sys.stderr.isatty():
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
 
     def update(self, n: int = 1, **postfix) -> None:

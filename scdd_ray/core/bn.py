@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -146,7 +147,7 @@ class WeightSpec:
         if self.kind == "exp":
             return [self.params[0] ** i for i in range(n)]
         if len(self.params) != n:
-            raise ValueError(f"--bn-weights lists {len(self.params)} weights but the model has {n} BatchNorm2d layers")
+            raise ValueError(f"`recover.bn_weights` lists {len(self.params)} weights but the model has {n} BatchNorm2d layers")
         return list(self.params)
 
 
@@ -251,3 +252,13 @@ def summarize_bn(rows: list[dict]) -> dict:
         out[f"{k}_first"] = vals[0] if vals else None
         out[f"{k}_rest"] = avg(vals[1:])
     return out | {"layers": len(rows)}
+
+
+def aggregate_summaries(summaries: list[dict]) -> dict:
+    """Mean and sample std over several checkpoints (e.g. seeds) of each `summarize_bn` figure."""
+    agg = {}
+    for k in (k for k in summaries[0] if k != "layers"):
+        vals = [s[k] for s in summaries if s[k] is not None]
+        agg[k] = {"mean": statistics.fmean(vals) if vals else None,
+                  "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return agg

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .augment import normalize, to_float
-from .data import ImageSet, iterate
+from ..data import ImageSet, iterate
 
 
 @torch.no_grad()

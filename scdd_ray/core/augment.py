@@ -111,26 +111,10 @@ def paste(x: torch.Tensor, partner: torch.Tensor, box) -> torch.Tensor:
     return out
 
 
-def cutmix(x: torch.Tensor, g: torch.Generator, alpha: float = 1.0) -> torch.Tensor:
-    """Paste one random box from a shuffled copy of the batch into every image.
-
-    Labels are not mixed here: the teacher relabels the mixed image itself.
-    """
-    n, _, h, w = x.shape
-    box, perm = cutmix_params(n, h, w, g, alpha)
-    return paste(x, x[perm.to(x.device)], box)
-
-
 def mixup_params(n: int, g: torch.Generator, alpha: float = 0.8):
     """The random part of MixUp: lambda ~ Beta(alpha, alpha) and a partner permutation."""
     lam = beta(alpha, g)
     return lam, torch.randperm(n, generator=g)
-
-
-def mixup(x: torch.Tensor, g: torch.Generator, alpha: float = 0.8) -> torch.Tensor:
-    """Blend each image with a shuffled partner; lambda ~ Beta(alpha, alpha) drawn from g."""
-    lam, perm = mixup_params(x.shape[0], g, alpha)
-    return lam * x + (1 - lam) * x[perm.to(x.device)]
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

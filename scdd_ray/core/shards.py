@@ -1,0 +1,91 @@
+"""Shards: the unit of synthesis work, planned, seeded and computed in process.
+
+A shard is one IPC index for a block of classes, optimised as one batch (the
+authors put all classes of one IPC index in a batch, so BatchNorm statistics
+see many classes at once). Shards are disjoint, planned deterministically from
+the configuration alone, and each has a seed derived from the run seed and
+the shard's content, so its images do not depend on who computes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..data import ImageSet
+from ..store import ShardStore
+from .augment import normalize, to_float
+from .configs import RecoverConfig
+from .progress import Progress
+from .recover import synthesize
+
+log = logging.getLogger("scdd_ray")
+
+
+@dataclass(frozen=True)
+class Shard:
+    ipc_index: int
+    classes: tuple[int, ...]
+
+    @property
+    def id(self) -> str:
+        return f"ipc{self.ipc_index:04d}-c{self.classes[0]:05d}-{self.classes[-1]:05d}"
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+def plan_shards(num_classes: int, ipc: int, classes_per_batch: int) -> list[Shard]:
+    """Disjoint shards covering every (class, ipc index) pair exactly once."""
+    k = max(1, min(classes_per_batch, num_classes))
+    return [Shard(j, tuple(range(s, min(s + k, num_classes))))
+            for j in range(ipc) for s in range(0, num_classes, k)]
+
+
+def shard_seed(run_seed: int, shard: Shard) -> int:
+    digest = hashlib.sha256(f"{run_seed}:{shard.id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def real_init(train: ImageSet, shard: Shard, seed: int, mean, std) -> torch.Tensor:
+    """One random real training image of each class of the shard, normalised (for `recover.init` real)."""
+    rng = np.random.RandomState(seed)
+    idx = [int(rng.choice(train.indices_of_class(c))) for c in shard.classes]
+    return normalize(to_float(train.load(idx)), mean, std)
+
+
+def recover_shard(model: nn.Module, shard: Shard, cfg: RecoverConfig, mean, std, image_size: int, run_seed: int,
+                  device="cpu", train: ImageSet | None = None, on_step=None):
+    """Synthesise one shard; returns (RecoverResult, class_ids, ipc_indices)."""
+    seed = shard_seed(run_seed, shard)
+    init = None
+    if cfg.init == "real":
+        if train is None:
+            raise ValueError("`recover.init` real needs the training split")
+        init = real_init(train, shard, seed, mean, std)
+    targets = torch.tensor(shard.classes, dtype=torch.long)
+    res = synthesize(model, targets, cfg, mean, std, image_size, seed, device=device, init=init, on_step=on_step)
+    return res, list(shard.classes), [shard.ipc_index] * len(shard)
+
+
+def run_local(model: nn.Module, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, mean, std,
+              image_size: int, run_seed: int, device="cpu", train: ImageSet | None = None) -> dict:
+    """Compute every shard the store has not recorded yet, in this process."""
+    done = store.done()
+    todo = [s for s in shards if s.id not in done]
+    t0 = time.perf_counter()
+    images_done = 0
+    with Progress(sum(len(s) for s in todo), "recover", "img") as bar:
+        for shard in todo:
+            res, cls, ipc = recover_shard(model, shard, cfg, mean, std, image_size, run_seed, device, train)
+            store.write_shard(shard.id, cls, ipc, res.images,
+                              extra={"loss_ce": res.loss_ce, "loss_bn": res.loss_bn, "seconds": res.seconds})
+            images_done += len(shard)
+            bar.update(len(shard), ce=f"{res.loss_ce:.3f}", bn=f"{res.loss_bn:.3f}")
+    return {"shards_total": len(shards), "shards_computed": len(todo), "images_computed": images_done,
+            "seconds": time.perf_counter() - t0, "num_workers": 1}

@@ -1,0 +1,91 @@
+"""CIFAR-10 / CIFAR-100 in the python-pickle layout (DIR/cifar-10-batches-py/, DIR/cifar-100-python/).
+
+The pickle files are unpickled: read only dataset files you trust.
+Presets follow the authors' CIFAR-100 scripts (docs/reference.md); CIFAR-10
+batches all 10 classes of one IPC index.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .base import DatasetInfo, TensorImageSet, resize_u8
+from .registry import DatasetSpec, register
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+LAYOUTS = {
+    "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    meta="batches.meta", names="label_names", labels="labels", n=10,
+                    mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    "cifar100": dict(folder="cifar-100-python", train=["train"], test=["test"], meta="meta",
+                     names="fine_label_names", labels="fine_labels", n=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
+}
+
+
+def cifar_root(name: str, data_dir: str) -> str:
+    spec = LAYOUTS[name]
+    if not data_dir:
+        raise DataError(f"`data_dir` is required for {name}: a directory holding {spec['folder']}/ "
+                        "(the python version of the dataset; nothing is downloaded)")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"`data_dir` {data_dir} does not exist (expected a directory holding {spec['folder']}/)")
+    for root in (os.path.join(data_dir, spec["folder"]), data_dir):
+        if all(os.path.isfile(os.path.join(root, f)) for f in spec["train"] + spec["test"] + [spec["meta"]]):
+            return root
+    want = ", ".join(spec["train"] + spec["test"] + [spec["meta"]])
+    raise DataError(f"`data_dir` {data_dir} has no {name} files: expected {spec['folder']}/ with {want} "
+                    "(CIFAR python pickle layout)")
+
+
+def _unpickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+    except Exception as e:
+        raise DataError(f"{path} is not a readable CIFAR pickle ({type(e).__name__})") from None
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+@lru_cache(maxsize=4)
+def load_cifar_sets(name: str, data_dir: str, image_size: int) -> tuple[TensorImageSet, TensorImageSet]:
+    spec = LAYOUTS[name]
+    root = cifar_root(name, data_dir)
+    meta = _unpickle(os.path.join(root, spec["meta"]))
+    names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec["names"]])
+    info = DatasetInfo(name, spec["n"], names, image_size, spec["mean"], spec["std"], False)
+
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            d = _unpickle(os.path.join(root, f))
+            if "data" not in d or spec["labels"] not in d:
+                raise DataError(f"{os.path.join(root, f)} lacks 'data' or '{spec['labels']}' (not a {name} file)")
+            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[spec["labels"]], dtype=np.int64))
+        x = resize_u8(torch.from_numpy(np.concatenate(xs)), image_size)
+        return TensorImageSet(x, torch.from_numpy(np.concatenate(ys)), info)
+
+    return read(spec["train"]), read(spec["test"])
+
+
+CIFAR100_PRESET = dict(
+    image_size=32, arch="resnet18", width=1.0, ipc=50,
+    squeeze=dict(epochs=200, batch_size=256, lr=0.06, temperature=0.5, crop_scale=(0.2, 1.0), flip=True),
+    recover=dict(iterations=1000, lr=0.4, bn_coef=0.005, bn_weights="first:10", jitter=4, crop_scale=None,
+                 flip=False, classes_per_batch=100),
+    posttrain=dict(student="resnet18", student_width=1.0, epochs=200, batch_size=64, lr=1e-3,
+                   weight_decay=0.01, temperature=30.0, mix="mixup", mix_prob=0.8, crop_scale=(0.08, 1.0)),
+)
+# CIFAR-10 follows the CIFAR-100 recipe; a batch holds all (10) classes of one IPC index.
+CIFAR10_PRESET = {**CIFAR100_PRESET, "recover": {**CIFAR100_PRESET["recover"], "classes_per_batch": 10}}
+
+for _name, _preset in (("cifar10", CIFAR10_PRESET), ("cifar100", CIFAR100_PRESET)):
+    register(DatasetSpec(_name, lambda data_dir, size, _n=_name: load_cifar_sets(_n, data_dir, size), _preset,
+                         f"{_name.upper()} python-pickle layout (`data_dir`/{LAYOUTS[_name]['folder']}/)"))

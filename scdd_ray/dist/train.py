@@ -1,0 +1,205 @@
+"""Post-training on Ray Train: the core training loop on N workers (DDP).
+
+As in the Ray Train examples: `train_loop_per_worker(config)` is a plain
+function of a config dict that every worker runs (it reads the distilled
+Parquet shards, builds the frozen teacher and a `core.training.PostTrainer`,
+wraps the student with `prepare_model` (DDP: gloo on CPU, nccl on GPU),
+trains, evaluates on rank 0 and reports metrics with a checkpoint);
+`run_posttrain(...)` is the driver.
+
+Every worker draws the same image order and crop plan and trains on its
+slice of the one global batch (core.training explains why that is exact), so
+a run resumed from the checkpoint of epoch k continues exactly as the
+uninterrupted run would.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn as nn
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ..core.evaluation import top1
+from ..core.training import (PosttrainJob, PosttrainResult, PostTrainer, build_teacher, checkpoint_every,
+                             soft_label_rows)
+from ..errors import ConfigError, EngineError
+from ..store import images_digest, read_distilled, soft_label_file, write_soft_labels
+from .cluster import placement
+
+log = logging.getLogger("scdd_ray")
+STATE_FILE = "state.pt"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _read_images(config: dict, rank: int, device) -> torch.Tensor:
+    images, _, _ = read_distilled(config["source"])  # every worker reads the Parquet shards itself
+    if images_digest(images) != config["images_digest"]:
+        raise RuntimeError(f"worker {rank} read other images from {config['source']} than the driver "
+                           "(multi-node runs need the distilled directory on shared storage)")
+    return images.to(device)
+
+
+def _soft_label_writer(store_to: str, trainer: PostTrainer, rank: int, world: int, k: int):
+    """(on_step, on_epoch_end): record the teacher's top-k on every crop, write one file per epoch and rank."""
+    recorded: list[dict] = []
+
+    def on_step(epoch, s, sb, target):
+        recorded.append(soft_label_rows(epoch, s, sb, trainer.rows, target, trainer.cfg.temperature, k))
+
+    def on_epoch_end(epoch):
+        cols = {c: np.concatenate([r[c] for r in recorded]) for c in recorded[0]}
+        recorded.clear()
+        write_soft_labels(store_to, epoch, rank, cols, k)
+        if rank == 0:  # files of writers beyond this world size (an earlier run) are stale
+            for r in range(world, 1024):
+                p = soft_label_file(store_to, epoch, r)
+                if os.path.exists(p):
+                    os.remove(p)
+    return on_step, on_epoch_end
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: the whole post-train of one rank, resumable from its last checkpoint."""
+    t_enter = time.time()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg, info = config["cfg"], config["info"]
+    device = ray.train.torch.get_device()
+    if device.type == "cpu" and config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    images = _read_images(config, rank, device)
+    stored, store_to = config.get("soft_labels"), config.get("store_soft_labels")
+    teacher = None if stored else build_teacher(ray.get(config["teacher"]), info, device)
+    trainer = PostTrainer(cfg, images, teacher, info, image_size=config["image_size"],
+                          small_input=config["small_input"], seed=config["seed"], rank=rank, world=world,
+                          stored=stored)
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            trainer.load_state_dict(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True))
+    resumed_from = trainer.state["epoch"]
+    trainer.state["attempts"] += 1
+    trainer.model = ray.train.torch.prepare_model(trainer.student)  # DDP when world > 1
+    test = ray.get(config["test"]) if rank == 0 else None
+    startup = t_enter - config["t0"]
+    every = checkpoint_every(cfg)
+    on_step, write_epoch = (_soft_label_writer(store_to, trainer, rank, world, min(config.get("topk", 10),
+                                                                                 info.num_classes))
+                            if store_to else (None, None))
+
+    def on_epoch(e1: int, running: torch.Tensor, steps: int) -> None:
+        if write_epoch is not None:
+            write_epoch(e1 - 1)
+        evaluate = e1 == cfg.epochs or (cfg.eval_every and e1 % cfg.eval_every == 0)
+        if not (evaluate or e1 % every == 0):
+            return
+        if world > 1:
+            torch.distributed.all_reduce(running)
+        rec = {"epoch": e1, "loss": float(running) / steps / world, "lr": trainer.lr()}
+        if evaluate and rank == 0:
+            rec["top1"] = top1(_unwrap(trainer.model), test, info.mean, info.std, device)
+        trainer.state["history"].append(rec)
+        metrics = {**rec, "startup_seconds": startup, "resumed_from": resumed_from}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                torch.save({**trainer.state_dict(), "startup_seconds": startup, "resumed_from": resumed_from,
+                            "world_size": world}, os.path.join(d, STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{e1:05d}")
+        if rank == 0:
+            log.info("posttrain epoch %d/%d loss %.4f%s", e1, cfg.epochs, rec["loss"],
+                     f" top-1 {rec['top1']:.2f}%" if "top1" in rec else "")
+
+    trainer.fit(on_epoch=on_epoch, on_step=on_step)
+
+
+def check_workers(job: PosttrainJob, num_workers: int, use_gpu: bool, threads: int = 1, field: str = "num_workers",
+                  resources: dict | None = None) -> dict:
+    """Every worker needs a slice of the global batch and a place in the cluster; returns per-worker resources."""
+    if job.batch() < num_workers:
+        raise ConfigError(field, f"{num_workers} workers cannot share a batch of {job.batch()} images")
+    return placement(num_workers, use_gpu, threads, field, resources)
+
+
+def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_workers: int = 1, use_gpu: bool = False,
+                  threads: int = 1, max_failures: int = 0, loop=train_loop_per_worker) -> PosttrainResult:
+    """Post-train `job` on `num_workers` Ray Train workers running `loop`; resumes from `storage_path/name`
+    if it holds a run.
+
+    Ray must be initialised (cluster.connect). Raises ConfigError before
+    starting anything if the cluster cannot place the workers.
+    """
+    per_worker = check_workers(job, num_workers, use_gpu, threads)
+    done = finished_state(storage_path, name, job.cfg.epochs)
+    if done is not None:  # a finished run: nothing to train, nothing to start
+        return _result(done, 0.0, None, num_workers)
+    t0 = time.time()
+    config = {
+        "cfg": job.cfg, "info": job.info, "image_size": job.image_size, "small_input": job.small_input,
+        "seed": job.seed, "source": os.path.abspath(job.source), "images_digest": job.images_digest,
+        "teacher": ray.put(job.teacher), "test": ray.put(job.test), "threads": per_worker["CPU"],
+        "soft_labels": job.soft_labels and os.path.abspath(job.soft_labels),
+        "store_soft_labels": job.store_soft_labels and os.path.abspath(job.store_soft_labels),
+        "topk": job.topk, "t0": t0,
+    }
+    if job.store_soft_labels:
+        os.makedirs(job.store_soft_labels, exist_ok=True)
+    trainer = TorchTrainer(
+        loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # ray.train.TrainingFailedError and friends: one line naming the cause
+        failures = getattr(e, "worker_failures", None) or {}
+        cause = next(iter(failures.values()), e)
+        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+        raise EngineError(f"post-train failed: {lines[-1] if lines else type(cause).__name__}; "
+                          "checkpoints are kept, rerun to resume") from None
+    seconds = time.time() - t0
+    if result.checkpoint is None:
+        raise EngineError(f"post-train under {storage_path}/{name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    if state["epoch"] != job.cfg.epochs:
+        raise EngineError(f"post-train stopped at epoch {state['epoch']} of {job.cfg.epochs}")
+    res = _result(state, seconds, (result.metrics or {}).get("startup_seconds"), num_workers)
+    log.info("posttrain: %d epochs on %d workers, top-1 on the real test split %.2f%% (%.0fs)", job.cfg.epochs,
+             num_workers, res.top1, seconds)
+    return res
+
+
+def finished_state(storage_path: str, name: str, epochs: int) -> dict | None:
+    """The final checkpoint's state if the run `storage_path/name` already finished, else None."""
+    path = os.path.join(storage_path, name, f"epoch-{epochs:05d}", STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a checkpoint cut short, or not ours: let Ray Train resume from the previous one
+        return None
+    return state if state.get("epoch") == epochs else None
+
+
+def _result(state: dict, seconds: float, startup: float | None, num_workers: int) -> PosttrainResult:
+    return PosttrainResult(top1=state["history"][-1]["top1"], seconds=seconds, student_state=state["student"],
+                           history=state["history"], epochs=state["epoch"], steps=state["step"],
+                           trained_epochs=state["trained_epochs"], startup_seconds=startup,
+                           resumed_from=int(state.get("resumed_from", 0)), num_workers=num_workers)

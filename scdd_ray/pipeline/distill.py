@@ -1,0 +1,229 @@
+"""The `distill` pipeline: squeeze (or load) a backbone, recover shards, export,
+post-train a student, and write report.json.
+
+`prepare` does every check that can fail on user input before anything is
+written; `run` then owns the output directory. A rerun with the same
+configuration resumes: cached backbones and finished shards are reused.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import DistillConfig
+from ..core.bn import parse_bn_weights
+from ..core.configs import SUPERVISED
+from ..core.evaluation import top1
+from ..core.shards import plan_shards, run_local
+from ..core.training import PosttrainJob
+from ..data import DatasetInfo, dataset_info, load_split, sample_per_class
+from ..dist.cluster import cluster_gpus, connect, is_running, placement
+from ..dist.synthesis import run_ray
+from ..dist.train import run_posttrain
+from ..errors import ConfigError, StoreError
+from ..exports import export_all
+from ..models import Checkpoint, adapt_inputs, frozen, num_bn_layers
+from ..report import write_report
+from ..store import ShardStore, atomic_write_json, images_digest
+from ..backbones import check_checkpoint, get_backbone, load_checkpoint_arg, probe_backbone
+from .outdir import check_out_dir
+
+log = logging.getLogger("scdd_ray")
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Prepared:
+    cfg: DistillConfig
+    info: DatasetInfo
+    backbone: Checkpoint | None
+    teacher: Checkpoint | None
+
+
+def prepare(cfg: DistillConfig) -> Prepared:
+    """All input checks; raises ConfigError (naming the field) and writes nothing."""
+    info = dataset_info(cfg.dataset, cfg.data_dir, cfg.image_size)
+    backbone = teacher = None
+    if cfg.backbone:
+        backbone = load_checkpoint_arg(cfg.backbone, "backbone", info, cfg.image_size, allow_probe=True)
+        check_checkpoint(backbone, cfg, info, "backbone", cfg.backbone, match_arch=True)
+    if cfg.teacher:
+        teacher = load_checkpoint_arg(cfg.teacher, "teacher", info, cfg.image_size)
+        check_checkpoint(teacher, cfg, info, "teacher", cfg.teacher, match_arch=False)
+    if cfg.method != "random":
+        spec = parse_bn_weights(cfg.recover.bn_weights)  # the grammar was validated with the config
+        if spec.kind == "list":
+            n = num_bn_layers(backbone.arch if backbone else cfg.arch)
+            if len(spec.params) != n:
+                raise ConfigError("recover.bn_weights", f"lists {len(spec.params)} weights but {cfg.arch} has {n} "
+                                                        "BatchNorm2d layers (one weight per layer)")
+    check_out_dir(cfg.out, RUN_FILE, cfg.fingerprint(), "scdd-ray run",
+                  describe_change=lambda prev: _diff(prev.get("config", {}), cfg.to_dict()))
+    try:
+        ShardStore(os.path.join(cfg.out, "distilled")).check(cfg.fingerprint())
+    except StoreError as e:
+        raise ConfigError("out", e.message) from None
+    _check_placement(cfg, info)
+    return Prepared(cfg, info, backbone, teacher)
+
+
+def _check_placement(cfg: DistillConfig, info: DatasetInfo) -> None:
+    if cfg.address:  # an existing cluster: its GPUs may sit on other nodes
+        try:
+            connect(cfg.address)
+        except ConnectionError as e:
+            raise ConfigError("address", str(e)) from None
+        gpus = cluster_gpus()
+        if cfg.num_gpus > gpus:
+            raise ConfigError("num_gpus", f"asked for {cfg.num_gpus} GPUs but the Ray cluster has {gpus}")
+        resources = None
+    elif cfg.num_gpus > torch.cuda.device_count():
+        # A private local Ray instance sees exactly this machine's GPUs.
+        raise ConfigError("num_gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
+    else:
+        resources = None if is_running() else {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+    batch = min(cfg.posttrain.batch_size, info.num_classes * cfg.ipc)
+    if cfg.posttrain_workers > batch:
+        raise ConfigError("posttrain_workers", f"{cfg.posttrain_workers} workers cannot share a batch of {batch} "
+                                               "images")
+    placement(cfg.posttrain_workers, cfg.num_gpus > 0, 1, "posttrain_workers", resources)
+
+
+def num_workers(cfg: DistillConfig) -> int:
+    """One actor per GPU; on CPU `num_workers`, by default one per core (one thread each)."""
+    if cfg.num_gpus > 0:
+        return cfg.num_gpus
+    return cfg.num_workers or os.cpu_count() or 1
+
+
+def uses_ray(cfg: DistillConfig) -> bool:
+    # A single local worker runs in this process: an actor would only add start-up time.
+    return bool(cfg.address) or num_workers(cfg) > 1
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> str:
+    for k in sorted(set(a) & set(b)):
+        if k in ("out", "num_gpus", "num_workers", "address", "teacher", "posttrain", "posttrain_workers"):
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _diff(va, vb, prefix + k + ".")
+            if d:
+                return d
+        elif va != (list(vb) if isinstance(vb, tuple) else vb):
+            return f"{prefix}{k} was {va!r}, now {vb!r}"
+    return "settings differ"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(cfg: DistillConfig) -> torch.device:
+    return torch.device("cuda") if cfg.num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def select_random(store: ShardStore, cfg: DistillConfig) -> dict:
+    """The `random` baseline: IPC random real training images per class, one shard per IPC index."""
+    train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size)
+    idx, pos = sample_per_class(train, cfg.ipc, cfg.seed)
+    labels = train.labels.numpy()[idx]
+    computed = 0
+    for j in range(cfg.ipc):
+        sel = pos == j
+        if not sel.any():
+            continue
+        shard_id = f"ipc{j:04d}-real"
+        if store.write_shard(shard_id, labels[sel], pos[sel], train.load(idx[sel])):
+            computed += 1
+    return {"shards_total": cfg.ipc, "shards_computed": computed, "num_workers": 1}
+
+
+def _models(prep: Prepared, device) -> tuple[Checkpoint | None, str | None, Checkpoint, str]:
+    """(backbone, its path, teacher, its path): the recovery backbone (scdd: SSL + probe; sre2l:
+    supervised; random: none) and the relabelling teacher (`teacher`, else the backbone; the random
+    baseline gets the supervised model, the strongest we have)."""
+    cfg, info = prep.cfg, prep.info
+    backbone, backbone_path = (prep.backbone, cfg.backbone) if prep.backbone else (None, None)
+    if backbone is None and cfg.method != "random":
+        backbone, backbone_path = get_backbone(cfg, info, cfg.squeeze.method, device)
+    elif backbone is not None and backbone.meta.get("needs_probe"):
+        backbone, backbone_path = probe_backbone(cfg, info, backbone, device)
+    if prep.teacher is not None:
+        return backbone, backbone_path, prep.teacher, cfg.teacher
+    if backbone is not None:
+        return backbone, backbone_path, backbone, backbone_path
+    teacher, teacher_path = get_backbone(cfg, info, SUPERVISED, device)
+    return backbone, backbone_path, teacher, teacher_path
+
+
+def _recover(cfg: DistillConfig, info: DatasetInfo, store: ShardStore, backbone: Checkpoint | None, device) -> dict:
+    if cfg.method == "random":
+        return select_random(store, cfg)
+    shards = plan_shards(info.num_classes, cfg.ipc, cfg.recover.classes_per_batch)
+    train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size) if cfg.recover.init == "real" else None
+    if uses_ray(cfg):
+        connect(cfg.address)
+        return run_ray(backbone, shards, store, cfg.recover, cfg.image_size, cfg.seed, num_workers=num_workers(cfg),
+                       use_gpu=cfg.num_gpus > 0, threads=1, train=train)
+    model = frozen(backbone.build().to(device, memory_format=torch.channels_last))
+    return run_local(model, shards, store, cfg.recover, backbone.mean, backbone.std, cfg.image_size, cfg.seed,
+                     device, train)
+
+
+def run(prep: Prepared) -> dict:
+    cfg, info = prep.cfg, prep.info
+    seed_everything(cfg.seed)
+    device = pick_device(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    atomic_write_json(os.path.join(cfg.out, RUN_FILE), {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()})
+    t_start = time.perf_counter()
+    backbone, backbone_path, teacher_ckpt, teacher_path = _models(prep, device)
+
+    store = ShardStore(os.path.join(cfg.out, "distilled"))
+    try:
+        store.open(cfg.fingerprint(), {"dataset": cfg.dataset, "method": cfg.method, "ipc": cfg.ipc})
+    except StoreError as e:
+        raise ConfigError("out", e.message) from None
+    t0 = time.perf_counter()
+    stats = _recover(cfg, info, store, backbone, device)
+    recover_seconds = time.perf_counter() - t0
+
+    images, class_ids, ipc_idx = store.read()
+    export_all(cfg.out, images, class_ids, ipc_idx, info.class_names)
+
+    test = load_split(cfg.dataset, "test", cfg.data_dir, cfg.image_size)
+    teacher_top1 = top1(adapt_inputs(teacher_ckpt.build(), teacher_ckpt, info), test, info.mean, info.std)
+    # The same Ray Train post-train as `scdd-ray posttrain`, run under OUT/posttrain/.
+    job = PosttrainJob(source=store.root, images_digest=images_digest(images), num_images=len(images),
+                       teacher=teacher_ckpt, test=test, info=info, cfg=cfg.posttrain, image_size=cfg.image_size,
+                       small_input=cfg.small_input, seed=cfg.seed)
+    connect(cfg.address)
+    pt = run_posttrain(job, storage_path=os.path.join(cfg.out, "posttrain"), name=f"student-{job.fingerprint()}",
+                       num_workers=cfg.posttrain_workers, use_gpu=cfg.num_gpus > 0)
+    report = {
+        "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width, "ipc": cfg.ipc,
+        "num_classes": info.num_classes, "num_images": int(len(images)), "image_size": cfg.image_size,
+        "top1": round(pt.top1, 3), "teacher_top1": round(teacher_top1, 3), "teacher": teacher_path,
+        "teacher_method": teacher_ckpt.method, "backbone": backbone_path,
+        "backbone_method": backbone.method if backbone else None,
+        "recover_seconds": round(recover_seconds, 2), "posttrain_seconds": round(pt.seconds, 2),
+        "posttrain_startup_seconds": None if pt.startup_seconds is None else round(pt.startup_seconds, 2),
+        "posttrain_workers": pt.num_workers,
+        "total_seconds": round(time.perf_counter() - t_start, 2),
+        "num_workers": stats.get("num_workers", 1), "device": str(device), "seed": cfg.seed,
+        "shards_total": stats["shards_total"], "shards_computed": stats["shards_computed"],
+        "student": cfg.posttrain.student, "student_width": cfg.posttrain.student_width,
+        "posttrain_epochs": cfg.posttrain.epochs, "posttrain_history": pt.history,
+        "config": cfg.to_dict(), "torch": torch.__version__,
+    }
+    write_report(os.path.join(cfg.out, "report.json"), report)
+    return report
