@@ -135,6 +135,21 @@ def probe(ckpt: Checkpoint, train: ImageSet, cfg: SqueezeConfig, device, seed: i
     return model
 
 
+def probe_and_save(path: str, ckpt: Checkpoint, train: ImageSet, test: ImageSet, cfg: SqueezeConfig, device,
+                   seed: int, image_size: int, meta: dict) -> Checkpoint:
+    """Fit the head of an imported backbone on `train`, measure it on `test`, save it at `path`."""
+    t0 = time.perf_counter()
+    model = probe(ckpt, train, cfg, device, seed)
+    info = train.info
+    acc = top1(model, test, info.mean, info.std, device)
+    log.info("linear probe on imported %s backbone: test top-1 %.2f%%", ckpt.method, acc)
+    save_checkpoint(path, model, arch=ckpt.arch, width=ckpt.width, num_classes=info.num_classes,
+                    image_size=image_size, small_input=ckpt.small_input, mean=info.mean, std=info.std,
+                    method=ckpt.method, meta={**meta, "seed": seed, "test_top1": acc,
+                                              "seconds": time.perf_counter() - t0})
+    return load_checkpoint(path)
+
+
 def probe_backbone(cfg: DistillConfig, info: DatasetInfo, ckpt: Checkpoint, device) -> tuple[Checkpoint, str]:
     """Fit the linear head of an imported SSL backbone; cached under OUT/backbones/."""
     src = os.path.splitext(os.path.basename(ckpt.meta["imported_from"]))[0]
@@ -144,13 +159,6 @@ def probe_backbone(cfg: DistillConfig, info: DatasetInfo, ckpt: Checkpoint, devi
         log.info("using cached probed backbone %s", path)
         return load_checkpoint(path), path
     train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size)
-    t0 = time.perf_counter()
-    model = probe(ckpt, train, cfg.squeeze, device, cfg.seed)
-    acc = top1(model, load_split(cfg.dataset, "test", cfg.data_dir, cfg.image_size), info.mean, info.std, device)
-    log.info("linear probe on imported %s backbone: test top-1 %.2f%%", ckpt.method, acc)
-    meta = {**ckpt.meta, "needs_probe": False, "dataset": cfg.dataset, "probe_epochs": cfg.squeeze.probe_epochs,
-            "seed": cfg.seed, "test_top1": acc, "seconds": time.perf_counter() - t0}
-    save_checkpoint(path, model, arch=ckpt.arch, width=ckpt.width, num_classes=info.num_classes,
-                    image_size=cfg.image_size, small_input=ckpt.small_input, mean=info.mean, std=info.std,
-                    method=ckpt.method, meta=meta)
-    return load_checkpoint(path), path
+    test = load_split(cfg.dataset, "test", cfg.data_dir, cfg.image_size)
+    meta = {**ckpt.meta, "needs_probe": False, "dataset": cfg.dataset, "probe_epochs": cfg.squeeze.probe_epochs}
+    return probe_and_save(path, ckpt, train, test, cfg.squeeze, device, cfg.seed, cfg.image_size, meta), path

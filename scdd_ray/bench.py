@@ -134,7 +134,7 @@ def bench_models(archs: list[str], methods: list[str], *, dataset: str = "digits
     in-process worker, `threads` torch threads). A cell whose report.json
     exists is read, not rerun, so an interrupted table resumes; a backbone
     some cell in `work` already squeezed with the same settings is reused
-    (e.g. by a second table with another `--bn-normalize`), not trained again.
+    (e.g. by a second table with another `recover.bn_normalize`), not trained again.
 
     The job's throughput depends on what else ran on the machine meanwhile,
     so each arch's recover step is also timed afresh by every invocation

@@ -78,3 +78,22 @@ def test_sample_per_class_is_seeded_and_distinct():
     assert len(set(a.tolist())) == 50
     assert np.array_equal(np.bincount(tr.labels.numpy()[a]), [5] * 10)
     assert pos.tolist()[:5] == [0, 1, 2, 3, 4]
+
+
+def test_a_registered_dataset_works_everywhere_by_name(monkeypatch):
+    """Adding a dataset is one registered spec: configs, splits and presets follow from its name."""
+    from scdd_ray.config import build_distill_config
+    from scdd_ray.data import registry
+    from scdd_ray.data.synthetic import PRESET, load_synthetic_sets
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register(registry.DatasetSpec("toy", lambda d, size: load_synthetic_sets(size, num_classes=3),
+                                           {**PRESET, "ipc": 5}, "three colour blobs", val_fraction=0.5,
+                                           needs_data_dir=False))
+    assert "toy" in registry.names()
+    cfg = build_distill_config("toy", "out", {})
+    assert cfg.ipc == 5 and cfg.image_size == PRESET["image_size"]
+    train, val = load_split("toy", "train", None, 16), load_split("toy", "val", None, 16)
+    assert train.info.num_classes == 3 and len(val) == len(train) // 2
+    with pytest.raises(registry.ConfigError, match="unknown value 'nope'"):
+        registry.get("nope")

@@ -213,7 +213,7 @@ class PostTrainer:
 
     images: the distilled set (uint8, on `device`); teacher: the frozen
     relabelling model, or None with `stored` soft labels (a directory written
-    by `--store-soft-labels`), which are read instead. Every random draw is a
+    by a post-train that stored them), which are read instead. Every random draw is a
     function of (seed, epoch), so a trainer restored from `state_dict()` after
     epoch k continues exactly as the uninterrupted run would.
     """

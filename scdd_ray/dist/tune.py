@@ -153,7 +153,7 @@ def run_trial(config: dict, cfg: TuneConfig, backbones: dict, val: ImageSet, tra
     """Recover with the sampled settings, post-train, report validation top-1.
 
     Its only data are `val` (the objective) and `train` (train-noval, for
-    --init real); it has no way to reach the test split.
+    `init` real); it has no way to reach the test split.
     """
     threads = max(1, int(cfg.resources.cpu))
     torch.set_num_threads(threads)

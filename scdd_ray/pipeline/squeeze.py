@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..config import build_squeeze_setup
-from ..core.evaluation import top1
 from ..data import load_split
 from ..errors import ConfigError
-from ..models import save_checkpoint
-from ..backbones import load_checkpoint_arg, probe, squeeze_and_save
+from ..models import Checkpoint
+from ..backbones import load_checkpoint_arg, probe_and_save, squeeze_and_save
 
 SPLITS = ("train", "train-noval")
 
@@ -26,9 +25,7 @@ def run_squeeze(dataset: str, method: str, out: str, *, overrides: dict, data_di
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     info = train.info
     if not from_checkpoint:
-        ckpt = squeeze_and_save(out, setup, train, device, seed, test, meta={"split": split})
-        return {"out": out, "method": ckpt.method, "arch": ckpt.arch, "width": ckpt.width,
-                "test_top1": round(ckpt.meta["test_top1"], 3)}
+        return _summary(out, squeeze_and_save(out, setup, train, device, seed, test, meta={"split": split}))
     # import + linear probe only: the SSL BN statistics stay as published
     ckpt = load_checkpoint_arg(from_checkpoint, "from_checkpoint", info, setup.image_size, allow_probe=True)
     asked_width = overrides.get("width")
@@ -36,11 +33,10 @@ def run_squeeze(dataset: str, method: str, out: str, *, overrides: dict, data_di
                                   or (asked_width is not None and abs(ckpt.width - asked_width) > 1e-9)):
         raise ConfigError("arch", f"{from_checkpoint} is a {ckpt.arch} width {ckpt.width:g} but `arch` "
                                   f"{overrides['arch']} `width` {setup.width:g} was asked for")
-    model = probe(ckpt, train, setup.cfg, device, seed)
-    acc = top1(model, test, info.mean, info.std, device)
-    meta = {"dataset": dataset, "split": split, "seed": seed, "test_top1": acc,
-            **{k: ckpt.meta[k] for k in ("imported_from", "layout")}}
-    save_checkpoint(out, model, arch=ckpt.arch, width=ckpt.width, num_classes=info.num_classes,
-                    image_size=setup.image_size, small_input=ckpt.small_input, mean=info.mean, std=info.std,
-                    method=ckpt.method, meta=meta)
-    return {"out": out, "method": ckpt.method, "arch": ckpt.arch, "width": ckpt.width, "test_top1": round(acc, 3)}
+    meta = {"dataset": dataset, "split": split, **{k: ckpt.meta[k] for k in ("imported_from", "layout")}}
+    return _summary(out, probe_and_save(out, ckpt, train, test, setup.cfg, device, seed, setup.image_size, meta))
+
+
+def _summary(out: str, ckpt: Checkpoint) -> dict:
+    return {"out": out, "method": ckpt.method, "arch": ckpt.arch, "width": ckpt.width,
+            "test_top1": round(ckpt.meta["test_top1"], 3)}
