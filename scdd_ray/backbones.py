@@ -18,7 +18,7 @@ from .config import DistillConfig, SqueezeSetup
 from .core.configs import SqueezeConfig
 from .core.evaluation import top1
 from .core.squeeze import linear_probe, squeeze
-from .data import DatasetInfo, ImageSet, load_split
+from .data import DatasetInfo, ImageSet
 from .errors import CheckpointError, ConfigError, NotOurCheckpoint
 from .models import Checkpoint, import_backbone, load_checkpoint, model_from_import, save_checkpoint
 
@@ -122,8 +122,8 @@ def get_backbone(cfg: DistillConfig, info: DatasetInfo, squeeze_method: str, dev
         return load_checkpoint(path), path
     setup = SqueezeSetup(cfg.dataset, cfg.arch, cfg.width, cfg.image_size,
                          dataclasses.replace(cfg.squeeze, method=squeeze_method))
-    train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size)
-    test = load_split(cfg.dataset, "test", cfg.data_dir, cfg.image_size)
+    train = cfg.split("train")
+    test = cfg.split("test")
     return squeeze_and_save(path, setup, train, device, cfg.seed, test), path
 
 
@@ -158,7 +158,7 @@ def probe_backbone(cfg: DistillConfig, info: DatasetInfo, ckpt: Checkpoint, devi
     if os.path.isfile(path):
         log.info("using cached probed backbone %s", path)
         return load_checkpoint(path), path
-    train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size)
-    test = load_split(cfg.dataset, "test", cfg.data_dir, cfg.image_size)
+    train = cfg.split("train")
+    test = cfg.split("test")
     meta = {**ckpt.meta, "needs_probe": False, "dataset": cfg.dataset, "probe_epochs": cfg.squeeze.probe_epochs}
     return probe_and_save(path, ckpt, train, test, cfg.squeeze, device, cfg.seed, cfg.image_size, meta), path

@@ -71,8 +71,12 @@ def _positive(a: argparse.Namespace, *dests: str) -> None:
 
 def _common_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help=f"one of {', '.join(data.names())}")
-    p.add_argument("--data-dir", default=None, help="local dataset directory (CIFAR python layout or ImageFolder)")
+    p.add_argument("--data-dir", default=None,
+                   help="local dataset directory (Hugging Face Parquet, CIFAR python layout, or ImageFolder)")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (preset if omitted)")
+    p.add_argument("--image-column", default=None, help="Parquet datasets: the image column (default: img or image)")
+    p.add_argument("--label-column", default=None,
+                   help="Parquet datasets: the label column (default: label, labels or fine_label)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -80,7 +84,7 @@ def _common_data(p: argparse.ArgumentParser) -> None:
 
 DISTILL_FIELDS = {
     **_same("dataset", "out", "data_dir", "image_size", "arch", "width", "ipc", "method", "seed", "backbone",
-            "teacher", "num_gpus", "num_workers", "address", "posttrain_workers"),
+            "teacher", "num_gpus", "num_workers", "address", "posttrain_workers", "image_column", "label_column"),
     "squeeze.method": "ssl", "squeeze.epochs": "squeeze_epochs",
     **{f"recover.{d}": d for d in ("iterations", "lr", "bn_coef", "bn_weights", "jitter", "init",
                                    "classes_per_batch", "grayscale", "bn_normalize")},
@@ -100,7 +104,9 @@ def _distill_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--ipc", type=int, default=None, help="images per class")
     d.add_argument("--method", default="scdd", help=f"one of {', '.join(METHODS)}")
     d.add_argument("--backbone", default=None, help="checkpoint to recover from (default: squeeze one, cached)")
-    d.add_argument("--teacher", default=None, help="checkpoint that relabels crops (default: the backbone)")
+    d.add_argument("--teacher", default=None,
+                   help="checkpoint that relabels crops (default: a supervised model of --arch, the same for "
+                        "every method; 'backbone': the recovery backbone)")
     d.add_argument("--ssl", default=None, help=f"SSL objective for scdd backbones: {', '.join(squeeze_methods()[:-1])}")
     d.add_argument("--squeeze-epochs", type=int, default=None)
     d.add_argument("--iterations", type=int, default=None, help="recover iterations")
@@ -146,7 +152,7 @@ def _distill(a: argparse.Namespace) -> int:
 # --- squeeze -------------------------------------------------------------------------
 
 SQUEEZE_FIELDS = {**_same("dataset", "data_dir", "image_size", "seed", "arch", "width", "epochs", "from_checkpoint",
-                          "split", "num_gpus", "out"),
+                          "split", "num_gpus", "out", "image_column", "label_column"),
                   "squeeze.method": "method", "squeeze.epochs": "epochs"}
 
 
@@ -166,7 +172,8 @@ def _squeeze_args(s: argparse.ArgumentParser) -> None:
 def _squeeze(a: argparse.Namespace) -> int:
     overrides = {"arch": a.arch, "width": a.width, "image_size": a.image_size, "epochs": a.epochs}
     res = run_squeeze(a.dataset, a.method, a.out, overrides=overrides, data_dir=a.data_dir, split=a.split,
-                      seed=a.seed, from_checkpoint=a.from_checkpoint, use_gpu=a.num_gpus > 0)
+                      seed=a.seed, from_checkpoint=a.from_checkpoint, use_gpu=a.num_gpus > 0,
+                      data_options={"image_column": a.image_column, "label_column": a.label_column})
     print(json.dumps(res))
     return 0
 

@@ -29,6 +29,7 @@ INITS = ("noise", "real")
 OPTIMIZERS = ("adamw", "sgd")
 AMPS = ("bf16", "fp16", "none")
 SECTIONS = ("squeeze", "recover", "posttrain")
+TEACHER_BACKBONE = "backbone"  # `teacher` value: relabel with the recovery backbone instead of the shared teacher
 
 
 def ssl_methods() -> tuple[str, ...]:
@@ -56,6 +57,8 @@ class DistillConfig:
     num_workers: int | None = None
     address: str | None = None
     posttrain_workers: int = 1  # Ray Train workers of the post-train stage
+    image_column: str | None = None  # Parquet datasets: the columns, when they are not the usual ones
+    label_column: str | None = None
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
@@ -67,17 +70,37 @@ class DistillConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def data_options(self) -> dict:
+        """The dataset's own options that are set (see data.DatasetSpec.options)."""
+        return {k: v for k, v in (("image_column", self.image_column), ("label_column", self.label_column))
+                if v is not None}
+
+    def split(self, name: str):
+        """One split of this run's dataset (data.ImageSet)."""
+        return data.load_split(self.dataset, name, self.data_dir, self.image_size, **self.data_options())
+
     def fingerprint(self) -> str:
         """Hash of everything that decides the synthetic images.
 
         Placement (workers, GPUs, address), the output path and post-training
         settings do not change which images a shard holds, so a run may be
         resumed with other resources or re-evaluated with another student.
+        Settings added after the first release are left out while they hold
+        their default, so runs made before them keep their fingerprint.
         """
         d = self.to_dict()
         keep = {k: d[k] for k in ("dataset", "data_dir", "image_size", "arch", "width", "ipc", "method", "seed",
                                   "backbone", "squeeze", "recover")}
+        keep.update(self.data_options())
+        for key, default in LATER_DEFAULTS.items():
+            section, name = key.split(".")
+            if keep[section].get(name) == default:
+                del keep[section][name]
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Recover settings added after the first release, at the value that reproduces earlier runs.
+LATER_DEFAULTS: dict[str, object] = {}
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -190,6 +213,8 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.num_workers is not None:
         _positive_int(cfg.num_workers, "num_workers")
     _positive_int(cfg.posttrain_workers, "posttrain_workers")
+    _check(not (cfg.teacher == TEACHER_BACKBONE and cfg.method == "random"), "teacher",
+           "`method` random recovers nothing: it has no backbone to relabel with")
     if cfg.method == "scdd":
         _check(cfg.squeeze.method in ssl_methods(), "squeeze.method",
                f"`method` scdd needs a self-supervised backbone (got {cfg.squeeze.method!r})")
@@ -215,6 +240,8 @@ def build_distill_config(dataset: str, out: str, overrides: dict | None = None) 
     """
     preset = data.get(dataset).preset
     top = {k: v for k, v in preset.items() if k not in ("squeeze", "recover", "posttrain")}
+    if "image_size" not in (overrides or {}):
+        top["image_size"] = data.preset_image_size(dataset, (overrides or {}).get("data_dir"))
     nested = {s: dict(preset.get(s, {})) for s in ("squeeze", "recover", "posttrain")}
     for k, v in (overrides or {}).items():
         if "." in k:
@@ -236,6 +263,7 @@ def build_distill_config(dataset: str, out: str, overrides: dict | None = None) 
         **_known_top(top),
     )
     validate(cfg)
+    data.check_options(dataset, cfg.data_options())
     return cfg
 
 
@@ -280,15 +308,15 @@ class SqueezeSetup:
         return small_input(self.image_size)
 
 
-def build_squeeze_setup(dataset: str, method: str, overrides: dict) -> SqueezeSetup:
+def build_squeeze_setup(dataset: str, method: str, overrides: dict, data_dir: str | None = None) -> SqueezeSetup:
     """`dataset`'s preset model and squeeze settings with `method` and the overrides
-    (arch, width, image_size, epochs; None ignored), validated."""
+    (arch, width, image_size, epochs; None ignored), validated; `data_dir` for the data's own image size."""
     preset = data.get(dataset).preset
     given = {k: v for k, v in overrides.items() if v is not None}
     for k in given:
         _check(k in ("arch", "width", "image_size", "epochs"), k, "is not a known setting")
     arch, width = given.get("arch", preset["arch"]), given.get("width", preset["width"])
-    size = given.get("image_size", preset["image_size"])
+    size = given["image_size"] if "image_size" in given else data.preset_image_size(dataset, data_dir)
     validate_arch(arch, "arch")
     _positive_float(width, "width")
     _positive_int(size, "image_size")

@@ -6,14 +6,17 @@ one function decorated with `@exporter("name")` in this file, plus its test.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from .report import save_grid
-from .store import export_imagefolder
+from .store import atomic_write_bytes, encode_png, export_imagefolder
 
 Exporter = Callable[[str, torch.Tensor, np.ndarray, np.ndarray, tuple], None]
 EXPORTERS: dict[str, Exporter] = {}
@@ -38,6 +41,34 @@ def imagefolder(out: str, images, class_ids, ipc_indices, class_names) -> None:
 def grid(out: str, images, class_ids, ipc_indices, class_names) -> None:
     """OUT/grid.png: one row per class."""
     save_grid(os.path.join(out, "grid.png"), images, class_ids, class_names)
+
+
+HF_FILE = os.path.join("hf", "train-00000-of-00001.parquet")
+
+
+def hf_table(images: torch.Tensor, class_ids, ipc_indices, class_names) -> pa.Table:
+    """The distilled set as a Hugging Face image-classification table: `image` {bytes, path} + `label`.
+
+    Class names go into the schema metadata twice: as `classes` (a JSON list)
+    and as the `datasets` library's own features record, so `datasets`,
+    pandas, Ray Data and our `parquet` dataset all read the set as it is.
+    """
+    names = [str(n) for n in class_names]
+    features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+    meta = {"classes": json.dumps(names), "huggingface": json.dumps({"info": {"features": features}})}
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": encode_png(img), "path": f"class{int(c):03d}_id{int(i):03d}.png"}
+            for img, c, i in zip(images, class_ids, ipc_indices)]
+    return pa.table({"image": pa.array(rows, image_type),
+                     "label": pa.array([int(c) for c in class_ids], pa.int64())}).replace_schema_metadata(meta)
+
+
+@exporter("hf_parquet")
+def hf_parquet(out: str, images, class_ids, ipc_indices, class_names) -> None:
+    """OUT/hf/train-00000-of-00001.parquet (see `hf_table`)."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(hf_table(images, class_ids, ipc_indices, class_names), buf)
+    atomic_write_bytes(os.path.join(out, HF_FILE), buf.getvalue().to_pybytes())
 
 
 def export_all(out: str, images: torch.Tensor, class_ids, ipc_indices, class_names) -> None:

@@ -4,6 +4,7 @@ import os
 
 import pandas as pd
 import pytest
+import torch
 
 from scdd_ray.cli import main
 from scdd_ray.report import REQUIRED
@@ -23,6 +24,9 @@ def test_distill_writes_the_documented_output(scdd_run):
     assert rep["method"] == "scdd" and rep["num_images"] == 8 and rep["num_classes"] == 4
     assert 0 <= rep["top1"] <= 100 and rep["teacher_top1"] > 50
     assert rep["backbone_method"] == "simclr"
+    # one teacher for every method: the supervised model, not the SSL backbone the images came from
+    assert rep["teacher_method"] == "supervised" and rep["teacher"] != rep["backbone"]
+    assert os.path.dirname(rep["teacher"]) == str(scdd_run / "backbones")
     assert rep["posttrain_workers"] == 1 and rep["posttrain_startup_seconds"] > 0
     assert [h["epoch"] for h in rep["posttrain_history"]][-1] == rep["posttrain_epochs"]
     files = sorted(os.listdir(scdd_run / "distilled"))
@@ -43,7 +47,8 @@ def test_rerun_resumes_without_recomputing(scdd_run, capsys):
     assert rep["shards_computed"] == 0 and rep["shards_total"] == 2
     for f, t in shard_files.items():
         assert os.path.getmtime(scdd_run / "distilled" / f) == t
-    assert len(os.listdir(scdd_run / "backbones")) == 1  # the cached backbone was reused
+    # both cached models were reused: the SSL backbone and the supervised teacher every method shares
+    assert sorted(f.split("-")[0] for f in os.listdir(scdd_run / "backbones")) == ["simclr", "supervised"]
 
 
 @pytest.mark.parametrize("method,backbone", [("random", None), ("sre2l", "supervised")])
@@ -78,3 +83,13 @@ def test_posttrain_standalone_on_a_distill_dir_and_on_an_imagefolder(scdd_run, t
     assert (a["num_workers"], b["num_workers"]) == (1, 2)
     assert a["steps"] == b["steps"]  # the same global batch: as many steps with 2 workers as with 1
     assert (first / "student.pt").exists() and (second / "student.pt").exists()
+
+
+def test_the_hf_export_reads_back_as_a_parquet_dataset(scdd_run):
+    from scdd_ray.data import load_split
+    from scdd_ray.store import ShardStore
+
+    images, cls, _ = ShardStore(str(scdd_run / "distilled")).read()
+    back = load_split("parquet", "train", str(scdd_run / "hf"), 16)
+    assert torch.equal(back.images, images) and back.labels.tolist() == cls.tolist()
+    assert back.info.class_names == ("class0", "class1", "class2", "class3")

@@ -80,7 +80,7 @@ def test_objective_never_reads_the_test_split(monkeypatch, tmp_path):
     """A trial's only data are val (its score) and train-noval; loading the test split fails the test."""
     # Every module that reads data is imported before the patch: a first import under it would bind the guard
     # for good.
-    from scdd_ray import backbones, data
+    from scdd_ray import data
     from scdd_ray.core.evaluation import top1
     from scdd_ray.dist import tune
     from scdd_ray.models import create_model
@@ -98,7 +98,6 @@ def test_objective_never_reads_the_test_split(monkeypatch, tmp_path):
     real = data.load_split
     monkeypatch.setattr(data, "load_split", guarded)
     monkeypatch.setattr(tune, "load_split", guarded)
-    monkeypatch.setattr(backbones, "load_split", guarded)
     backbones = {}
     for method in cfg.methods:
         path = tune.backbone_path(str(tmp_path), cfg, method, "resnet18")

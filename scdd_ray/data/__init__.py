@@ -12,12 +12,12 @@ import pkgutil
 from ..errors import DataError
 from .base import (SPLITS, DatasetInfo, FolderImageSet, ImageSet, TensorImageSet, iterate, resize_u8,
                    sample_per_class, stratified_split)
-from .registry import DatasetSpec, dataset_info, get, load_split, names, register
+from .registry import DatasetSpec, check_options, dataset_info, get, load_split, names, preset_image_size, register
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in ("base", "registry"):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = ["SPLITS", "DataError", "DatasetInfo", "DatasetSpec", "FolderImageSet", "ImageSet", "TensorImageSet",
-           "dataset_info", "get", "iterate", "load_split", "names", "register", "resize_u8", "sample_per_class",
+           "check_options", "dataset_info", "get", "iterate", "load_split", "names", "preset_image_size", "register", "resize_u8", "sample_per_class",
            "stratified_split"]

@@ -1,6 +1,12 @@
-"""CIFAR-10 / CIFAR-100 in the python-pickle layout (DIR/cifar-10-batches-py/, DIR/cifar-100-python/).
+"""CIFAR-10 / CIFAR-100 from a local directory, in either layout:
 
-The pickle files are unpickled: read only dataset files you trust.
+- the Hugging Face Parquet layout (DIR/train-*.parquet, DIR/test-*.parquet:
+  `img` + `label` for CIFAR-10, `img` + `fine_label` for CIFAR-100), read by
+  data/parquet.py, preferred: nothing in it can run code;
+- the python-pickle layout (DIR/cifar-10-batches-py/, DIR/cifar-100-python/).
+  Those files are unpickled, and unpickling runs whatever the file says: read
+  only pickle files you trust.
+
 Presets follow the authors' CIFAR-100 scripts (docs/reference.md); CIFAR-10
 batches all 10 classes of one IPC index.
 """
@@ -15,6 +21,7 @@ import torch
 
 from ..errors import DataError
 from .base import DatasetInfo, TensorImageSet, resize_u8
+from .parquet import has_parquet_layout, load_parquet_sets
 from .registry import DatasetSpec, register
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -32,16 +39,16 @@ LAYOUTS = {
 def cifar_root(name: str, data_dir: str) -> str:
     spec = LAYOUTS[name]
     if not data_dir:
-        raise DataError(f"`data_dir` is required for {name}: a directory holding {spec['folder']}/ "
-                        "(the python version of the dataset; nothing is downloaded)")
+        raise DataError(f"`data_dir` is required for {name}: a directory holding train-*.parquet and "
+                        f"test-*.parquet, or {spec['folder']}/ (the python version); nothing is downloaded")
     if not os.path.isdir(data_dir):
         raise DataError(f"`data_dir` {data_dir} does not exist (expected a directory holding {spec['folder']}/)")
     for root in (os.path.join(data_dir, spec["folder"]), data_dir):
         if all(os.path.isfile(os.path.join(root, f)) for f in spec["train"] + spec["test"] + [spec["meta"]]):
             return root
     want = ", ".join(spec["train"] + spec["test"] + [spec["meta"]])
-    raise DataError(f"`data_dir` {data_dir} has no {name} files: expected {spec['folder']}/ with {want} "
-                    "(CIFAR python pickle layout)")
+    raise DataError(f"`data_dir` {data_dir} has no {name} files: expected train-*.parquet and test-*.parquet "
+                    f"(Hugging Face layout) or {spec['folder']}/ with {want} (CIFAR python pickle layout)")
 
 
 def _unpickle(path: str) -> dict:
@@ -53,8 +60,15 @@ def _unpickle(path: str) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
+def load_cifar_sets(name: str, data_dir: str, image_size: int) -> tuple[TensorImageSet, ...]:
+    if has_parquet_layout(data_dir):
+        spec = LAYOUTS[name]
+        return load_parquet_sets(data_dir, image_size, name=name, mean=spec["mean"], std=spec["std"])
+    return load_pickle_sets(name, data_dir, image_size)
+
+
 @lru_cache(maxsize=4)
-def load_cifar_sets(name: str, data_dir: str, image_size: int) -> tuple[TensorImageSet, TensorImageSet]:
+def load_pickle_sets(name: str, data_dir: str, image_size: int) -> tuple[TensorImageSet, TensorImageSet]:
     spec = LAYOUTS[name]
     root = cifar_root(name, data_dir)
     meta = _unpickle(os.path.join(root, spec["meta"]))
@@ -88,4 +102,4 @@ CIFAR10_PRESET = {**CIFAR100_PRESET, "recover": {**CIFAR100_PRESET["recover"], "
 
 for _name, _preset in (("cifar10", CIFAR10_PRESET), ("cifar100", CIFAR100_PRESET)):
     register(DatasetSpec(_name, lambda data_dir, size, _n=_name: load_cifar_sets(_n, data_dir, size), _preset,
-                         f"{_name.upper()} python-pickle layout (`data_dir`/{LAYOUTS[_name]['folder']}/)"))
+                         f"{_name.upper()}, Hugging Face Parquet or python-pickle layout in `data_dir`"))

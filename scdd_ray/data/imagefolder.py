@@ -1,4 +1,4 @@
-"""ImageFolder datasets (ImageNet, Tiny-ImageNet): DIR/train/<class>/* and DIR/val/<class>/*.
+"""ImageFolder datasets (ImageNet, Tiny-ImageNet): DIR/train/<class>/* and DIR/val/<class>/* (or DIR/test/).
 
 Images are read lazily with PIL, resized (shorter side to size/0.875) and
 centre-cropped. The preset follows the authors' ImageNet-1K scripts
@@ -34,10 +34,14 @@ def load_imagefolder_sets(data_dir: str, image_size: int) -> tuple[FolderImageSe
     if not data_dir:
         raise DataError("`data_dir` is required for imagefolder: a directory with train/<class>/*.jpg and "
                         "val/<class>/*.jpg (Tiny-ImageNet / ImageNet layout)")
-    tr_dir, va_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    tr_dir = os.path.join(data_dir, "train")
+    # The held-out split is val/ (ImageNet, Tiny-ImageNet) or test/ (many other folder datasets).
+    va_dir = next((d for d in (os.path.join(data_dir, "val"), os.path.join(data_dir, "test")) if os.path.isdir(d)),
+                  os.path.join(data_dir, "val"))
     for d in (tr_dir, va_dir):
         if not os.path.isdir(d):
-            raise DataError(f"`data_dir` {data_dir}: missing {d} (expected train/<class>/* and val/<class>/*)")
+            raise DataError(f"`data_dir` {data_dir}: missing {d} (expected train/<class>/* and val/<class>/* "
+                            "or test/<class>/*)")
     classes, files = _scan(tr_dir)
     if not classes or not any(files):
         raise DataError(f"`data_dir` {data_dir}: {tr_dir} has no class folders with images")
@@ -47,7 +51,7 @@ def load_imagefolder_sets(data_dir: str, image_size: int) -> tuple[FolderImageSe
     vclasses, vfiles = _scan(va_dir)
     unknown = sorted(set(vclasses) - set(classes))
     if unknown:
-        raise DataError(f"`data_dir` {data_dir}: val/{unknown[0]} is not a class of train/")
+        raise DataError(f"`data_dir` {data_dir}: {os.path.basename(va_dir)}/{unknown[0]} is not a class of train/")
     cid = {c: i for i, c in enumerate(classes)}
     info = DatasetInfo("imagefolder", len(classes), tuple(classes), image_size, IMAGENET_MEAN, IMAGENET_STD, False)
     # Standard evaluation resize: shorter side to size/0.875, then centre crop.

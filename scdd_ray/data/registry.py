@@ -16,22 +16,26 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .base import SPLITS, DatasetInfo, ImageSet, stratified_split
 
-Loader = Callable[[str, int], "tuple[ImageSet, ImageSet]"]
+Loader = Callable[..., "tuple[ImageSet, ...]"]
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     """A dataset by name.
 
-    load(data_dir, image_size) -> (train, test): `data_dir` is absolute, or ""
-    when none was given; the loader caches what it reads. `preset`: the
-    DistillConfig values this dataset runs with unless the user overrides them
-    (top-level keys plus `squeeze`, `recover`, `posttrain` sections).
-    `val_fraction`: the share of each class of train held out as `val`, a
-    number or a function of the train labels.
+    load(data_dir, image_size, **options) -> (train, test) or (train, test,
+    validation): `data_dir` is absolute, or "" when none was given; test or
+    validation may be None when the dataset has none; the loader caches what it
+    reads. `options`: the keyword options `load` takes (e.g. column names).
+    `preset`: the DistillConfig values this dataset runs with unless the user
+    overrides them (top-level keys plus `squeeze`, `recover`, `posttrain`
+    sections); `native_size(data_dir)`, when given, replaces the preset's image
+    size by the data's own. `val_fraction`: the share of each class of train
+    held out as `val` when the dataset has no validation split, a number or a
+    function of the train labels.
     """
 
     name: str
@@ -40,6 +44,8 @@ class DatasetSpec:
     summary: str
     val_fraction: float | Callable[[np.ndarray], float] = 0.1
     needs_data_dir: bool = True
+    options: tuple[str, ...] = ()
+    native_size: Callable[[str], int | None] | None = None
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -62,22 +68,48 @@ def get(name: str) -> DatasetSpec:
     return _REGISTRY[name]
 
 
-def load_split(name: str, split: str, data_dir: str | None = None, image_size: int = 32) -> ImageSet:
-    """One split of a registered dataset; raises DataError with what was expected where."""
+def check_options(name: str, options: dict) -> None:
+    spec = get(name)
+    for k, v in options.items():
+        if v is not None and k not in spec.options:
+            raise ConfigError(k, f"does not apply to dataset {name!r}"
+                                 + (f" (its options: {', '.join(spec.options)})" if spec.options else ""))
+
+
+def load_split(name: str, split: str, data_dir: str | None = None, image_size: int = 32, **options) -> ImageSet:
+    """One split of a registered dataset; raises DataError with what was expected where.
+
+    `options` are the dataset's own (see DatasetSpec.options); None values are ignored.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
     spec = get(name)
-    train, test = spec.load(os.path.abspath(data_dir) if data_dir else "", image_size)
+    check_options(name, options)
+    given = {k: v for k, v in options.items() if v is not None}
+    root = os.path.abspath(data_dir) if data_dir else ""
+    train, test, *rest = spec.load(root, image_size, **given)
+    validation = rest[0] if rest else None
     if split == "test":
+        if test is None:
+            raise DataError(f"`data_dir` {root} has no test split")
         return test
-    if split == "train":
+    if split == "train" or (split == "train-noval" and validation is not None):
         return train
+    if validation is not None:
+        return validation
     labels = train.labels.numpy()
     frac = spec.val_fraction(labels) if callable(spec.val_fraction) else spec.val_fraction
-    rest, held = stratified_split(labels, frac, seed=0)
-    return train.subset(held if split == "val" else rest)
+    rest_idx, held = stratified_split(labels, frac, seed=0)
+    return train.subset(held if split == "val" else rest_idx)
 
 
-def dataset_info(name: str, data_dir: str | None = None, image_size: int = 32) -> DatasetInfo:
+def dataset_info(name: str, data_dir: str | None = None, image_size: int = 32, **options) -> DatasetInfo:
     """Check the dataset is readable and describe it (loads in-memory sets once; cached)."""
-    return load_split(name, "test", data_dir, image_size).info
+    return load_split(name, "test", data_dir, image_size, **options).info
+
+
+def preset_image_size(name: str, data_dir: str | None) -> int:
+    """The image size a run of `name` uses unless told otherwise: the data's own, or the preset's."""
+    spec = get(name)
+    size = spec.native_size(os.path.abspath(data_dir)) if spec.native_size and data_dir else None
+    return size or spec.preset["image_size"]

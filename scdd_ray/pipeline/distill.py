@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import DistillConfig
+from ..config import TEACHER_BACKBONE, DistillConfig
 from ..core.bn import parse_bn_weights
 from ..core.configs import SUPERVISED
 from ..core.evaluation import top1
 from ..core.shards import plan_shards, run_local
 from ..core.training import PosttrainJob
-from ..data import DatasetInfo, dataset_info, load_split, sample_per_class
+from ..data import DatasetInfo, dataset_info, sample_per_class
 from ..dist.cluster import cluster_gpus, connect, is_running, placement
 from ..dist.synthesis import run_ray
 from ..dist.train import run_posttrain
@@ -48,12 +48,12 @@ class Prepared:
 
 def prepare(cfg: DistillConfig) -> Prepared:
     """All input checks; raises ConfigError (naming the field) and writes nothing."""
-    info = dataset_info(cfg.dataset, cfg.data_dir, cfg.image_size)
+    info = dataset_info(cfg.dataset, cfg.data_dir, cfg.image_size, **cfg.data_options())
     backbone = teacher = None
     if cfg.backbone:
         backbone = load_checkpoint_arg(cfg.backbone, "backbone", info, cfg.image_size, allow_probe=True)
         check_checkpoint(backbone, cfg, info, "backbone", cfg.backbone, match_arch=True)
-    if cfg.teacher:
+    if cfg.teacher and cfg.teacher != TEACHER_BACKBONE:
         teacher = load_checkpoint_arg(cfg.teacher, "teacher", info, cfg.image_size)
         check_checkpoint(teacher, cfg, info, "teacher", cfg.teacher, match_arch=False)
     if cfg.method != "random":
@@ -133,7 +133,7 @@ def pick_device(cfg: DistillConfig) -> torch.device:
 
 def select_random(store: ShardStore, cfg: DistillConfig) -> dict:
     """The `random` baseline: IPC random real training images per class, one shard per IPC index."""
-    train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size)
+    train = cfg.split("train")
     idx, pos = sample_per_class(train, cfg.ipc, cfg.seed)
     labels = train.labels.numpy()[idx]
     computed = 0
@@ -149,8 +149,12 @@ def select_random(store: ShardStore, cfg: DistillConfig) -> dict:
 
 def _models(prep: Prepared, device) -> tuple[Checkpoint | None, str | None, Checkpoint, str]:
     """(backbone, its path, teacher, its path): the recovery backbone (scdd: SSL + probe; sre2l:
-    supervised; random: none) and the relabelling teacher (`teacher`, else the backbone; the random
-    baseline gets the supervised model, the strongest we have)."""
+    supervised; random: none) and the relabelling teacher.
+
+    The teacher is the same for every method unless `teacher` says otherwise:
+    a supervised model of the run's arch, as in the authors' post-training, so
+    that scdd, sre2l and the random subset are compared under one teacher.
+    `teacher` "backbone" relabels with the recovery backbone itself."""
     cfg, info = prep.cfg, prep.info
     backbone, backbone_path = (prep.backbone, cfg.backbone) if prep.backbone else (None, None)
     if backbone is None and cfg.method != "random":
@@ -159,7 +163,7 @@ def _models(prep: Prepared, device) -> tuple[Checkpoint | None, str | None, Chec
         backbone, backbone_path = probe_backbone(cfg, info, backbone, device)
     if prep.teacher is not None:
         return backbone, backbone_path, prep.teacher, cfg.teacher
-    if backbone is not None:
+    if cfg.teacher == TEACHER_BACKBONE:
         return backbone, backbone_path, backbone, backbone_path
     teacher, teacher_path = get_backbone(cfg, info, SUPERVISED, device)
     return backbone, backbone_path, teacher, teacher_path
@@ -169,7 +173,7 @@ def _recover(cfg: DistillConfig, info: DatasetInfo, store: ShardStore, backbone:
     if cfg.method == "random":
         return select_random(store, cfg)
     shards = plan_shards(info.num_classes, cfg.ipc, cfg.recover.classes_per_batch)
-    train = load_split(cfg.dataset, "train", cfg.data_dir, cfg.image_size) if cfg.recover.init == "real" else None
+    train = cfg.split("train") if cfg.recover.init == "real" else None
     if uses_ray(cfg):
         connect(cfg.address)
         return run_ray(backbone, shards, store, cfg.recover, cfg.image_size, cfg.seed, num_workers=num_workers(cfg),
@@ -200,7 +204,7 @@ def run(prep: Prepared) -> dict:
     images, class_ids, ipc_idx = store.read()
     export_all(cfg.out, images, class_ids, ipc_idx, info.class_names)
 
-    test = load_split(cfg.dataset, "test", cfg.data_dir, cfg.image_size)
+    test = cfg.split("test")
     teacher_top1 = top1(adapt_inputs(teacher_ckpt.build(), teacher_ckpt, info), test, info.mean, info.std)
     # The same Ray Train post-train as `scdd-ray posttrain`, run under OUT/posttrain/.
     job = PosttrainJob(source=store.root, images_digest=images_digest(images), num_images=len(images),

@@ -47,20 +47,21 @@ class PosttrainRequest:
 
 
 def _read_source(req: PosttrainRequest):
-    """(images, class ids, shard directory, dataset, data_dir, image size or None) of `req.distilled`."""
-    src, dataset, data_dir, image_size = req.distilled, req.dataset, req.data_dir, None
+    """(images, class ids, shard directory, dataset, data_dir, image size or None, data options) of `req.distilled`."""
+    src, dataset, data_dir, image_size, options = req.distilled, req.dataset, req.data_dir, None, {}
     run_file = os.path.join(src, RUN_FILE)
     if os.path.isfile(run_file):  # a distill output directory: its settings name the dataset
         with open(run_file) as f:
             prev = json.load(f)["config"]
         dataset, data_dir = dataset or prev["dataset"], data_dir or prev["data_dir"]
         image_size = prev["image_size"]
+        options = {k: prev[k] for k in ("image_column", "label_column") if prev.get(k)}
         src = os.path.join(src, "distilled")
     try:
         images, class_ids, _ = read_distilled(src)
     except StoreError as e:
         raise ConfigError("distilled", e.message) from None
-    return images, class_ids, src, dataset, data_dir, image_size
+    return images, class_ids, src, dataset, data_dir, image_size, options
 
 
 def _check_request(req: PosttrainRequest) -> None:
@@ -79,14 +80,14 @@ def _check_request(req: PosttrainRequest) -> None:
 def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, torch.Tensor, torch.Tensor, str]:
     """Every check, before anything is written; returns (job, images, class ids, dataset)."""
     _check_request(req)
-    images, class_ids, src, dataset, data_dir, image_size = _read_source(req)
+    images, class_ids, src, dataset, data_dir, image_size, options = _read_source(req)
     teacher = load_checkpoint_arg(req.teacher, "teacher")
     dataset = dataset or teacher.meta.get("dataset")
     if dataset not in data.names():
         raise ConfigError("dataset", f"cannot tell the dataset of {req.distilled}; name it")
     image_size = image_size or int(images.shape[-1])
     try:
-        test = data.load_split(dataset, "test", data_dir, image_size)
+        test = data.load_split(dataset, "test", data_dir, image_size, **options)
     except DataError as e:
         raise ConfigError("data_dir", e.message) from None
     info = test.info

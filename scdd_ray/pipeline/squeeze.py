@@ -15,13 +15,13 @@ SPLITS = ("train", "train-noval")
 
 def run_squeeze(dataset: str, method: str, out: str, *, overrides: dict, data_dir: str | None = None,
                 split: str = "train", seed: int = 0, from_checkpoint: str | None = None,
-                use_gpu: bool = False) -> dict:
+                use_gpu: bool = False, data_options: dict | None = None) -> dict:
     """Write the backbone to `out`; returns its summary (arch, width, method, test top-1)."""
-    setup = build_squeeze_setup(dataset, method, overrides)
+    setup = build_squeeze_setup(dataset, method, overrides, data_dir)
     if split not in SPLITS:
         raise ConfigError("split", f"must be train or train-noval (got {split!r})")
-    train = load_split(dataset, split, data_dir, setup.image_size)
-    test = load_split(dataset, "test", data_dir, setup.image_size)
+    train = load_split(dataset, split, data_dir, setup.image_size, **(data_options or {}))
+    test = load_split(dataset, "test", data_dir, setup.image_size, **(data_options or {}))
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     info = train.info
     if not from_checkpoint:
