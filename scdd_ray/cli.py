@@ -32,6 +32,8 @@ from .pipeline.outdir import check_only_holds
 from .pipeline.posttrain import PosttrainRequest, prepare_posttrain
 from .pipeline.posttrain import run as run_posttrain_command
 from .pipeline.squeeze import run_squeeze
+from .ranking import METHODS as RANKED_METHODS
+from .ranking import TableSpec, cells, markdown, run_table, write_table
 from .store import atomic_write_json
 from .tune_config import read_tune_config
 
@@ -184,7 +186,7 @@ POSTTRAIN_FIELDS = {
     **_same("distilled", "teacher", "out", "dataset", "data_dir", "seed", "num_workers", "num_gpus",
             "threads_per_worker", "address", "store_soft_labels", "topk", "soft_labels"),
     **{f"posttrain.{d}": d for d in ("student", "student_width", "epochs", "batch_size", "lr", "optimizer",
-                                     "temperature", "mix", "eval_every", "checkpoint_every", "amp")},
+                                     "temperature", "mix", "eval_every", "checkpoint_every", "amp", "labels")},
 }
 
 
@@ -204,6 +206,9 @@ def _posttrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="also evaluate every E epochs")
     p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints (default: ~20 per run)")
     p.add_argument("--amp", default=None, help="autocast on GPU: bf16 (default), fp16 or none")
+    p.add_argument("--labels", default=None,
+                   help="soft (default): the teacher's on every crop; hard: the images' classes by cross entropy, "
+                        "no teacher (DD-Ranking's hard-label protocol)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP); the global batch stays the same")
     p.add_argument("--num-gpus", type=int, default=0, help="> 0: one GPU per worker")
@@ -400,6 +405,77 @@ def _bench_models(a: argparse.Namespace) -> int:
     return 0
 
 
+TABLE_FIELDS = {**_same("dataset", "data_dir", "methods", "ipcs", "seeds", "work", "json", "md", "part",
+                        "full_epochs", "hlr", "width", "image_size", "num_gpus"),
+                "recover.iterations": "iterations", "recover.bn_coef": "bn_coef", "recover.bn_weights": "bn_weights",
+                "recover.bn_normalize": "bn_normalize", "recover.init": "init", "squeeze.epochs": "squeeze_epochs",
+                "posttrain.epochs": "posttrain_epochs"}
+TABLE_OVERRIDES = ("data_dir", "width", "image_size", "num_gpus", "recover.iterations", "recover.bn_coef",
+                   "recover.bn_weights", "recover.bn_normalize", "recover.init", "squeeze.epochs", "posttrain.epochs")
+
+
+def _table_args(tb: argparse.ArgumentParser) -> None:
+    tb.add_argument("--dataset", default="digits", help=f"one of {', '.join(data.names())}")
+    tb.add_argument("--data-dir", default=None)
+    tb.add_argument("--methods", default=",".join(RANKED_METHODS), help="comma-separated, random first")
+    tb.add_argument("--ipcs", default="1,10", help="comma-separated images per class")
+    tb.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (mean and std over them)")
+    tb.add_argument("--width", type=float, default=None)
+    tb.add_argument("--image-size", type=int, default=None)
+    tb.add_argument("--iterations", type=int, default=None, help="recover iterations")
+    tb.add_argument("--bn-coef", type=float, default=None)
+    tb.add_argument("--bn-weights", default=None)
+    tb.add_argument("--bn-normalize", default=None)
+    tb.add_argument("--init", default=None, help="noise | real")
+    tb.add_argument("--squeeze-epochs", type=int, default=None)
+    tb.add_argument("--posttrain-epochs", type=int, default=None)
+    tb.add_argument("--full-epochs", type=int, default=30,
+                    help="epochs of the hard-label student on the whole training split (for HLR)")
+    tb.add_argument("--no-hlr", dest="hlr", action="store_false", help="skip the hard-label students (no HLR)")
+    tb.add_argument("--num-gpus", type=int, default=0)
+    tb.add_argument("--part", default="1/1", help="i/n: run every n-th cell, starting at the i-th (parallel processes)")
+    tb.add_argument("--work", required=True, help="one distill run per cell; rerun the command to resume")
+    tb.add_argument("--json", required=True)
+    tb.add_argument("--md", default=None, help="also write the table as Markdown")
+
+
+def _ints(a: argparse.Namespace, dest: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in getattr(a, dest).split(","))
+    except ValueError:
+        raise ConfigError(dest, f"expected comma-separated integers (got {getattr(a, dest)!r})") from None
+    if not vals or min(vals) < 0 or (dest == "ipcs" and min(vals) < 1):
+        raise ConfigError(dest, f"expected {'positive' if dest == 'ipcs' else 'non-negative'} integers "
+                                f"(got {getattr(a, dest)!r})")
+    return vals
+
+
+def _bench_table(a: argparse.Namespace) -> int:
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    if not methods or any(m not in RANKED_METHODS for m in methods) or len(set(methods)) != len(methods):
+        raise ConfigError("methods", f"must name some of {', '.join(RANKED_METHODS)}, once each (got {a.methods!r})")
+    try:
+        i, n = (int(v) for v in a.part.split("/"))
+    except ValueError:
+        i, n = 0, 0
+    if not 1 <= i <= n:
+        raise ConfigError("part", f"expected i/n with 1 <= i <= n (got {a.part!r})")
+    _positive(a, "full_epochs")
+    overrides = {f: getattr(a, TABLE_FIELDS[f]) for f in TABLE_OVERRIDES if getattr(a, TABLE_FIELDS[f]) is not None}
+    if not a.num_gpus:
+        overrides.pop("num_gpus")
+    spec = TableSpec(a.dataset, a.work, methods, _ints(a, "ipcs"), _ints(a, "seeds"), overrides, a.full_epochs, a.hlr)
+    for method, ipc, seed in cells(spec):  # every cell's settings, before hours of work start
+        spec.config(method, ipc, seed, os.path.join(a.work, "check"))
+    table = run_table(spec, (i, n))
+    if table is None:
+        print(json.dumps({"part": a.part, "complete": False}))
+        return 0
+    write_table(table, a.json, a.md)
+    print(markdown(table), end="")
+    return 0
+
+
 COMMANDS = {c.name: c for c in (
     Command("distill", "squeeze, recover, relabel and post-train; writes OUT/report.json", _distill_args, _distill,
             DISTILL_FIELDS),
@@ -416,6 +492,8 @@ COMMANDS = {c.name: c for c in (
             _bench_recover, RECOVER_FIELDS),
     Command("bench models", "recover throughput and student top-1 per recovery-model size", _models_args,
             _bench_models, MODELS_FIELDS),
+    Command("bench table", "random vs sre2l vs scdd over IPCs and seeds under one teacher, with IOR and HLR",
+            _table_args, _bench_table, TABLE_FIELDS),
 )}
 
 

@@ -28,6 +28,7 @@ RECOVERY_METHODS = ("scdd", "sre2l")  # the methods that recover images from a b
 INITS = ("noise", "real")
 OPTIMIZERS = ("adamw", "sgd")
 AMPS = ("bf16", "fp16", "none")
+LABELS = ("soft", "hard")
 SECTIONS = ("squeeze", "recover", "posttrain")
 TEACHER_BACKBONE = "backbone"  # `teacher` value: relabel with the recovery backbone instead of the shared teacher
 
@@ -196,6 +197,7 @@ def validate_posttrain(p: PosttrainConfig) -> None:
     _check(isinstance(p.checkpoint_every, int) and p.checkpoint_every >= 0, "posttrain.checkpoint_every",
            f"must be a non-negative integer (got {p.checkpoint_every!r})")
     _choice(p.amp, AMPS, "posttrain.amp")
+    _choice(p.labels, LABELS, "posttrain.labels")
 
 
 def validate(cfg: DistillConfig) -> None:

@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(__file__), "..", "scdd_ray")
 # Modules that put the core on Ray, and the front ends above them; everything else must import without Ray.
 NEEDS_RAY = {"scdd_ray.dist", "scdd_ray.pipeline.distill", "scdd_ray.pipeline.posttrain", "scdd_ray.bench",
-             "scdd_ray.cli", "scdd_ray.__main__"}
+             "scdd_ray.ranking", "scdd_ray.cli", "scdd_ray.__main__"}
 
 
 def modules() -> dict[str, ast.Module]:

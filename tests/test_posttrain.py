@@ -188,3 +188,34 @@ def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(ray_sessi
     assert kept == ["epoch-00003", "epoch-00004"]  # the last two checkpoints
     again = run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1)  # finished: nothing to do
     assert again.trained_epochs == [1, 2, 3, 4] and again.top1 == res.top1 and again.seconds == 0.0
+
+
+def test_hard_label_loss_is_the_mixed_cross_entropy():
+    from scdd_ray.core.relabel import CropPlan, hard_label_loss, mix_weight
+
+    torch.manual_seed(0)
+    logits, y, partner = torch.randn(4, 5), torch.tensor([0, 1, 2, 3]), torch.tensor([4, 0, 2, 1])
+    p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
+    want = -np.mean(0.7 * np.log(p[np.arange(4), y.numpy()]) + 0.3 * np.log(p[np.arange(4), partner.numpy()]))
+    assert float(hard_label_loss(logits, y, partner, 0.7)) == pytest.approx(want, rel=1e-5)
+    boxes = torch.zeros(4, 4)
+    assert mix_weight(CropPlan(boxes, torch.zeros(4, dtype=torch.bool), "cutmix", box=(0, 4, 0, 8)), 16) == 1 - 32 / 256
+    assert mix_weight(CropPlan(boxes, torch.zeros(4, dtype=torch.bool), "mixup", lam=0.25), 16) == 0.25
+    assert mix_weight(CropPlan(boxes, torch.zeros(4, dtype=torch.bool)), 16) == 1.0
+
+
+def test_hard_label_posttrain_needs_no_teacher_and_learns_the_labels():
+    from scdd_ray.core.training import PostTrainer
+
+    test = load_split("synthetic", "train", None, SIZE)  # learn and check on the same images: it must fit them
+    cfg = dataclasses.replace(CFG, labels="hard", epochs=12, batch_size=24, lr=5e-3, mix="none")
+    trainer = PostTrainer(cfg, test.images, None, test.info, image_size=SIZE, small_input=True, seed=0,
+                          labels=test.labels)
+    losses = []
+    trainer.fit(on_epoch=lambda e, running, steps: losses.append(float(running) / steps))
+    assert losses[-1] < 0.5 * losses[0]
+    from scdd_ray.core.evaluation import top1
+
+    assert top1(trainer.student, test, test.info.mean, test.info.std) > 60
+    with pytest.raises(ValueError, match="needs the images' labels"):
+        PostTrainer(cfg, test.images, None, test.info, image_size=SIZE, small_input=True, seed=0)

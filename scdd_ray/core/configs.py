@@ -57,3 +57,4 @@ class PosttrainConfig:
     eval_every: int = 0  # 0: evaluate on the real test split only at the end
     checkpoint_every: int = 0  # epochs between Ray Train checkpoints; 0: about 20 per run
     amp: str = "bf16"  # autocast dtype on GPU: bf16, fp16 or none (CPU always runs float32)
+    labels: str = "soft"  # soft: the teacher's, on each crop (KD); hard: the images' classes, cross entropy

@@ -95,6 +95,23 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean", log_target=True) * (t * t)
 
 
+def mix_weight(plan: CropPlan, image_size: int) -> float:
+    """How much of each mixed crop is its own image: the label weight hard-label training gives it."""
+    if plan.mix == "cutmix":
+        y0, y1, x0, x1 = plan.box
+        return 1.0 - (y1 - y0) * (x1 - x0) / (image_size * image_size)
+    return plan.lam if plan.mix == "mixup" else 1.0
+
+
+def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor,
+                    lam: float) -> torch.Tensor:
+    """Cross entropy against the crop's mixed label: `lam` on its own class, the rest on its partner's."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    own = logp.gather(1, labels.view(-1, 1)).squeeze(1)
+    other = logp.gather(1, partner_labels.view(-1, 1)).squeeze(1)
+    return -(lam * own + (1.0 - lam) * other).mean()
+
+
 # --- stored soft labels ----------------------------------------------------------
 
 def topk_probs(teacher_logits: torch.Tensor, temperature: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:

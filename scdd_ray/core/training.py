@@ -36,8 +36,8 @@ from ..errors import ConfigError, StoreError
 from ..models import Checkpoint, adapt_inputs, autocast, create_model, frozen
 from ..store import SOFT_FORMAT, SOFT_META, read_soft_labels
 from .configs import PosttrainConfig
-from .relabel import (MIX_CODES, CropPlan, kd_loss, logits_from_topk, make_crops, plan_crops, soft_labels,
-                      topk_probs)
+from .relabel import (MIX_CODES, CropPlan, hard_label_loss, kd_loss, logits_from_topk, make_crops, mix_weight,
+                      plan_crops, soft_labels, topk_probs)
 from .schedules import cosine_lr, set_lr
 
 log = logging.getLogger("scdd_ray")
@@ -155,24 +155,34 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
-def train_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor,
+def train_step(student: nn.Module, teacher: nn.Module | None, opt: torch.optim.Optimizer, images: torch.Tensor,
                sb: StepBatch, rows: torch.Tensor, weight: float, cfg: PosttrainConfig, image_size: int, mean, std,
-               scaler=None) -> tuple[torch.Tensor, torch.Tensor]:
+               scaler=None, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimisation step on this worker's `rows` of the global batch `sb`.
 
     The teacher labels the very crop tensor the student is fed (after
-    random-resized-crop, flip and CutMix/MixUp). Returns (weighted loss, teacher logits).
+    random-resized-crop, flip and CutMix/MixUp). With `labels` (the images'
+    classes, on CPU) the student learns them instead, by cross entropy with
+    mixed crops weighted by how much of each image they show (no teacher).
+    Returns (weighted loss, teacher logits or None).
     """
     device = images.device
     crops = make_crops(images[sb.idx.to(device)], sb.plan, image_size, mean, std, rows)
     crops = crops.contiguous(memory_format=memory_format(device))
     with autocast(device, cfg.amp):
-        if sb.targets is None:
+        if labels is not None:
+            target = None
+        elif sb.targets is None:
             target = soft_labels(teacher, crops)
         else:
             target = sb.targets[rows].to(device)
         logits = student(crops)
-    loss = kd_loss(logits, target, cfg.temperature) * weight
+    if labels is None:
+        loss = kd_loss(logits, target, cfg.temperature) * weight
+    else:
+        partner = sb.plan.partner[rows] if sb.plan.partner is not None else rows
+        loss = hard_label_loss(logits, labels[sb.idx[rows]].to(device), labels[sb.idx[partner]].to(device),
+                               mix_weight(sb.plan, image_size)) * weight
     opt.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -186,13 +196,13 @@ def train_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimize
 
 def run_epoch(student, teacher, opt, images: torch.Tensor, batches: list[StepBatch], rows: torch.Tensor,
               weight: float, cfg: PosttrainConfig, image_size: int, mean, std, *, step: int, total_steps: int,
-              scaler=None, on_step=None) -> tuple[torch.Tensor, int]:
+              scaler=None, on_step=None, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Train one epoch; returns (sum of this worker's weighted step losses, global step after it)."""
     running = torch.zeros((), device=images.device)
     for s, sb in enumerate(batches):
         set_lr(opt, cosine_lr(cfg.lr, step, total_steps))
         loss, target = train_step(student, teacher, opt, images, sb, rows, weight, cfg, image_size, mean, std,
-                                  scaler)
+                                  scaler, labels)
         running += loss
         if on_step is not None:
             on_step(s, sb, target)
@@ -213,15 +223,20 @@ class PostTrainer:
 
     images: the distilled set (uint8, on `device`); teacher: the frozen
     relabelling model, or None with `stored` soft labels (a directory written
-    by a post-train that stored them), which are read instead. Every random draw is a
+    by a post-train that stored them), which are read instead, or with
+    `cfg.labels` "hard", where the student learns `labels` (the images'
+    classes) by cross entropy. Every random draw is a
     function of (seed, epoch), so a trainer restored from `state_dict()` after
     epoch k continues exactly as the uninterrupted run would.
     """
 
     def __init__(self, cfg: PosttrainConfig, images: torch.Tensor, teacher: nn.Module | None, info: DatasetInfo, *,
                  image_size: int, small_input: bool, seed: int, rank: int = 0, world: int = 1,
-                 stored: str | None = None):
+                 stored: str | None = None, labels: torch.Tensor | None = None):
+        if cfg.labels == "hard" and labels is None:
+            raise ValueError("hard-label post-training needs the images' labels")
         self.cfg, self.images, self.teacher, self.info = cfg, images, teacher, info
+        self.labels = labels.cpu().long() if cfg.labels == "hard" else None
         self.image_size, self.seed, self.stored = image_size, seed, stored
         self.device = images.device
         n = len(images)
@@ -270,7 +285,7 @@ class PostTrainer:
             running, step = run_epoch(self.model, self.teacher, self.opt, self.images, batches, self.rows,
                                       self.weight, cfg, self.image_size, self.info.mean, self.info.std,
                                       step=self.state["step"], total_steps=self.total_steps, scaler=self.scaler,
-                                      on_step=hook)
+                                      on_step=hook, labels=self.labels)
             self.state["epoch"], self.state["step"] = epoch + 1, step
             self.state["trained_epochs"].append(epoch + 1)
             if on_epoch is not None:
@@ -304,6 +319,8 @@ class PosttrainJob:
         """Everything that decides the student; placement and checkpoint frequency are left out."""
         cfg = dataclasses.asdict(self.cfg)
         cfg.pop("checkpoint_every", None)
+        if cfg["labels"] == "soft":  # added later: left out at its default so earlier runs keep resuming
+            del cfg["labels"]
         teacher = hashlib.sha256()
         for k_, v in sorted(self.teacher.state_dict.items()):
             teacher.update(k_.encode())

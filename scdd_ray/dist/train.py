@@ -43,12 +43,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _read_images(config: dict, rank: int, device) -> torch.Tensor:
-    images, _, _ = read_distilled(config["source"])  # every worker reads the Parquet shards itself
+def _read_images(config: dict, rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images on `device`, their class ids): every worker reads the Parquet shards itself."""
+    images, class_ids, _ = read_distilled(config["source"])
     if images_digest(images) != config["images_digest"]:
         raise RuntimeError(f"worker {rank} read other images from {config['source']} than the driver "
                            "(multi-node runs need the distilled directory on shared storage)")
-    return images.to(device)
+    return images.to(device), torch.from_numpy(class_ids)
 
 
 def _soft_label_writer(store_to: str, trainer: PostTrainer, rank: int, world: int, k: int):
@@ -79,12 +80,13 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu" and config.get("threads"):
         torch.set_num_threads(config["threads"])
-    images = _read_images(config, rank, device)
+    images, class_ids = _read_images(config, rank, device)
     stored, store_to = config.get("soft_labels"), config.get("store_soft_labels")
-    teacher = None if stored else build_teacher(ray.get(config["teacher"]), info, device)
+    needs_teacher = not stored and cfg.labels == "soft"
+    teacher = build_teacher(ray.get(config["teacher"]), info, device) if needs_teacher else None
     trainer = PostTrainer(cfg, images, teacher, info, image_size=config["image_size"],
                           small_input=config["small_input"], seed=config["seed"], rank=rank, world=world,
-                          stored=stored)
+                          stored=stored, labels=class_ids)
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:

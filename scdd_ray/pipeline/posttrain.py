@@ -97,6 +97,8 @@ def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, torch.Tensor
     if int(class_ids.max()) >= info.num_classes:
         raise ConfigError("distilled", f"class id {int(class_ids.max())} is out of range for {dataset}")
     cfg = build_posttrain_config(dataset, req.overrides)
+    if cfg.labels == "hard" and (req.soft_labels or req.store_soft_labels):
+        raise ConfigError("posttrain.labels", "hard labels use no teacher: no soft labels to read or store")
     digest = images_digest(images)
     if req.soft_labels:
         check_soft_labels(req.soft_labels, cfg, digest, info.num_classes, len(images))

@@ -1,0 +1,222 @@
+"""`scdd-ray bench table`: does a distilled set beat a random real subset?
+
+Every (method, IPC, seed) cell is a full `distill` run, and every cell of a
+seed is relabelled by the same teacher file (a supervised model squeezed once
+per seed) and post-trained the same way; the SSL backbone of scdd is also
+squeezed once per seed and shared by its IPCs. Beside top-1 the table gives
+DD-Ranking's two metrics:
+
+- IOR (improvement over random): top-1 of the distilled set minus top-1 of
+  the random real subset of the same IPC, same seed, teacher and post-train;
+- HLR (hard-label recovery): top-1 of the student trained on the whole
+  training split with hard labels minus top-1 of the student trained on the
+  distilled set with hard labels (cross entropy on its classes, no teacher),
+  both with the cell's post-train settings, the former for `full_epochs`.
+
+Cells resume from what they wrote (report.json, hard.json); `part` (i, n)
+runs every n-th cell so several processes share a table, and models shared
+between cells are squeezed under a file lock.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbones import backbone_name, squeeze_and_save
+from .config import SqueezeSetup, build_distill_config
+from .core.configs import SUPERVISED
+from .core.evaluation import top1
+from .core.training import PostTrainer
+from .pipeline import distill
+from .store import ShardStore, atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger("scdd_ray")
+METHODS = ("random", "sre2l", "scdd")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    dataset: str
+    work: str
+    methods: tuple[str, ...] = METHODS
+    ipcs: tuple[int, ...] = (1, 10)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    overrides: dict = field(default_factory=dict)  # DistillConfig fields (flat or section.name) for every cell
+    full_epochs: int = 30  # epochs of the whole-training-split hard-label student (HLR)
+    hlr: bool = True
+
+    def suffix(self) -> str:
+        """Settings other than the preset's name the cells, so tables with other settings never collide."""
+        return "".join(f"-{k.replace('.', '_')}-{v}" for k, v in sorted(self.overrides.items())
+                       if k not in ("data_dir", "num_gpus", "num_workers"))
+
+    def config(self, method: str, ipc: int, seed: int, out: str, **extra):
+        return build_distill_config(self.dataset, out, {"num_workers": 1, **self.overrides, "method": method,
+                                                        "ipc": ipc, "seed": seed, **extra})
+
+
+def cells(spec: TableSpec) -> list[tuple[str, int, int]]:
+    return [(m, ipc, s) for s in spec.seeds for ipc in spec.ipcs for m in spec.methods]
+
+
+def cell_dir(spec: TableSpec, method: str, ipc: int, seed: int) -> str:
+    return os.path.join(spec.work, "cells", f"{spec.dataset}-{method}-ipc{ipc}-seed{seed}{spec.suffix()}")
+
+
+@contextmanager
+def _locked(path: str):
+    """An exclusive lock on `path`.lock while shared work (a squeeze) is done once for every process."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def shared_model(spec: TableSpec, squeeze_method: str, seed: int) -> str:
+    """The per-seed model every cell shares (the supervised teacher, scdd's SSL backbone); squeezed once."""
+    cfg = spec.config("scdd" if squeeze_method != SUPERVISED else "sre2l", spec.ipcs[0], seed, "unused")
+    name = backbone_name(squeeze_method, cfg.arch, cfg.width, cfg.image_size, cfg.squeeze.epochs, seed)
+    path = os.path.join(spec.work, "models", f"{spec.dataset}-{name}")
+    with _locked(path):
+        if not os.path.isfile(path):
+            setup = SqueezeSetup(cfg.dataset, cfg.arch, cfg.width, cfg.image_size,
+                                 dataclasses.replace(cfg.squeeze, method=squeeze_method))
+            device = torch.device("cuda" if cfg.num_gpus and torch.cuda.is_available() else "cpu")
+            squeeze_and_save(path, setup, cfg.split("train"), device, seed, cfg.split("test"))
+    return path
+
+
+def run_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> dict:
+    """The cell's distill report (run unless it exists)."""
+    out = cell_dir(spec, method, ipc, seed)
+    path = os.path.join(out, "report.json")
+    if not os.path.isfile(path):
+        teacher = shared_model(spec, SUPERVISED, seed)
+        backbone = {"random": None, "sre2l": teacher}.get(method, None)
+        if method == "scdd":
+            ssl = spec.config(method, ipc, seed, out).squeeze.method
+            backbone = shared_model(spec, ssl, seed)
+        extra = {"teacher": teacher, **({"backbone": backbone} if backbone else {})}
+        distill.run(distill.prepare(spec.config(method, ipc, seed, out, **extra)))
+    with open(path) as f:
+        return json.load(f)
+
+
+def _hard_student(cfg, images: torch.Tensor, labels: torch.Tensor, test, epochs: int) -> float:
+    """Top-1 on `test` of the cell's student trained on (images, labels) by cross entropy, in process."""
+    pcfg = dataclasses.replace(cfg.posttrain, labels="hard", epochs=epochs)
+    device = torch.device("cuda" if cfg.num_gpus and torch.cuda.is_available() else "cpu")
+    trainer = PostTrainer(pcfg, images.to(device), None, test.info, image_size=cfg.image_size,
+                          small_input=cfg.small_input, seed=cfg.seed, labels=labels)
+    trainer.fit()
+    return top1(trainer.student, test, test.info.mean, test.info.std, device)
+
+
+def run_hard_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> float:
+    """Hard-label top-1 of the cell's distilled set (its own post-train budget)."""
+    out = cell_dir(spec, method, ipc, seed)
+    path = os.path.join(out, "hard.json")
+    if not os.path.isfile(path):
+        cfg = spec.config(method, ipc, seed, out)
+        images, cls, _ = ShardStore(os.path.join(out, "distilled")).read()
+        t0 = time.perf_counter()
+        acc = _hard_student(cfg, images, torch.from_numpy(cls), cfg.split("test"), cfg.posttrain.epochs)
+        atomic_write_json(path, {"hard_top1": acc, "seconds": time.perf_counter() - t0})
+    with open(path) as f:
+        return json.load(f)["hard_top1"]
+
+
+def run_full_hard(spec: TableSpec, seed: int) -> float:
+    """Hard-label top-1 of a student trained on the whole training split for `full_epochs`."""
+    cfg = spec.config(spec.methods[0], spec.ipcs[0], seed, "unused")
+    path = os.path.join(spec.work, "full", f"{spec.dataset}-hard-e{spec.full_epochs}-seed{seed}"
+                                           f"{spec.suffix()}.json")
+    with _locked(path):
+        if not os.path.isfile(path):
+            train = cfg.split("train")
+            t0 = time.perf_counter()
+            acc = _hard_student(cfg, train.images, train.labels, cfg.split("test"), spec.full_epochs)
+            atomic_write_json(path, {"hard_top1": acc, "epochs": spec.full_epochs, "images": len(train),
+                                     "seconds": time.perf_counter() - t0})
+    with open(path) as f:
+        return json.load(f)["hard_top1"]
+
+
+def run_table(spec: TableSpec, part: tuple[int, int] = (1, 1)) -> dict | None:
+    """Run this part's cells; when every cell of the table is done, return (and write) the table."""
+    i, n = part
+    todo = cells(spec)
+    for k, (method, ipc, seed) in enumerate(todo):
+        if k % n == i - 1:
+            run_cell(spec, method, ipc, seed)
+            if spec.hlr:
+                run_hard_cell(spec, method, ipc, seed)
+    if spec.hlr:
+        for k, seed in enumerate(spec.seeds):
+            if k % n == i - 1:
+                run_full_hard(spec, seed)
+    missing = [c for c in todo if not os.path.isfile(os.path.join(cell_dir(spec, *c), "report.json"))]
+    if missing:
+        log.info("table: %d of %d cells done; the other parts still run %s", len(todo) - len(missing), len(todo),
+                 ", ".join(f"{m}/ipc{c}/seed{s}" for m, c, s in missing[:5]))
+        return None
+    return summarize(spec)
+
+
+def _mean_std(vals: list[float]) -> dict:
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "values": vals}
+
+
+def summarize(spec: TableSpec) -> dict:
+    """One row per (method, IPC): top-1, IOR and HLR as mean and std over seeds (paired by seed)."""
+    top = {c: run_cell(spec, *c) for c in cells(spec)}
+    hard = {c: run_hard_cell(spec, *c) for c in cells(spec)} if spec.hlr else {}
+    full = {s: run_full_hard(spec, s) for s in spec.seeds} if spec.hlr else {}
+    rows = []
+    for ipc in spec.ipcs:
+        for method in spec.methods:
+            keys = [(method, ipc, s) for s in spec.seeds]
+            row = {"method": method, "ipc": ipc, "top1": _mean_std([top[k]["top1"] for k in keys]),
+                   "teacher_top1": _mean_std([top[k]["teacher_top1"] for k in keys]),
+                   "teachers": sorted({top[k]["teacher"] for k in keys})}
+            if "random" in spec.methods:
+                row["ior"] = _mean_std([top[k]["top1"] - top[("random", ipc, k[2])]["top1"] for k in keys])
+            if spec.hlr:
+                row["hard_top1"] = _mean_std([hard[k] for k in keys])
+                row["hlr"] = _mean_std([full[k[2]] - hard[k] for k in keys])
+            rows.append(row)
+    return {"benchmark": "table", "dataset": spec.dataset, "methods": list(spec.methods), "ipcs": list(spec.ipcs),
+            "seeds": list(spec.seeds), "overrides": spec.overrides, "full_epochs": spec.full_epochs,
+            "full_hard_top1": full, "rows": rows}
+
+
+def markdown(table: dict) -> str:
+    def ms(d):
+        return f"{d['mean']:.1f} ± {d['std']:.1f}"
+
+    head = "| method | IPC | top-1 | IOR | HLR | hard-label top-1 | teacher top-1 | top-1 per seed |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in table["rows"]:
+        lines.append(f"| {r['method']} | {r['ipc']} | {ms(r['top1'])} | {ms(r['ior']) if 'ior' in r else '–'} | "
+                     f"{ms(r['hlr']) if 'hlr' in r else '–'} | {ms(r['hard_top1']) if 'hard_top1' in r else '–'} | "
+                     f"{ms(r['teacher_top1'])} | {', '.join(f'{v:.1f}' for v in r['top1']['values'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: dict, json_path: str, md_path: str | None) -> None:
+    atomic_write_json(json_path, table)
+    if md_path:
+        atomic_write_bytes(md_path, markdown(table).encode())
