@@ -89,7 +89,7 @@ DISTILL_FIELDS = {
             "teacher", "num_gpus", "num_workers", "address", "posttrain_workers", "image_column", "label_column"),
     "squeeze.method": "ssl", "squeeze.epochs": "squeeze_epochs",
     **{f"recover.{d}": d for d in ("iterations", "lr", "bn_coef", "bn_weights", "jitter", "init",
-                                   "classes_per_batch", "grayscale", "bn_normalize")},
+                                   "classes_per_batch", "grayscale", "bn_normalize", "augment_per", "ipc_per_shard")},
     "recover.crop_scale": "recover_crop_scale",
     **{f"posttrain.{d}": d for d in ("student", "student_width", "temperature", "mix", "eval_every",
                                      "checkpoint_every")},
@@ -123,6 +123,10 @@ def _distill_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--bn-normalize", default=None,
                    help="none (paper: sum over BN layers) | mean (over layers) | channel (per-channel, over layers)")
     d.add_argument("--classes-per-batch", type=int, default=None, help="classes optimised together in one shard")
+    d.add_argument("--ipc-per-shard", type=int, default=None,
+                   help="consecutive IPC indices optimised together in one shard (a bigger batch; default 1)")
+    d.add_argument("--augment-per", default=None,
+                   help="image (default): a crop box and flip per image | batch: one for the whole batch (authors')")
     d.add_argument("--student", default=None)
     d.add_argument("--student-width", type=float, default=None)
     d.add_argument("--posttrain-epochs", type=int, default=None)
@@ -186,7 +190,7 @@ POSTTRAIN_FIELDS = {
     **_same("distilled", "teacher", "out", "dataset", "data_dir", "seed", "num_workers", "num_gpus",
             "threads_per_worker", "address", "store_soft_labels", "topk", "soft_labels"),
     **{f"posttrain.{d}": d for d in ("student", "student_width", "epochs", "batch_size", "lr", "optimizer",
-                                     "temperature", "mix", "eval_every", "checkpoint_every", "amp", "labels")},
+                                     "temperature", "mix", "eval_every", "checkpoint_every", "amp", "labels", "crop")},
 }
 
 
@@ -203,6 +207,7 @@ def _posttrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default=None, help=f"one of {', '.join(OPTIMIZERS)}")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--mix", default=None)
+    p.add_argument("--crop", default=None, help="resized (random-resized-crop) | padded (RandomCrop with 4 px padding)")
     p.add_argument("--eval-every", type=int, default=None, help="also evaluate every E epochs")
     p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints (default: ~20 per run)")
     p.add_argument("--amp", default=None, help="autocast on GPU: bf16 (default), fp16 or none")

@@ -19,7 +19,7 @@ from . import data
 from .core import ssl
 from .core.bn import NORMALIZE, parse_bn_weights
 from .core.configs import SUPERVISED, PosttrainConfig, RecoverConfig, SqueezeConfig
-from .core.relabel import MIX_CODES
+from .core.relabel import CROPS, MIX_CODES
 from .errors import ConfigError
 from .models import ARCHS, TIMM_PREFIX, small_input
 
@@ -101,7 +101,8 @@ class DistillConfig:
 
 
 # Recover settings added after the first release, at the value that reproduces earlier runs.
-LATER_DEFAULTS: dict[str, object] = {}
+LATER_DEFAULTS: dict[str, object] = {"recover.augment_per": "image", "recover.ipc_per_shard": 1}
+AUGMENT_PER = ("image", "batch")
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -177,6 +178,8 @@ def validate_recover(r: RecoverConfig) -> None:
     _choice(r.init, INITS, "recover.init")
     _positive_int(r.classes_per_batch, "recover.classes_per_batch")
     _choice(r.bn_normalize, NORMALIZE, "recover.bn_normalize")
+    _choice(r.augment_per, AUGMENT_PER, "recover.augment_per")
+    _positive_int(r.ipc_per_shard, "recover.ipc_per_shard")
     _check(isinstance(r.grayscale, bool), "recover.grayscale", f"must be true or false (got {r.grayscale!r})")
 
 
@@ -198,6 +201,7 @@ def validate_posttrain(p: PosttrainConfig) -> None:
            f"must be a non-negative integer (got {p.checkpoint_every!r})")
     _choice(p.amp, AMPS, "posttrain.amp")
     _choice(p.labels, LABELS, "posttrain.labels")
+    _choice(p.crop, CROPS, "posttrain.crop")
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -240,7 +244,7 @@ def build_distill_config(dataset: str, out: str, overrides: dict | None = None) 
     e.g. no random-resized-crop); it is flat for top-level fields and uses
     'squeeze.x', 'recover.x', 'posttrain.x' keys for the nested ones.
     """
-    preset = data.get(dataset).preset
+    preset = data.get(dataset).preset_for(gpu=bool((overrides or {}).get("num_gpus")))
     top = {k: v for k, v in preset.items() if k not in ("squeeze", "recover", "posttrain")}
     if "image_size" not in (overrides or {}):
         top["image_size"] = data.preset_image_size(dataset, (overrides or {}).get("data_dir"))
@@ -287,10 +291,12 @@ def parse_scale(text: str, field: str) -> tuple[float, float] | None:
     return float(m.group(1)), float(m.group(2))
 
 
-def build_posttrain_config(dataset: str, overrides: dict) -> PosttrainConfig:
-    """`dataset`'s post-train preset, then the user's overrides (PosttrainConfig fields; None ignored), validated."""
+def build_posttrain_config(dataset: str, overrides: dict, gpu: bool = False) -> PosttrainConfig:
+    """`dataset`'s post-train preset (its CPU one unless `gpu`), then the user's overrides (PosttrainConfig
+    fields; None ignored), validated."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = _merge(PosttrainConfig(), {**data.get(dataset).preset.get("posttrain", {}), **given}, "posttrain.")
+    preset = data.get(dataset).preset_for(gpu).get("posttrain", {})
+    cfg = _merge(PosttrainConfig(), {**preset, **given}, "posttrain.")
     validate_posttrain(cfg)
     return cfg
 
@@ -310,10 +316,11 @@ class SqueezeSetup:
         return small_input(self.image_size)
 
 
-def build_squeeze_setup(dataset: str, method: str, overrides: dict, data_dir: str | None = None) -> SqueezeSetup:
-    """`dataset`'s preset model and squeeze settings with `method` and the overrides
-    (arch, width, image_size, epochs; None ignored), validated; `data_dir` for the data's own image size."""
-    preset = data.get(dataset).preset
+def build_squeeze_setup(dataset: str, method: str, overrides: dict, data_dir: str | None = None,
+                        gpu: bool = False) -> SqueezeSetup:
+    """`dataset`'s preset model and squeeze settings (its CPU preset unless `gpu`) with `method` and the
+    overrides (arch, width, image_size, epochs; None ignored), validated; `data_dir` for the data's own size."""
+    preset = data.get(dataset).preset_for(gpu)
     given = {k: v for k, v in overrides.items() if v is not None}
     for k in given:
         _check(k in ("arch", "width", "image_size", "epochs"), k, "is not a known setting")

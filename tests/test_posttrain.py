@@ -219,3 +219,16 @@ def test_hard_label_posttrain_needs_no_teacher_and_learns_the_labels():
     assert top1(trainer.student, test, test.info.mean, test.info.std) > 60
     with pytest.raises(ValueError, match="needs the images' labels"):
         PostTrainer(cfg, test.images, None, test.info, image_size=SIZE, small_input=True, seed=0)
+
+
+def test_padded_crops_are_whole_pixel_shifts_with_black_padding():
+    cfg = dataclasses.replace(CFG, crop="padded", flip=False, mix="none")
+    images = _images(6)
+    plan = plan_crops(6, cfg, SIZE, torch.Generator().manual_seed(0))
+    crops = make_crops(images, plan, SIZE, (0.0,) * 3, (1.0,) * 3)  # identity normalisation: pixels in [0, 1]
+    padded = F.pad(to_float(images), (4, 4, 4, 4))
+    shifts = ((plan.boxes[:, 2:] - 0.5) * SIZE).round().long()
+    assert shifts.abs().max() <= 4 and len({tuple(s) for s in shifts.tolist()}) > 1
+    for i, (dx, dy) in enumerate(shifts.tolist()):
+        want = padded[i, :, 4 + dy:4 + dy + SIZE, 4 + dx:4 + dx + SIZE]
+        torch.testing.assert_close(crops[i], want, atol=1e-5, rtol=0)

@@ -73,3 +73,42 @@ def test_recover_shard_init_real_starts_from_training_images(tiny_model):
         diff = (members - res.images[k].int()).abs().amax(dim=(1, 2, 3))
         assert diff.min() <= 1
 
+
+
+def test_shards_can_hold_several_ipc_indices_and_keep_their_old_ids():
+    one = plan_shards(10, 5, 10)
+    assert [s.id for s in one][:2] == ["ipc0000-c00000-00009", "ipc0001-c00000-00009"]  # ids (and seeds) as before
+    many = plan_shards(10, 5, 10, ipc_per_shard=3)
+    assert [s.id for s in many] == ["ipc0000-0002-c00000-00009", "ipc0003-0004-c00000-00009"]
+    pairs = [p for s in many for p in zip(*s.rows())]
+    assert sorted(pairs) == [(c, j) for c in range(10) for j in range(5)] and len(pairs) == len(set(pairs))
+    assert [len(s) for s in many] == [30, 20]
+
+
+def test_a_shard_of_two_ipc_indices_recovers_one_image_per_row(tiny_model):
+    from scdd_ray.core.shards import Shard
+
+    cfg = dataclasses.replace(CFG, iterations=2)
+    res, cls, ipc = recover_shard(frozen(tiny_model), Shard(2, (0, 1, 3), ipc_count=2), cfg, MEAN, STD, 16, 0)
+    assert cls == [0, 1, 3, 0, 1, 3] and ipc == [2, 2, 2, 3, 3, 3] and res.images.shape[0] == 6
+
+
+def test_per_batch_augmentation_crops_and_flips_every_image_alike():
+    from scdd_ray.core.augment import random_flip, random_resized_crop
+
+    x = torch.rand(1, 3, 16, 16).expand(6, 3, 16, 16).contiguous()
+    same = random_resized_crop(x, 16, (0.2, 0.5), torch.Generator().manual_seed(0), per_batch=True)
+    assert all(torch.equal(same[0], same[i]) for i in range(6))
+    each = random_resized_crop(x, 16, (0.2, 0.5), torch.Generator().manual_seed(0))
+    assert not all(torch.equal(each[0], each[i]) for i in range(6))
+    flips = [random_flip(x, torch.Generator().manual_seed(s), per_batch=True) for s in range(8)]
+    assert all(torch.equal(f, x) or torch.equal(f, x.flip(3)) for f in flips)
+    assert any(torch.equal(f, x.flip(3)) for f in flips) and any(torch.equal(f, x) for f in flips)
+
+
+def test_new_recover_settings_at_their_defaults_keep_earlier_fingerprints():
+    from scdd_ray.config import build_distill_config
+
+    # the fingerprint the digits main job had before augment_per, ipc_per_shard and the data options existed
+    assert build_distill_config("digits", "out", {}).fingerprint() == "5c4bc6e9fe4607f8"
+    assert build_distill_config("digits", "out", {"recover.ipc_per_shard": 2}).fingerprint() != "5c4bc6e9fe4607f8"

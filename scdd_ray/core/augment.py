@@ -36,13 +36,24 @@ def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float], g
 
 
 def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator,
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """Per-image random crop resized to `size` (bilinear), differentiable in `x`."""
-    return resized_crop(x, crop_boxes(x.shape[0], scale, ratio, g), size)
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), per_batch: bool = False) -> torch.Tensor:
+    """Random crop resized to `size` (bilinear), differentiable in `x`: one box per image, or one for
+    the whole batch (`per_batch`, as torchvision's transform applied to a 4-D batch does)."""
+    boxes = crop_boxes(1 if per_batch else x.shape[0], scale, ratio, g)
+    return resized_crop(x, boxes.expand(x.shape[0], 4) if per_batch else boxes, size)
 
 
-def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop each image to its (w, h, cx, cy) box (fractions) and resize to `size`; rows are independent."""
+def padded_crop_boxes(n: int, size: int, pad: int, g: torch.Generator) -> torch.Tensor:
+    """RandomCrop(size, padding=pad) as (w, h, cx, cy) boxes: whole-image boxes shifted by whole pixels."""
+    shift = torch.randint(-pad, pad + 1, (n, 2), generator=g).float() / size
+    return torch.cat([torch.ones(n, 2), 0.5 + shift], dim=1)
+
+
+def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, fill: str = "reflection") -> torch.Tensor:
+    """Crop each image to its (w, h, cx, cy) box (fractions) and resize to `size`; rows are independent.
+
+    Outside the image the crop reflects it, or is black with `fill` "zeros"
+    (the padding of a padded random crop)."""
     n = x.shape[0]
     b = boxes.to(device=x.device, dtype=torch.float32)
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=torch.float32)
@@ -51,10 +62,13 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
     theta[:, 0, 2] = b[:, 2] * 2 - 1
     theta[:, 1, 2] = b[:, 3] * 2 - 1
     grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode=fill, align_corners=False)
 
 
-def random_flip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
+def random_flip(x: torch.Tensor, g: torch.Generator, p: float = 0.5, per_batch: bool = False) -> torch.Tensor:
+    """Horizontal flip of each image with probability p, or of the whole batch at once (`per_batch`)."""
+    if per_batch:
+        return x.flip(3) if float(torch.rand(1, generator=g)) < p else x
     mask = (torch.rand(x.shape[0], generator=g) < p).to(x.device).view(-1, 1, 1, 1)
     return torch.where(mask, x.flip(3), x)
 

@@ -38,6 +38,8 @@ class RecoverConfig:
     classes_per_batch: int = 100
     grayscale: bool = False  # optimise one channel repeated to three
     bn_normalize: str = "none"  # none (paper: sum over layers) | mean | channel
+    augment_per: str = "image"  # image: a crop box and flip per image | batch: one for the whole batch (authors')
+    ipc_per_shard: int = 1  # consecutive IPC indices optimised together in one batch
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,4 @@ class PosttrainConfig:
     checkpoint_every: int = 0  # epochs between Ray Train checkpoints; 0: about 20 per run
     amp: str = "bf16"  # autocast dtype on GPU: bf16, fp16 or none (CPU always runs float32)
     labels: str = "soft"  # soft: the teacher's, on each crop (KD); hard: the images' classes, cross entropy
+    crop: str = "resized"  # resized: random-resized-crop of crop_scale | padded: RandomCrop(size, padding=4)

@@ -75,10 +75,11 @@ def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean
         for it in range(cfg.iterations):
             set_lr(opt, cosine_lr(cfg.lr, it, cfg.iterations))
             xi = gray_to_rgb(x, m, s) if cfg.grayscale else x
+            per_batch = cfg.augment_per == "batch"
             if cfg.crop_scale is not None:
-                xi = random_resized_crop(xi, image_size, cfg.crop_scale, g)
+                xi = random_resized_crop(xi, image_size, cfg.crop_scale, g, per_batch=per_batch)
             if cfg.flip:
-                xi = random_flip(xi, g)
+                xi = random_flip(xi, g, per_batch=per_batch)
             xi = random_roll(xi, cfg.jitter, g)
             with autocast(device):
                 logits = model(xi)

@@ -18,17 +18,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import crop_boxes, cutmix_params, mixup_params, normalize, paste, resized_crop, to_float
+from .augment import (crop_boxes, cutmix_params, mixup_params, normalize, padded_crop_boxes, paste, resized_crop,
+                      to_float)
 from .configs import PosttrainConfig
 
 MIX_CODES = {"none": 0, "cutmix": 1, "mixup": 2}
+CROPS = ("resized", "padded")
+PAD = 4  # pixels of a padded crop, as the authors' CIFAR scripts
 
 
 @dataclass
 class CropPlan:
     """Every random choice behind one global batch's crops.
 
-    boxes: (B, 4) random-resized-crop boxes (w, h, cx, cy) as image fractions;
+    boxes: (B, 4) crop boxes (w, h, cx, cy) as image fractions; fill: what a
+    box sees outside the image ("reflection", or "zeros" for padded crops);
     flip: (B,) horizontal flips; mix: 'none', 'cutmix' or 'mixup' for this
     batch; partner: (B,) the row each crop is mixed with; box: CutMix box
     (y0, y1, x0, x1) in output pixels; lam: MixUp weight of the crop itself.
@@ -40,6 +44,7 @@ class CropPlan:
     partner: torch.Tensor | None = None
     box: tuple[int, int, int, int] = (0, 0, 0, 0)
     lam: float = 1.0
+    fill: str = "reflection"
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -47,9 +52,12 @@ class CropPlan:
 
 def plan_crops(n: int, cfg: PosttrainConfig, image_size: int, g: torch.Generator) -> CropPlan:
     """Draw the crops of a batch of `n` images from `g` (the draw order is part of the contract)."""
-    boxes = crop_boxes(n, cfg.crop_scale, (3 / 4, 4 / 3), g)
+    if cfg.crop == "padded":  # the authors' CIFAR post-training: RandomCrop(size, padding=4)
+        boxes = padded_crop_boxes(n, image_size, PAD, g)
+    else:
+        boxes = crop_boxes(n, cfg.crop_scale, (3 / 4, 4 / 3), g)
     flip = torch.rand(n, generator=g) < 0.5 if cfg.flip else torch.zeros(n, dtype=torch.bool)
-    plan = CropPlan(boxes, flip)
+    plan = CropPlan(boxes, flip, fill=crop_fill(cfg.crop))
     if cfg.mix != "none" and n > 1 and float(torch.rand(1, generator=g)) < cfg.mix_prob:
         plan.mix = cfg.mix
         if cfg.mix == "cutmix":
@@ -59,8 +67,12 @@ def plan_crops(n: int, cfg: PosttrainConfig, image_size: int, g: torch.Generator
     return plan
 
 
+def crop_fill(crop: str) -> str:
+    return "zeros" if crop == "padded" else "reflection"
+
+
 def _crop_rows(images_u8: torch.Tensor, rows: torch.Tensor, plan: CropPlan, image_size: int) -> torch.Tensor:
-    x = resized_crop(to_float(images_u8[rows.to(images_u8.device)]), plan.boxes[rows], image_size)
+    x = resized_crop(to_float(images_u8[rows.to(images_u8.device)]), plan.boxes[rows], image_size, plan.fill)
     flip = plan.flip[rows].to(x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(3), x)
 

@@ -29,22 +29,38 @@ log = logging.getLogger("scdd_ray")
 
 @dataclass(frozen=True)
 class Shard:
-    ipc_index: int
+    """A block of classes at one or more consecutive IPC indices, optimised as one batch
+    (rows: every class of the first index, then of the next)."""
+
+    ipc_index: int  # the first IPC index
     classes: tuple[int, ...]
+    ipc_count: int = 1
 
     @property
     def id(self) -> str:
-        return f"ipc{self.ipc_index:04d}-c{self.classes[0]:05d}-{self.classes[-1]:05d}"
+        last = "" if self.ipc_count == 1 else f"-{self.ipc_index + self.ipc_count - 1:04d}"
+        return f"ipc{self.ipc_index:04d}{last}-c{self.classes[0]:05d}-{self.classes[-1]:05d}"
+
+    def rows(self) -> tuple[list[int], list[int]]:
+        """(class id, ipc index) of each image of the batch."""
+        pairs = [(c, j) for j in range(self.ipc_index, self.ipc_index + self.ipc_count) for c in self.classes]
+        return [c for c, _ in pairs], [j for _, j in pairs]
 
     def __len__(self) -> int:
-        return len(self.classes)
+        return len(self.classes) * self.ipc_count
 
 
-def plan_shards(num_classes: int, ipc: int, classes_per_batch: int) -> list[Shard]:
-    """Disjoint shards covering every (class, ipc index) pair exactly once."""
+def plan_shards(num_classes: int, ipc: int, classes_per_batch: int, ipc_per_shard: int = 1) -> list[Shard]:
+    """Disjoint shards covering every (class, ipc index) pair exactly once.
+
+    A shard holds `classes_per_batch` classes at `ipc_per_shard` consecutive
+    IPC indices: with few classes (CIFAR-10), several indices make a batch
+    large enough for meaningful BatchNorm statistics.
+    """
     k = max(1, min(classes_per_batch, num_classes))
-    return [Shard(j, tuple(range(s, min(s + k, num_classes))))
-            for j in range(ipc) for s in range(0, num_classes, k)]
+    m = max(1, min(ipc_per_shard, ipc))
+    return [Shard(j, tuple(range(s, min(s + k, num_classes))), min(m, ipc - j))
+            for j in range(0, ipc, m) for s in range(0, num_classes, k)]
 
 
 def shard_seed(run_seed: int, shard: Shard) -> int:
@@ -53,9 +69,9 @@ def shard_seed(run_seed: int, shard: Shard) -> int:
 
 
 def real_init(train: ImageSet, shard: Shard, seed: int, mean, std) -> torch.Tensor:
-    """One random real training image of each class of the shard, normalised (for `recover.init` real)."""
+    """One random real training image for each row of the shard, normalised (for `recover.init` real)."""
     rng = np.random.RandomState(seed)
-    idx = [int(rng.choice(train.indices_of_class(c))) for c in shard.classes]
+    idx = [int(rng.choice(train.indices_of_class(c))) for c in shard.rows()[0]]
     return normalize(to_float(train.load(idx)), mean, std)
 
 
@@ -68,9 +84,10 @@ def recover_shard(model: nn.Module, shard: Shard, cfg: RecoverConfig, mean, std,
         if train is None:
             raise ValueError("`recover.init` real needs the training split")
         init = real_init(train, shard, seed, mean, std)
-    targets = torch.tensor(shard.classes, dtype=torch.long)
+    classes, ipc_indices = shard.rows()
+    targets = torch.tensor(classes, dtype=torch.long)
     res = synthesize(model, targets, cfg, mean, std, image_size, seed, device=device, init=init, on_step=on_step)
-    return res, list(shard.classes), [shard.ipc_index] * len(shard)
+    return res, classes, ipc_indices
 
 
 def run_local(model: nn.Module, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, mean, std,

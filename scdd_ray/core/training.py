@@ -36,7 +36,7 @@ from ..errors import ConfigError, StoreError
 from ..models import Checkpoint, adapt_inputs, autocast, create_model, frozen
 from ..store import SOFT_FORMAT, SOFT_META, read_soft_labels
 from .configs import PosttrainConfig
-from .relabel import (MIX_CODES, CropPlan, hard_label_loss, kd_loss, logits_from_topk, make_crops, mix_weight,
+from .relabel import (MIX_CODES, CropPlan, crop_fill, hard_label_loss, kd_loss, logits_from_topk, make_crops, mix_weight,
                       plan_crops, soft_labels, topk_probs)
 from .schedules import cosine_lr, set_lr
 
@@ -110,7 +110,8 @@ def epoch_batches(n: int, cfg: PosttrainConfig, image_size: int, seed: int, epoc
     return out
 
 
-def stored_batches(root: str, epoch: int, num_classes: int, temperature: float) -> list[StepBatch]:
+def stored_batches(root: str, epoch: int, num_classes: int, temperature: float,
+                   fill: str = "reflection") -> list[StepBatch]:
     """One epoch's batches rebuilt from stored soft labels (crop plans and teacher top-k)."""
     rows = read_soft_labels(root, epoch)
     out = []
@@ -122,7 +123,8 @@ def stored_batches(root: str, epoch: int, num_classes: int, temperature: float) 
         boxes = torch.from_numpy(np.stack([r["box_w"], r["box_h"], r["box_cx"], r["box_cy"]], 1).astype(np.float32))
         plan = CropPlan(boxes, torch.from_numpy(r["flip"].astype(bool)), MIX_NAMES[int(r["mix"][0])],
                         torch.from_numpy(r["partner"].astype(np.int64)),
-                        tuple(int(r[c][0]) for c in ("cut_y0", "cut_y1", "cut_x0", "cut_x1")), float(r["lam"][0]))
+                        tuple(int(r[c][0]) for c in ("cut_y0", "cut_y1", "cut_x0", "cut_x1")), float(r["lam"][0]),
+                        fill)
         targets = logits_from_topk(torch.from_numpy(r["topk_prob"].astype(np.float32)),
                                    torch.from_numpy(r["topk_index"].astype(np.int64)), num_classes, temperature)
         out.append(StepBatch(torch.from_numpy(r["image"].astype(np.int64)), plan, targets))
@@ -267,7 +269,8 @@ class PostTrainer:
 
     def batches(self, epoch: int) -> list[StepBatch]:
         if self.stored:
-            return stored_batches(self.stored, epoch, self.info.num_classes, self.cfg.temperature)
+            return stored_batches(self.stored, epoch, self.info.num_classes, self.cfg.temperature,
+                                  crop_fill(self.cfg.crop))
         return epoch_batches(len(self.images), self.cfg, self.image_size, self.seed, epoch)
 
     def fit(self, on_epoch=None, on_step=None) -> None:
@@ -319,8 +322,9 @@ class PosttrainJob:
         """Everything that decides the student; placement and checkpoint frequency are left out."""
         cfg = dataclasses.asdict(self.cfg)
         cfg.pop("checkpoint_every", None)
-        if cfg["labels"] == "soft":  # added later: left out at its default so earlier runs keep resuming
-            del cfg["labels"]
+        for key, default in (("labels", "soft"), ("crop", "resized")):  # added later: left out at their
+            if cfg[key] == default:  # defaults so earlier runs keep resuming
+                del cfg[key]
         teacher = hashlib.sha256()
         for k_, v in sorted(self.teacher.state_dict.items()):
             teacher.update(k_.encode())
@@ -341,7 +345,7 @@ def soft_label_meta(job: PosttrainJob, complete: bool) -> dict:
             "num_images": job.num_images, "num_classes": job.info.num_classes, "temperature": job.cfg.temperature,
             "topk": min(job.topk, job.info.num_classes), "epochs": job.cfg.epochs, "batch_size": batch,
             "steps_per_epoch": steps_per_epoch(job.num_images, batch), "seed": job.seed,
-            "crop_scale": list(job.cfg.crop_scale), "flip": job.cfg.flip, "mix": job.cfg.mix,
+            "crop_scale": list(job.cfg.crop_scale), "crop": job.cfg.crop, "flip": job.cfg.flip, "mix": job.cfg.mix,
             "mix_prob": job.cfg.mix_prob, "image_size": job.image_size}
 
 
@@ -359,8 +363,9 @@ def check_soft_labels(root: str, cfg: PosttrainConfig, digest: str, num_classes:
         raise ConfigError("soft_labels", f"{root} labels other images than `distilled` holds")
     for key, want, fld in (("num_classes", num_classes, "teacher"),
                            ("temperature", cfg.temperature, "posttrain.temperature"),
-                           ("batch_size", min(cfg.batch_size, num_images), "posttrain.batch_size")):
-        if meta.get(key) != want:
+                           ("batch_size", min(cfg.batch_size, num_images), "posttrain.batch_size"),
+                           ("crop", cfg.crop, "posttrain.crop")):
+        if meta.get(key, "resized" if key == "crop" else None) != want:
             raise ConfigError(fld, f"{root} was stored with {key} {meta.get(key)}, this run uses {want}")
     if cfg.epochs > meta.get("epochs", 0):
         raise ConfigError("posttrain.epochs", f"{root} holds {meta.get('epochs', 0)} epochs of soft labels, "

@@ -32,7 +32,7 @@ class DatasetSpec:
     reads. `options`: the keyword options `load` takes (e.g. column names).
     `preset`: the DistillConfig values this dataset runs with unless the user
     overrides them (top-level keys plus `squeeze`, `recover`, `posttrain`
-    sections); `native_size(data_dir)`, when given, replaces the preset's image
+    sections), or `cpu_preset` on CPU; `native_size(data_dir)`, when given, replaces the preset's image
     size by the data's own. `val_fraction`: the share of each class of train
     held out as `val` when the dataset has no validation split, a number or a
     function of the train labels.
@@ -46,6 +46,10 @@ class DatasetSpec:
     needs_data_dir: bool = True
     options: tuple[str, ...] = ()
     native_size: Callable[[str], int | None] | None = None
+    cpu_preset: dict | None = None  # the preset of a run on CPU (no GPU asked for), when the GPU one is too big
+
+    def preset_for(self, gpu: bool) -> dict:
+        return self.cpu_preset if self.cpu_preset is not None and not gpu else self.preset
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -112,4 +116,4 @@ def preset_image_size(name: str, data_dir: str | None) -> int:
     """The image size a run of `name` uses unless told otherwise: the data's own, or the preset's."""
     spec = get(name)
     size = spec.native_size(os.path.abspath(data_dir)) if spec.native_size and data_dir else None
-    return size or spec.preset["image_size"]
+    return size or spec.preset["image_size"]  # (every preset of a dataset has the same image size)

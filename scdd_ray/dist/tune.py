@@ -115,7 +115,7 @@ def sampled(config: dict, cfg: TuneConfig) -> dict:
 def recover_images(ckpt: Checkpoint, cfg: TuneConfig, rcfg, device, train: ImageSet | None) -> torch.Tensor:
     """All synthetic images of the trial (uint8), in process: a trial owns its CPU slot or GPU share."""
     model = frozen(ckpt.build().to(device))
-    shards = plan_shards(ckpt.num_classes, cfg.ipc, rcfg.classes_per_batch)
+    shards = plan_shards(ckpt.num_classes, cfg.ipc, rcfg.classes_per_batch, rcfg.ipc_per_shard)
     images, labels = [], []
     for shard in shards:
         res, cls, _ = recover_shard(model, shard, rcfg, ckpt.mean, ckpt.std, cfg.image_size, cfg.seed, device, train)

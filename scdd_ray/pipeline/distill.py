@@ -172,7 +172,7 @@ def _models(prep: Prepared, device) -> tuple[Checkpoint | None, str | None, Chec
 def _recover(cfg: DistillConfig, info: DatasetInfo, store: ShardStore, backbone: Checkpoint | None, device) -> dict:
     if cfg.method == "random":
         return select_random(store, cfg)
-    shards = plan_shards(info.num_classes, cfg.ipc, cfg.recover.classes_per_batch)
+    shards = plan_shards(info.num_classes, cfg.ipc, cfg.recover.classes_per_batch, cfg.recover.ipc_per_shard)
     train = cfg.split("train") if cfg.recover.init == "real" else None
     if uses_ray(cfg):
         connect(cfg.address)

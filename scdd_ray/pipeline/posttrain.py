@@ -96,7 +96,7 @@ def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, torch.Tensor
                                      f"data ({dataset}) has {info.num_classes}")
     if int(class_ids.max()) >= info.num_classes:
         raise ConfigError("distilled", f"class id {int(class_ids.max())} is out of range for {dataset}")
-    cfg = build_posttrain_config(dataset, req.overrides)
+    cfg = build_posttrain_config(dataset, req.overrides, gpu=req.num_gpus > 0)
     if cfg.labels == "hard" and (req.soft_labels or req.store_soft_labels):
         raise ConfigError("posttrain.labels", "hard labels use no teacher: no soft labels to read or store")
     digest = images_digest(images)

@@ -17,7 +17,7 @@ def run_squeeze(dataset: str, method: str, out: str, *, overrides: dict, data_di
                 split: str = "train", seed: int = 0, from_checkpoint: str | None = None,
                 use_gpu: bool = False, data_options: dict | None = None) -> dict:
     """Write the backbone to `out`; returns its summary (arch, width, method, test top-1)."""
-    setup = build_squeeze_setup(dataset, method, overrides, data_dir)
+    setup = build_squeeze_setup(dataset, method, overrides, data_dir, gpu=use_gpu)
     if split not in SPLITS:
         raise ConfigError("split", f"must be train or train-noval (got {split!r})")
     train = load_split(dataset, split, data_dir, setup.image_size, **(data_options or {}))
