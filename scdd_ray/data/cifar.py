@@ -95,8 +95,9 @@ CIFAR100_PRESET = dict(
     squeeze=dict(epochs=200, batch_size=256, lr=0.06, temperature=0.5, crop_scale=(0.2, 1.0), flip=True),
     recover=dict(iterations=1000, lr=0.4, bn_coef=0.005, bn_weights="first:10", jitter=4, crop_scale=None,
                  flip=False, classes_per_batch=100),
+    # the authors' CIFAR post-training: MixUp on every batch, RandomCrop(32, padding=4) + flip
     posttrain=dict(student="resnet18", student_width=1.0, epochs=200, batch_size=64, lr=1e-3,
-                   weight_decay=0.01, temperature=30.0, mix="mixup", mix_prob=0.8, crop_scale=(0.08, 1.0)),
+                   weight_decay=0.01, temperature=30.0, mix="mixup", mix_prob=1.0, crop="padded"),
 )
 # CIFAR-10 follows the CIFAR-100 recipe; a batch holds all (10) classes of one IPC index.
 CIFAR10_PRESET = {**CIFAR100_PRESET, "recover": {**CIFAR100_PRESET["recover"], "classes_per_batch": 10}}

@@ -122,8 +122,9 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{e1:05d}")
         if rank == 0:
-            log.info("posttrain epoch %d/%d loss %.4f%s", e1, cfg.epochs, rec["loss"],
-                     f" top-1 {rec['top1']:.2f}%" if "top1" in rec else "")
+            rate = (e1 - resumed_from) / max(time.time() - t_enter, 1e-9)
+            log.info("posttrain epoch %d/%d loss %.4f%s (eta %.0fs)", e1, cfg.epochs, rec["loss"],
+                     f" top-1 {rec['top1']:.2f}%" if "top1" in rec else "", (cfg.epochs - e1) / rate)
 
     trainer.fit(on_epoch=on_epoch, on_step=on_step)
 
