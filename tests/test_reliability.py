@@ -1,0 +1,137 @@
+"""Issue 15, reliability and security: damage at rest is found, writers in several processes lose
+nothing, a write that fails leaves nothing and names its path, outputs follow the umask."""
+import json
+import os
+import pathlib
+import re
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import scdd_ray
+from scdd_ray.errors import StoreError
+from scdd_ray.store import ShardStore, atomic_write_bytes
+
+REPO = os.path.dirname(os.path.dirname(scdd_ray.__file__))  # the code under test, for child processes
+ENV = {**os.environ, "PYTHONPATH": REPO}
+
+
+def _imgs(n, seed=0, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+# --- 3. damage at rest --------------------------------------------------------------------------------
+
+def _damage(files):
+    """Truncate the first file, flip one byte of the second, delete the third."""
+    data = open(files[0], "rb").read()
+    open(files[0], "wb").write(data[: len(data) // 2])
+    data = bytearray(open(files[1], "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(files[1], "wb").write(bytes(data))
+    os.remove(files[2])
+
+
+def test_damaged_shards_are_found_dropped_and_written_again(tmp_path):
+    st = ShardStore(str(tmp_path / "d"))
+    st.open("fp")
+    for i in range(4):
+        st.write_shard(f"s{i}", [0, 1], [i, i], _imgs(2, i))
+    before = st.read()
+    files = st.files()
+    _damage(files)
+    with pytest.raises(StoreError, match=re.escape(files[0]) + r" is damaged \(\d+ bytes, the manifest says \d+\)"):
+        st.read()
+    dropped = st.verify(repair=True)
+    assert [p for p, _ in dropped] == files[:3]
+    assert "sha256" in dropped[1][1] and dropped[2][1] == "missing"
+    assert st.done() == {"s3"}
+    for i in range(3):
+        assert st.write_shard(f"s{i}", [0, 1], [i, i], _imgs(2, i))
+    after = st.read()
+    assert all(torch.equal(a, b) if torch.is_tensor(a) else (a == b).all() for a, b in zip(before, after))
+    assert st.verify() == []
+
+
+# --- 4. one writer ------------------------------------------------------------------------------------
+
+WRITER = """
+import os, sys, time, torch
+from scdd_ray.store import ShardStore
+st = ShardStore(sys.argv[1])
+st.open("fp")
+while not os.path.exists(sys.argv[3]):  # start together, so the writes interleave
+    time.sleep(0.01)
+for i in range(40):
+    st.write_shard(f"{sys.argv[2]}{i:02d}", [0], [i], torch.full((1, 3, 8, 8), i, dtype=torch.uint8))
+"""
+
+
+def test_two_processes_writing_one_store_lose_no_shard(tmp_path):
+    root, go = tmp_path / "d", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), p, str(go)], env=ENV) for p in "ab"]
+    time.sleep(1.0)
+    go.touch()
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    st = ShardStore(str(root))
+    assert st.done() == {f"{p}{i:02d}" for p in "ab" for i in range(40)}
+    assert sorted(f for f in os.listdir(root) if f.endswith(".parquet")) == sorted(
+        os.path.basename(f) for f in st.files())
+    assert st.verify() == [] and not [f for f in os.listdir(root) if f.startswith(".tmp-")]
+
+
+# --- 5. OS errors: one line naming the path, nothing partial ------------------------------------------
+
+FULL_DISK = """
+import json, os, resource, signal, sys, torch
+from scdd_ray.errors import StoreError
+from scdd_ray.models import create_model, save_checkpoint
+from scdd_ray.report import save_grid
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+errors = []
+try:
+    save_checkpoint(sys.argv[1], create_model("resnet18", 4, width=0.0625), arch="resnet18", width=0.0625,
+                    num_classes=4, image_size=16, small_input=True, mean=(0.5,) * 3, std=(0.25,) * 3, method="x")
+except StoreError as e:
+    errors.append(str(e))
+try:
+    noise = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    save_grid(sys.argv[2], noise, [0, 1, 2, 3], ["a", "b", "c", "d"])
+except StoreError as e:
+    errors.append(str(e))
+print(json.dumps(errors))
+"""
+
+
+def test_a_write_that_runs_out_of_room_names_the_path_and_leaves_nothing(tmp_path):
+    ckpt, grid = tmp_path / "ck" / "student.pt", tmp_path / "grid.png"
+    res = subprocess.run([sys.executable, "-c", FULL_DISK, str(ckpt), str(grid)], env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    errors = json.loads(res.stdout)
+    assert errors == [f"cannot write {ckpt}: File too large", f"cannot write {grid}: File too large"]
+    assert os.listdir(tmp_path / "ck") == [] and sorted(os.listdir(tmp_path)) == ["ck"]  # no temp, no half file
+
+
+# --- 6. outputs follow the umask --------------------------------------------------------------------
+
+def test_outputs_are_created_with_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(str(tmp_path / "report.json"), b"{}")
+        st = ShardStore(str(tmp_path / "d"))
+        st.open("fp")
+        st.write_shard("s0", [0], [0], _imgs(1))
+        written = [tmp_path / "report.json", pathlib.Path(st.files()[0]), pathlib.Path(st.manifest_path)]
+        assert [stat.S_IMODE(os.stat(p).st_mode) for p in written] == [0o644] * 3
+        os.umask(0o077)
+        atomic_write_bytes(str(tmp_path / "private.json"), b"{}")
+        assert stat.S_IMODE(os.stat(tmp_path / "private.json").st_mode) == 0o600
+    finally:
+        os.umask(old)
