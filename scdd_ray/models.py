@@ -155,6 +155,13 @@ def create_model(name: str, num_classes: int, width: float = 1.0, small_input: b
     return ResNet(block, layers, num_classes, width, small_input)
 
 
+def timm_model_exists(name: str) -> bool:
+    """Whether timm can build the architecture `name` (without the `timm:` prefix), without building it."""
+    import timm  # deferred: a heavy import that only timm: architectures need
+
+    return timm.is_model(name)
+
+
 def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled embedding of any supported model (ours or timm)."""
     if isinstance(model, ResNet):

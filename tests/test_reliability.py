@@ -1,5 +1,5 @@
-"""Issue 15, reliability and security: damage at rest is found, writers in several processes lose
-nothing, a write that fails leaves nothing and names its path, outputs follow the umask."""
+"""Issue 15, reliability and security: damage at rest is found (and repaired on resume), one writer
+per output directory, OS errors are one line, outputs follow the umask."""
 import json
 import os
 import pathlib
@@ -11,10 +11,15 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 import scdd_ray
 from scdd_ray.errors import StoreError
+from scdd_ray.models import create_model, save_checkpoint
+from scdd_ray.pipeline.outdir import LOCK_FILE, lock_out_dir
 from scdd_ray.store import ShardStore, atomic_write_bytes
+
+from test_cli_errors import run_err
 
 REPO = os.path.dirname(os.path.dirname(scdd_ray.__file__))  # the code under test, for child processes
 ENV = {**os.environ, "PYTHONPATH": REPO}
@@ -23,6 +28,20 @@ ENV = {**os.environ, "PYTHONPATH": REPO}
 def _imgs(n, seed=0, size=8):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A 4-class teacher for the synthetic dataset (16x16)."""
+    p = tmp_path_factory.mktemp("teacher") / "t4.pt"
+    save_checkpoint(str(p), create_model("resnet18", 4, width=0.0625), arch="resnet18", width=0.0625, num_classes=4,
+                    image_size=16, small_input=True, mean=(0.5,) * 3, std=(0.25,) * 3, method="supervised")
+    return p
+
+
+def _posttrain(src, teacher, out):
+    return ["posttrain", "--distilled", str(src), "--teacher", str(teacher), "--dataset", "synthetic",
+            "--out", str(out)]
 
 
 # --- 3. damage at rest --------------------------------------------------------------------------------
@@ -58,6 +77,55 @@ def test_damaged_shards_are_found_dropped_and_written_again(tmp_path):
     assert st.verify() == []
 
 
+@pytest.mark.parametrize("manifest", [
+    "[]", "null", '{"format": "scdd-ray-shards/1", "fingerprint": "FP"}',
+    '{"format": "scdd-ray-shards/1", "fingerprint": "FP", "shards": []}',
+    '{"format": "scdd-ray-shards/1", "fingerprint": "FP", "shards": {"a": {"file": "../../run.json", "rows": 1}}}',
+])
+def test_a_manifest_of_the_wrong_shape_is_one_line(tmp_path, capsys, teacher, manifest):
+    from scdd_ray.config import build_distill_config
+
+    out = tmp_path / "run"
+    cfg = build_distill_config("synthetic", str(out), {})
+    (out / "distilled").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}))
+    (out / "distilled" / "manifest.json").write_text(manifest.replace("FP", cfg.fingerprint()))
+    before = sorted(str(p) for p in out.rglob("*"))
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--out", str(out)])
+    assert "--out" in line and "manifest.json" in line
+    assert sorted(str(p) for p in out.rglob("*")) == before
+    line = run_err(capsys, _posttrain(out / "distilled", teacher, tmp_path / "pt"))
+    assert "--distilled" in line and "manifest.json" in line
+    assert not (tmp_path / "pt").exists()
+
+
+def test_posttrain_refuses_a_damaged_set_naming_the_file(tmp_path, capsys, teacher):
+    st = ShardStore(str(tmp_path / "set"))
+    st.open("fp")
+    for i in range(3):
+        st.write_shard(f"s{i}", [0, 1, 2, 3], [i] * 4, _imgs(4, i, size=16))
+    files = st.files()
+    _damage(files)
+    line = run_err(capsys, _posttrain(tmp_path / "set", teacher, tmp_path / "pt"))
+    assert "--distilled" in line and files[0] in line and "is damaged" in line
+    os.remove(tmp_path / "set" / "manifest.json")  # bare Parquet files: no digests, still one line
+    line = run_err(capsys, _posttrain(tmp_path / "set", teacher, tmp_path / "pt"))
+    assert "--distilled" in line and files[0] in line and "not a readable shard" in line
+    assert not (tmp_path / "pt").exists()
+
+
+def test_posttrain_on_a_folder_of_mixed_size_images_is_one_line(tmp_path, capsys, teacher):
+    for c, size in ((0, 16), (1, 16), (2, 12)):
+        d = tmp_path / "images" / f"new{c:03d}"
+        d.mkdir(parents=True)
+        Image.fromarray(_imgs(1, c, size)[0].permute(1, 2, 0).numpy()).save(d / f"class{c:03d}_id000.png")
+    line = run_err(capsys, _posttrain(tmp_path / "images", teacher, tmp_path / "pt"))
+    assert "--distilled" in line and "class002_id000.png is 12x12" in line and "16x16" in line
+    (tmp_path / "images" / "new002" / "class002_id000.png").write_bytes(b"\x89PNG not really")
+    line = run_err(capsys, _posttrain(tmp_path / "images", teacher, tmp_path / "pt"))
+    assert "class002_id000.png holds an image that cannot be decoded" in line
+
+
 # --- 4. one writer ------------------------------------------------------------------------------------
 
 WRITER = """
@@ -85,7 +153,53 @@ def test_two_processes_writing_one_store_lose_no_shard(tmp_path):
     assert st.verify() == [] and not [f for f in os.listdir(root) if f.startswith(".tmp-")]
 
 
+HOLDER = """
+import sys, time
+from scdd_ray.locks import try_lock
+lock = try_lock(sys.argv[1])
+print("held" if lock else "busy", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_an_out_in_use_is_refused_at_once(tmp_path, capsys, teacher):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / LOCK_FILE)], env=ENV, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        t0 = time.perf_counter()
+        line = run_err(capsys, ["distill", "--dataset", "synthetic", "--out", str(out)])
+        assert "--out" in line and "in use by another scdd-ray run" in line and f"pid {holder.pid}" in line
+        assert time.perf_counter() - t0 < 30 and os.listdir(out) == [LOCK_FILE]  # nothing written
+        st = ShardStore(str(tmp_path / "set"))
+        st.open("fp")
+        st.write_shard("a", [0, 1, 2, 3], [0] * 4, _imgs(4, size=16))
+        line = run_err(capsys, _posttrain(tmp_path / "set", teacher, out))
+        assert "--out" in line and "in use by another scdd-ray run" in line
+        assert os.listdir(out) == [LOCK_FILE]
+    finally:
+        holder.kill()  # kill -9: the OS drops its lock, so nothing stale blocks the next run
+        holder.wait()
+    lock_out_dir(str(out)).release()
+
+
 # --- 5. OS errors: one line naming the path, nothing partial ------------------------------------------
+
+def test_out_under_a_regular_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--out", str(tmp_path / "file" / "run")])
+    assert "--out" in line and f"{tmp_path / 'file'} is not a directory" in line
+
+
+def test_an_unknown_timm_architecture_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--arch", "timm:doesnotexist", "--out", str(out)])
+    assert "--arch" in line and "'doesnotexist'" in line
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--arch", "timm:resnet18", "--out", str(out)])
+    assert "--width" in line and "must be 1" in line
+    assert not out.exists()
+
 
 FULL_DISK = """
 import json, os, resource, signal, sys, torch
