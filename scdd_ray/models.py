@@ -252,6 +252,23 @@ def load_checkpoint(path: str) -> Checkpoint:
     return ckpt
 
 
+def load_state_file(path: str) -> dict:
+    """A training state scdd-ray wrote (tensors, numbers, strings, lists and dicts only).
+
+    Read with weights_only, so a pickle planted in its place in an output
+    directory is refused, never run. A file that is not such a state (planted,
+    truncated by a full disk, damaged) is a CheckpointError naming it.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or foreign files
+        raise CheckpointError(f"{path} is not a training state scdd-ray wrote, or is damaged "
+                              f"({type(e).__name__}); it was not loaded") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a training state scdd-ray wrote (a {type(state).__name__})")
+    return state
+
+
 # --- public (self-supervised) checkpoints ----------------------------------------
 
 # (layout, prefix of the backbone's keys, prefixes of keys dropped on purpose:

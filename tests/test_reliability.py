@@ -1,5 +1,5 @@
-"""Issue 15, reliability and security: damage at rest is found (and repaired on resume), one writer
-per output directory, OS errors are one line, outputs follow the umask."""
+"""Issue 15, reliability and security: planted pickles never run, damage at rest is found (and repaired
+on resume), one writer per output directory, OS errors are one line, outputs follow the umask."""
 import json
 import os
 import pathlib
@@ -8,13 +8,14 @@ import stat
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
 import scdd_ray
-from scdd_ray.errors import StoreError
+from scdd_ray.errors import CheckpointError, StoreError
 from scdd_ray.models import create_model, save_checkpoint
 from scdd_ray.pipeline.outdir import LOCK_FILE, lock_out_dir
 from scdd_ray.store import ShardStore, atomic_write_bytes
@@ -42,6 +43,83 @@ def teacher(tmp_path_factory):
 def _posttrain(src, teacher, out):
     return ["posttrain", "--distilled", str(src), "--teacher", str(teacher), "--dataset", "synthetic",
             "--out", str(out)]
+
+
+# --- 2. a pickle planted in an output directory never runs ----------------------------------------
+
+class Planted:
+    """Unpickles to a call of Path.touch(marker): stands for any code a planted pickle could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def plant(path, marker):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"epoch": 2, "step": 4, "history": [], "payload": Planted(marker)}, str(path))
+
+
+def test_a_planted_posttrain_state_is_refused_and_never_runs(tmp_path):
+    import ray.train
+
+    from scdd_ray.dist.train import STATE_FILE, checkpoint_state, finished_state
+
+    marker = tmp_path / "code-ran"
+    state = tmp_path / "posttrain" / "student-abc" / "epoch-00002" / STATE_FILE
+    plant(state, marker)
+    # a rerun first asks whether the post-train already finished...
+    assert finished_state(str(tmp_path / "posttrain"), "student-abc", 2) is None
+    # ...then every Ray Train worker resumes from the checkpoint Ray hands it
+    with pytest.raises(CheckpointError, match=re.escape(str(state)) + " is not a training state scdd-ray wrote"):
+        checkpoint_state(ray.train.Checkpoint.from_directory(str(state.parent)))
+    assert not marker.exists()
+    torch.load(str(state), weights_only=False)  # the payload is live: a plain torch.load runs it
+    assert marker.exists()
+
+
+def test_a_posttrain_run_ray_train_cannot_resume_is_cleaned_or_started_over(tmp_path):
+    from scdd_ray.dist.train import RAY_SNAPSHOT, STATE_FILE, clean_run_dir
+
+    run, marker = tmp_path / "student-abc", tmp_path / "code-ran"
+
+    def checkpoints(snapshot):
+        for e in (1, 2):
+            (run / f"epoch-0000{e}").mkdir(parents=True, exist_ok=True)
+            torch.save({"epoch": e, "step": 2 * e, "history": []}, str(run / f"epoch-0000{e}" / STATE_FILE))
+        (run / RAY_SNAPSHOT).write_text(snapshot)  # Ray Train's record, in its own format
+
+    checkpoints(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "epoch-00001"}]}))
+    state2 = run / "epoch-00002" / STATE_FILE
+    state2.write_bytes(state2.read_bytes()[:100])  # a copy cut short by a full disk, never registered
+    clean_run_dir(str(run))
+    assert sorted(os.listdir(run)) == [RAY_SNAPSHOT, "epoch-00001"]  # what Ray Train resumes from is kept
+    plant(run / "epoch-00001" / STATE_FILE, marker)  # the checkpoint it would resume from, replaced
+    clean_run_dir(str(run))
+    assert not run.exists() and not marker.exists()  # never loaded: the student trains from the start
+    checkpoints("")  # a snapshot the full disk truncated: Ray Train cannot resume this run
+    clean_run_dir(str(run))
+    assert not run.exists()
+
+
+def test_a_planted_tune_trial_state_is_refused_and_never_runs(tmp_path):
+    from ray import tune
+
+    from scdd_ray.dist.tune import STATE_FILE, summarize
+    from scdd_ray.tune_config import load_tune_config
+    from test_tune import TINY
+
+    cfg = load_tune_config(TINY)
+    marker, trial = tmp_path / "code-ran", tmp_path / "trial"
+    plant(trial / STATE_FILE, marker)
+    result = SimpleNamespace(metrics={"val_top1": 50.0, "epoch": cfg.posttrain.epochs}, path=str(trial),
+                             config={"arch": "resnet18", "method": "scdd", "bn_coef": 0.1, "first_multiplier": 1},
+                             checkpoint=tune.Checkpoint.from_directory(str(trial)))
+    with pytest.raises(CheckpointError, match=STATE_FILE):
+        summarize([result], cfg, str(tmp_path / "sweep"), 1.0)
+    assert not marker.exists() and not (tmp_path / "sweep" / "best.json").exists()
 
 
 # --- 3. damage at rest --------------------------------------------------------------------------------
