@@ -1,7 +1,9 @@
-"""Ray engine: disjoint shards, a killed actor, interrupt + resume, same images as in process."""
+"""Ray engine: disjoint shards, a killed actor, interrupt + resume, same images as in process; workers the
+cluster cannot place."""
 import dataclasses
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -130,3 +132,42 @@ def test_bench_recover_writes_throughput(tmp_path, capsys):
     assert res["benchmark"] == "recover" and res["img_iters_per_s"] > 0 and res["batch"] == 8
     assert main(["bench", "recover", "--batch", "0", "--json", str(out)]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+# --- issue 15: a cluster that cannot place workers, and chaos --------------------------------------
+
+def test_workers_the_cluster_cannot_place_are_refused_or_not_waited_for(ray_session, ckpt, tmp_path, caplog):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from scdd_ray.errors import ConfigError
+
+    shards = plan_shards(4, 1, 1)
+    store = ShardStore(str(tmp_path / "a"))
+    store.open("fp")
+    with pytest.raises(ConfigError, match="3 workers need 3 CPUs but the Ray cluster has 2"):
+        run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=3, use_gpu=False)
+    for _ in range(300):  # the actors of earlier tests are gone: the cluster has both CPUs free again
+        if ray_session.available_resources().get("CPU", 0) == 2:
+            break
+        time.sleep(0.1)
+    held = [placement_group([{"CPU": 1}])]  # another job holds one of the session's 2 CPUs
+    try:
+        ray_session.get(held[0].ready())
+        with caplog.at_level("INFO", logger="scdd_ray"):
+            stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False)
+        assert stats["shards_computed"] == 4 and store.done() == {s.id for s in shards}
+        assert "the Ray cluster has room for 1 of 2 workers now (1 of 2 CPUs free" in caplog.text
+        held.append(placement_group([{"CPU": 1}]))  # now both: no worker can start
+        ray_session.get(held[1].ready(), timeout=60)
+        other = ShardStore(str(tmp_path / "b"))
+        other.open("fp")
+        t0 = time.perf_counter()
+        with caplog.at_level("INFO", logger="scdd_ray"):
+            with pytest.raises(EngineError, match="no synthesis worker could start within 2s; the Ray cluster "
+                                                  "reports 0 of 2 CPUs free"):
+                run_ray(ckpt, shards, other, CFG, SIZE, 5, num_workers=1, use_gpu=False, startup_timeout=2, poll=1)
+        assert time.perf_counter() - t0 < 30 and other.done() == set()
+        assert "0 of 1 workers started after 1s; waiting for the cluster" in caplog.text
+    finally:
+        for pg in held:
+            remove_placement_group(pg)

@@ -45,6 +45,16 @@ def _posttrain(src, teacher, out):
             "--out", str(out)]
 
 
+# --- 1. more workers than the cluster can place ----------------------------------------------------
+
+def test_more_synthesis_workers_than_the_cluster_has_cpus_is_refused_at_once(ray_session, tmp_path, capsys):
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--num-workers", "3", "--out", str(out)])
+    assert "--num-workers" in line and "3 workers need 3 CPUs but the Ray cluster has 2" in line  # the session's 2
+    assert time.perf_counter() - t0 < 60 and not out.exists()
+
+
 # --- 2. a pickle planted in an output directory never runs ----------------------------------------
 
 class Planted:

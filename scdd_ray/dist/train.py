@@ -41,6 +41,9 @@ from .cluster import placement
 log = logging.getLogger("scdd_ray")
 STATE_FILE = "state.pt"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+# Ray Train waits 60 s for the cluster to place its workers, then retries, by default forever (a silent
+# hang when other jobs hold the resources); after this many retries the post-train stops with an error.
+START_RETRIES = 4
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -167,7 +170,8 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures,
+                                                          controller_failure_limit=START_RETRIES)),
     )
     try:
         result = trainer.fit()

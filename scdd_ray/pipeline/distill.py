@@ -23,7 +23,7 @@ from ..core.evaluation import top1
 from ..core.shards import plan_shards, run_local
 from ..core.training import PosttrainJob
 from ..data import DatasetInfo, dataset_info, load_split, sample_per_class
-from ..dist.cluster import cluster_gpus, connect, is_running, placement
+from ..dist.cluster import cluster_gpus, connect, is_running, local_resources, placement
 from ..dist.synthesis import run_ray
 from ..dist.train import run_posttrain
 from ..errors import ConfigError, StoreError
@@ -90,12 +90,14 @@ def _check_placement(cfg: DistillConfig, info: DatasetInfo) -> None:
         # A private local Ray instance sees exactly this machine's GPUs.
         raise ConfigError("num_gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
     else:
-        resources = None if is_running() else {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+        resources = None if is_running() else local_resources()
     batch = min(cfg.posttrain.batch_size, info.num_classes * cfg.ipc)
     if cfg.posttrain_workers > batch:
         raise ConfigError("posttrain_workers", f"{cfg.posttrain_workers} workers cannot share a batch of {batch} "
                                                "images")
     placement(cfg.posttrain_workers, cfg.num_gpus > 0, 1, "posttrain_workers", resources)
+    if uses_ray(cfg) and cfg.method != "random":  # synthesis actors: an unplaceable one would be waited for
+        placement(num_workers(cfg), cfg.num_gpus > 0, 1, "num_gpus" if cfg.num_gpus else "num_workers", resources)
 
 
 def num_workers(cfg: DistillConfig) -> int:
@@ -237,6 +239,7 @@ def _run(prep: Prepared) -> dict:
         "num_workers": stats.get("num_workers", 1), "device": str(device), "seed": cfg.seed,
         "shards_total": stats["shards_total"], "shards_computed": stats["shards_computed"],
         "shards_repaired": [os.path.basename(p) for p, _ in dropped],
+        "actor_restarts": stats.get("restarts", 0),
         "student": cfg.posttrain.student, "student_width": cfg.posttrain.student_width,
         "posttrain_epochs": cfg.posttrain.epochs, "posttrain_history": pt.history,
         "config": cfg.to_dict(), "torch": torch.__version__,
