@@ -1,7 +1,9 @@
 """Ray engine: disjoint shards, a killed actor, interrupt + resume, same images as in process; workers the
-cluster cannot place."""
+cluster cannot place; chaos (kill -9 of random actors, Ctrl-C, resume)."""
 import dataclasses
 import os
+import random
+import signal
 import sys
 import time
 
@@ -171,3 +173,62 @@ def test_workers_the_cluster_cannot_place_are_refused_or_not_waited_for(ray_sess
     finally:
         for pg in held:
             remove_placement_group(pg)
+
+
+class PidFile(SynthesisWorker):
+    """Writes its pid into `pid_dir` once started, for the test to kill -9 it as a user or the OOM killer would."""
+
+    pid_dir = ""
+
+    def __init__(self, *args):
+        SynthesisWorker.__init__(self, *args)  # no super(): its __class__ cell does not pickle by value
+        with open(os.path.join(self.pid_dir, str(os.getpid())), "w"):
+            pass
+
+
+def test_chaos_kills_and_ctrl_c_then_resume_give_every_shard_once_and_the_same_images(ray_session, ckpt, tmp_path):
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    shards = plan_shards(4, 3, 1)  # 12 shards of one image
+    ref = ShardStore(str(tmp_path / "ref"))
+    ref.open("fp")
+    run_local(frozen(ckpt.build().to(memory_format=torch.channels_last)), shards, ref, CFG, ckpt.mean, ckpt.std, SIZE,
+              run_seed=5)
+    rng, killed, finished = random.Random(15), [], []
+
+    def worker_cls(run):  # each run's workers write their pids apart: those of the other run are gone
+        (tmp_path / run).mkdir()
+        return type("Chaos", (PidFile,), {"pid_dir": str(tmp_path / run)})
+
+    def kill_a_random_worker():
+        run = tmp_path / ("run2" if (tmp_path / "run2").exists() else "run1")
+        victim = rng.choice(sorted(set(os.listdir(run)) - set(killed)))  # a started worker not killed yet
+        os.kill(int(victim), signal.SIGKILL)
+        killed.append(victim)
+
+    def chaos(sid):
+        finished.append(sid)
+        if len(finished) == 1:
+            kill_a_random_worker()
+        if len(finished) == 6:
+            raise KeyboardInterrupt  # what Ctrl-C in the driver does
+
+    store = ShardStore(str(tmp_path / "out"))
+    store.open("fp")
+    with pytest.raises(KeyboardInterrupt):
+        run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False, worker_cls=worker_cls("run1"),
+                on_result=chaos)
+    assert len(killed) == 1 and store.done() == set(finished)
+    finished.clear()
+
+    def kill_once(sid):
+        finished.append(sid)
+        if len(finished) == 2:
+            kill_a_random_worker()
+
+    stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False, worker_cls=worker_cls("run2"),
+                    on_result=kill_once)
+    # the killed worker had a shard, or gets the next one: its death is seen, and it is replaced, before the end
+    assert len(killed) == 2 and stats["restarts"] == 1 and stats["shards_computed"] == 6
+    assert _pairs(store) == [(c, i) for c in range(4) for i in range(3)]  # every pair exactly once
+    assert store.verify() == [] and len([f for f in os.listdir(store.root) if f.endswith(".parquet")]) == 12
+    assert torch.equal(store.read()[0], ref.read()[0])  # the same images as the uninterrupted run
