@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -38,6 +39,9 @@ from .store import atomic_write_json
 from .tune_config import read_tune_config
 
 log = logging.getLogger("scdd_ray")
+# The environment, not the program, is at fault: one line naming the path, not a traceback.
+ANTICIPATED_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                         errno.EROFS}
 
 
 class UsageError(Exception):
@@ -547,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scdd-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # the library names the paths it writes; this catches what writes beneath it
+        if e.errno not in ANTICIPATED_OS_ERRORS:
+            raise
+        print(f"scdd-ray: error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

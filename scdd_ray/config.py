@@ -21,7 +21,7 @@ from .core.bn import NORMALIZE, parse_bn_weights
 from .core.configs import SUPERVISED, PosttrainConfig, RecoverConfig, SqueezeConfig
 from .core.relabel import CROPS, MIX_CODES
 from .errors import ConfigError
-from .models import ARCHS, TIMM_PREFIX, small_input
+from .models import ARCHS, TIMM_PREFIX, small_input, timm_model_exists
 
 METHODS = ("scdd", "sre2l", "random")
 RECOVERY_METHODS = ("scdd", "sre2l")  # the methods that recover images from a backbone
@@ -140,6 +140,13 @@ def _scale(value, key: str, allow_none: bool = False) -> None:
 def validate_arch(name: str, key: str) -> None:
     _check(isinstance(name, str) and (name in ARCHS or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX))),
            key, f"unknown arch {name!r} (choose from {', '.join(ARCHS)} or timm:<name>)")
+    if name.startswith(TIMM_PREFIX):  # checked here, not after run.json is written
+        _check(timm_model_exists(name[len(TIMM_PREFIX):]), key, f"timm has no architecture {name[len(TIMM_PREFIX):]!r}")
+
+
+def _timm_width(arch: str, width: float, key: str) -> None:
+    _check(not arch.startswith(TIMM_PREFIX) or width == 1, key,
+           f"must be 1 for {arch} (got {width:g}); only our resnets scale their width")
 
 
 def validate_recovery_grid(archs, methods) -> None:
@@ -186,6 +193,7 @@ def validate_recover(r: RecoverConfig) -> None:
 def validate_posttrain(p: PosttrainConfig) -> None:
     validate_arch(p.student, "posttrain.student")
     _positive_float(p.student_width, "posttrain.student_width")
+    _timm_width(p.student, p.student_width, "posttrain.student_width")
     for k in ("epochs", "batch_size"):
         _positive_int(getattr(p, k), f"posttrain.{k}")
     _choice(p.optimizer, OPTIMIZERS, "posttrain.optimizer")
@@ -211,6 +219,7 @@ def validate(cfg: DistillConfig) -> None:
     _check(cfg.image_size >= 8, "image_size", f"must be at least 8 (got {cfg.image_size})")
     validate_arch(cfg.arch, "arch")
     _positive_float(cfg.width, "width")
+    _timm_width(cfg.arch, cfg.width, "width")
     _positive_int(cfg.ipc, "ipc")
     _choice(cfg.method, METHODS, "method")
     _check(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", f"must be a non-negative integer (got {cfg.seed!r})")

@@ -50,7 +50,8 @@ class NotOurCheckpoint(CheckpointError):
 
 
 class StoreError(ScddError):
-    """Distilled data on disk that is missing, damaged or of another configuration."""
+    """Distilled data on disk that is missing, damaged or of another configuration, or an output that
+    cannot be written (no space, not a directory, permission); names the file."""
 
 
 class EngineError(ScddError):

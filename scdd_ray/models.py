@@ -155,6 +155,13 @@ def create_model(name: str, num_classes: int, width: float = 1.0, small_input: b
     return ResNet(block, layers, num_classes, width, small_input)
 
 
+def timm_model_exists(name: str) -> bool:
+    """Whether timm can build the architecture `name` (without the `timm:` prefix), without building it."""
+    import timm  # deferred: a heavy import that only timm: architectures need
+
+    return timm.is_model(name)
+
+
 def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled embedding of any supported model (ours or timm)."""
     if isinstance(model, ResNet):
@@ -243,6 +250,23 @@ def load_checkpoint(path: str) -> Checkpoint:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not match its arch {ckpt.arch} width {ckpt.width}: {first}") from None
     return ckpt
+
+
+def load_state_file(path: str) -> dict:
+    """A training state scdd-ray wrote (tensors, numbers, strings, lists and dicts only).
+
+    Read with weights_only, so a pickle planted in its place in an output
+    directory is refused, never run. A file that is not such a state (planted,
+    truncated by a full disk, damaged) is a CheckpointError naming it.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or foreign files
+        raise CheckpointError(f"{path} is not a training state scdd-ray wrote, or is damaged "
+                              f"({type(e).__name__}); it was not loaded") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a training state scdd-ray wrote (a {type(state).__name__})")
+    return state
 
 
 # --- public (self-supervised) checkpoints ----------------------------------------

@@ -5,7 +5,10 @@ export in the reference implementation's layout.
 Every write is temp file + rename, and a shard is recorded in the manifest
 only after its file is in place, so a crash at any point leaves either a
 finished shard or one that a rerun computes again, never a half file and
-never a duplicate row.
+never a duplicate row. The manifest records each shard's size and sha256,
+computed from the bytes written, so damage at rest is found before use; its
+read-modify-write holds a lock file, so writers in several processes lose
+no entry.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import io
 import json
 import os
 import re
-import tempfile
+import secrets
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +26,11 @@ import torch
 from PIL import Image
 
 from .errors import StoreError
+from .locks import locked
 
 MANIFEST = "manifest.json"
+MANIFEST_LOCK = ".manifest.lock"
+SHARD_FILE = re.compile(r"shard-[A-Za-z0-9_.-]+\.parquet")
 FORMAT = "scdd-ray-shards/1"
 SCHEMA = pa.schema([
     ("class_id", pa.int32()), ("ipc_index", pa.int32()), ("image", pa.binary()),
@@ -32,19 +38,43 @@ SCHEMA = pa.schema([
 ])
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def _write_temp(path: str, data: bytes) -> str:
+    """`data` in a new temp file beside `path`, on disk (fsync); returns the temp file's name.
+
+    Mode 0o666 lets the user's umask decide the permissions (mkstemp's 0o600
+    hid outputs from colleagues on shared storage); the random name and
+    O_EXCL keep concurrent writers apart.
+    """
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    tmp = os.path.join(d, f".tmp-{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def _replace(tmp: str, path: str) -> None:
+    try:
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `path` whole or not at all; an OS error (no space, not a directory, permission) is a
+    StoreError naming `path`, and no temp file is left behind."""
+    try:
+        _replace(_write_temp(path, data), path)
+    except OSError as e:
+        raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -81,34 +111,51 @@ class ShardStore:
         try:
             with open(self.manifest_path) as f:
                 m = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise StoreError(f"{self.manifest_path} is unreadable ({type(e).__name__})") from None
-        if m.get("format") != FORMAT:
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise StoreError(f"{self.manifest_path} is not an scdd-ray shard manifest")
+        shards = m.get("shards")
+        if not isinstance(shards, dict) or not all(isinstance(e, dict) for e in shards.values()):
+            raise StoreError(f"{self.manifest_path} is damaged: its \"shards\" is not an object of shard entries")
+        for e in shards.values():  # a file name from disk must not lead outside the store
+            if not isinstance(e.get("file"), str) or not SHARD_FILE.fullmatch(e["file"]):
+                raise StoreError(f"{self.manifest_path} is damaged: it lists {e.get('file')!r}, not a shard file")
         return m
+
+    def _update(self, change) -> None:
+        """Read the manifest, `change(m)` it and write it back (unless it returns False), all under the
+        manifest lock, so that writers in other processes lose no entry."""
+        os.makedirs(self.root, exist_ok=True)
+        with locked(os.path.join(self.root, MANIFEST_LOCK)):
+            m = self.manifest()
+            if change(m) is not False:
+                atomic_write_json(self.manifest_path, m)
 
     def check(self, fingerprint: str) -> dict:
         """The manifest, after checking it belongs to this configuration (if it exists)."""
         m = self.manifest()
-        if m["fingerprint"] is not None and m["fingerprint"] != fingerprint:
+        if m.get("fingerprint") is not None and m["fingerprint"] != fingerprint:
             raise StoreError(f"{self.root} holds shards of a different configuration "
                              f"(fingerprint {m['fingerprint']}, this run {fingerprint})")
         return m
 
     def open(self, fingerprint: str, meta: dict | None = None) -> None:
         """Create the store, or check an existing one belongs to the same configuration."""
-        m = self.check(fingerprint)
-        if m["fingerprint"] is None:
-            m.update(fingerprint=fingerprint, meta=dict(meta or {}))
-            atomic_write_json(self.manifest_path, m)
+        if self.check(fingerprint).get("fingerprint") is None:
+            def claim(m):
+                if m.get("fingerprint") is not None:  # another process claimed it meanwhile
+                    return False
+                m.update(fingerprint=fingerprint, meta=dict(meta or {}))
+            self._update(claim)
+            self.check(fingerprint)
 
     def done(self) -> set[str]:
         return set(self.manifest()["shards"])
 
     def write_shard(self, shard_id: str, class_ids, ipc_indices, images: torch.Tensor, extra: dict | None = None) -> bool:
         """Write one finished shard; returns False (and writes nothing) if it is already recorded."""
-        m = self.manifest()
-        if shard_id in m["shards"]:
+        if shard_id in self.done():
             return False
         images = images.cpu()
         n, c, h, w = images.shape
@@ -122,20 +169,83 @@ class ShardStore:
         fname = f"shard-{shard_id}.parquet"
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
-        atomic_write_bytes(os.path.join(self.root, fname), buf.getvalue().to_pybytes())
-        m["shards"][shard_id] = {"file": fname, "rows": n, **(extra or {})}
-        atomic_write_json(self.manifest_path, m)
-        return True
+        data = buf.getvalue().to_pybytes()
+        entry = {"file": fname, "rows": n, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                 **(extra or {})}
+        path = os.path.join(self.root, fname)
+        try:
+            tmp = _write_temp(path, data)
+        except OSError as e:
+            raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
+
+        recorded = []
+
+        def record(m):
+            if shard_id in m["shards"]:  # another writer recorded it first: keep its file
+                os.remove(tmp)
+                return False
+            _replace(tmp, path)  # inside the lock: the file and its entry change together
+            m["shards"][shard_id] = entry
+            recorded.append(shard_id)
+        try:
+            self._update(record)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
+        return bool(recorded)
 
     def files(self) -> list[str]:
         return [os.path.join(self.root, s["file"]) for _, s in sorted(self.manifest()["shards"].items())]
+
+    def verify(self, repair: bool = False) -> list[tuple[str, str]]:
+        """(file, what is wrong) of every recorded shard that is missing or differs from what was written.
+
+        With `repair`, those shards are dropped from the manifest, so a run
+        computes them again; otherwise the first one is a StoreError.
+        """
+        bad = {sid: (os.path.join(self.root, e["file"]), why) for sid, e in sorted(self.manifest()["shards"].items())
+               if (why := _damage(os.path.join(self.root, e["file"]), e))}
+        if bad and not repair:
+            path, why = next(iter(bad.values()))
+            raise StoreError(f"{path} is damaged ({why}); rerun the distill command on its output directory to "
+                             "compute it again")
+        if bad:
+            def drop(m):
+                for sid in bad:
+                    m["shards"].pop(sid, None)
+            self._update(drop)
+        return list(bad.values())
 
     def read(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """All recorded rows sorted by (class_id, ipc_index): uint8 images, class ids, ipc indices."""
         files = self.files()
         if not files:
             raise StoreError(f"{self.root} has no finished shards")
+        self.verify()
         return read_parquet_rows(files, self.root)
+
+
+def _damage(path: str, entry: dict) -> str:
+    """What is wrong with shard file `path` against its manifest `entry` ('' if nothing)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if "sha256" not in entry:  # written before the manifest kept digests: check what can be checked
+        try:
+            rows = pq.read_metadata(pa.BufferReader(data)).num_rows
+        except pa.ArrowException:
+            return "not a readable Parquet file"
+        return "" if rows == entry.get("rows") else f"{rows} rows, the manifest says {entry.get('rows')}"
+    if len(data) != entry.get("bytes"):
+        return f"{len(data)} bytes, the manifest says {entry.get('bytes')}"
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return "sha256 differs from the manifest's"
+    return ""
 
 
 def export_imagefolder(root: str, images: torch.Tensor, class_ids, ipc_indices) -> None:
@@ -155,23 +265,52 @@ def read_imagefolder(root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         for f in sorted(os.listdir(os.path.join(root, d))):
             fm = re.fullmatch(r"class(\d+)_id(\d+)\.(png|jpg|jpeg)", f, flags=re.I)
             if fm:
-                with open(os.path.join(root, d, f), "rb") as fh:
-                    rows.append((int(fm.group(1)), int(fm.group(2)), fh.read()))
+                path = os.path.join(root, d, f)
+                with open(path, "rb") as fh:
+                    rows.append((int(fm.group(1)), int(fm.group(2)), fh.read(), path))
     if not rows:
         raise StoreError(f"{root} has no images in the new<class>/class<c>_id<i>.png layout")
-    images = torch.stack([decode_png(b) for _, _, b in rows])
+    images = _stack([decode_image(b, p) for _, _, b, p in rows], [p for *_, p in rows])
     return images, np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
 
 
+def decode_image(data: bytes, where: str) -> torch.Tensor:
+    """`decode_png`, with an undecodable image a StoreError naming `where` (its file)."""
+    try:
+        return decode_png(data)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors for damaged images
+        raise StoreError(f"{where} holds an image that cannot be decoded ({type(e).__name__})") from None
+
+
+def _stack(images: list[torch.Tensor], where: list[str]) -> torch.Tensor:
+    """One tensor of same-size images; images of another size are a StoreError naming the first such file."""
+    for im, w in zip(images, where):
+        if im.shape != images[0].shape:
+            (_, h, wd), (_, h0, w0) = im.shape, images[0].shape
+            raise StoreError(f"{w} is {h}x{wd} but {where[0]} is {h0}x{w0}; the images of a distilled set must "
+                             "all have one size")
+    return torch.stack(images)
+
+
+def _read_table(path: str) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=["class_id", "ipc_index", "image"])
+    except (OSError, pa.ArrowException) as e:
+        raise StoreError(f"{path} is not a readable shard of distilled images ({type(e).__name__})") from None
+
+
 def read_parquet_rows(files: list[str], root: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    table = pa.concat_tables([pq.read_table(f, columns=["class_id", "ipc_index", "image"]) for f in files])
+    tables = [_read_table(f) for f in files]
+    table = pa.concat_tables(tables)
     cls = table.column("class_id").to_numpy().astype(np.int64)
     ipc = table.column("ipc_index").to_numpy().astype(np.int64)
     if len(set(zip(cls.tolist(), ipc.tolist()))) != len(cls):
         raise StoreError(f"{root} holds duplicate (class_id, ipc_index) rows")
     order = np.lexsort((ipc, cls))
     blobs = table.column("image").to_pylist()
-    return torch.stack([decode_png(blobs[i]) for i in order]), cls[order], ipc[order]
+    where = [f for f, t in zip(files, tables) for _ in range(t.num_rows)]  # the file of each row
+    images = _stack([decode_image(blobs[i], where[i]) for i in order], [where[i] for i in order])
+    return images, cls[order], ipc[order]
 
 
 def find_distilled(root: str) -> tuple[str, list[str]]:
@@ -184,6 +323,7 @@ def find_distilled(root: str) -> tuple[str, list[str]]:
         files = store.files()
         if not files:
             raise StoreError(f"{root} has no finished shards (its manifest lists none)")
+        store.verify()
         return "shards", files
     files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".parquet"))
     if files:

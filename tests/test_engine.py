@@ -1,7 +1,11 @@
-"""Ray engine: disjoint shards, a killed actor, interrupt + resume, same images as in process."""
+"""Ray engine: disjoint shards, a killed actor, interrupt + resume, same images as in process; workers the
+cluster cannot place; chaos (kill -9 of random actors, Ctrl-C, resume)."""
 import dataclasses
 import os
+import random
+import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -130,3 +134,101 @@ def test_bench_recover_writes_throughput(tmp_path, capsys):
     assert res["benchmark"] == "recover" and res["img_iters_per_s"] > 0 and res["batch"] == 8
     assert main(["bench", "recover", "--batch", "0", "--json", str(out)]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+# --- issue 15: a cluster that cannot place workers, and chaos --------------------------------------
+
+def test_workers_the_cluster_cannot_place_are_refused_or_not_waited_for(ray_session, ckpt, tmp_path, caplog):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from scdd_ray.errors import ConfigError
+
+    shards = plan_shards(4, 1, 1)
+    store = ShardStore(str(tmp_path / "a"))
+    store.open("fp")
+    with pytest.raises(ConfigError, match="3 workers need 3 CPUs but the Ray cluster has 2"):
+        run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=3, use_gpu=False)
+    for _ in range(300):  # the actors of earlier tests are gone: the cluster has both CPUs free again
+        if ray_session.available_resources().get("CPU", 0) == 2:
+            break
+        time.sleep(0.1)
+    held = [placement_group([{"CPU": 1}])]  # another job holds one of the session's 2 CPUs
+    try:
+        ray_session.get(held[0].ready())
+        with caplog.at_level("INFO", logger="scdd_ray"):
+            stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False)
+        assert stats["shards_computed"] == 4 and store.done() == {s.id for s in shards}
+        assert "the Ray cluster has room for 1 of 2 workers now (1 of 2 CPUs free" in caplog.text
+        held.append(placement_group([{"CPU": 1}]))  # now both: no worker can start
+        ray_session.get(held[1].ready(), timeout=60)
+        other = ShardStore(str(tmp_path / "b"))
+        other.open("fp")
+        t0 = time.perf_counter()
+        with caplog.at_level("INFO", logger="scdd_ray"):
+            with pytest.raises(EngineError, match="no synthesis worker could start within 2s; the Ray cluster "
+                                                  "reports 0 of 2 CPUs free"):
+                run_ray(ckpt, shards, other, CFG, SIZE, 5, num_workers=1, use_gpu=False, startup_timeout=2, poll=1)
+        assert time.perf_counter() - t0 < 30 and other.done() == set()
+        assert "0 of 1 workers started after 1s; waiting for the cluster" in caplog.text
+    finally:
+        for pg in held:
+            remove_placement_group(pg)
+
+
+class PidFile(SynthesisWorker):
+    """Writes its pid into `pid_dir` once started, for the test to kill -9 it as a user or the OOM killer would."""
+
+    pid_dir = ""
+
+    def __init__(self, *args):
+        SynthesisWorker.__init__(self, *args)  # no super(): its __class__ cell does not pickle by value
+        with open(os.path.join(self.pid_dir, str(os.getpid())), "w"):
+            pass
+
+
+def test_chaos_kills_and_ctrl_c_then_resume_give_every_shard_once_and_the_same_images(ray_session, ckpt, tmp_path):
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    shards = plan_shards(4, 3, 1)  # 12 shards of one image
+    ref = ShardStore(str(tmp_path / "ref"))
+    ref.open("fp")
+    run_local(frozen(ckpt.build().to(memory_format=torch.channels_last)), shards, ref, CFG, ckpt.mean, ckpt.std, SIZE,
+              run_seed=5)
+    rng, killed, finished = random.Random(15), [], []
+
+    def worker_cls(run):  # each run's workers write their pids apart: those of the other run are gone
+        (tmp_path / run).mkdir()
+        return type("Chaos", (PidFile,), {"pid_dir": str(tmp_path / run)})
+
+    def kill_a_random_worker():
+        run = tmp_path / ("run2" if (tmp_path / "run2").exists() else "run1")
+        victim = rng.choice(sorted(set(os.listdir(run)) - set(killed)))  # a started worker not killed yet
+        os.kill(int(victim), signal.SIGKILL)
+        killed.append(victim)
+
+    def chaos(sid):
+        finished.append(sid)
+        if len(finished) == 1:
+            kill_a_random_worker()
+        if len(finished) == 6:
+            raise KeyboardInterrupt  # what Ctrl-C in the driver does
+
+    store = ShardStore(str(tmp_path / "out"))
+    store.open("fp")
+    with pytest.raises(KeyboardInterrupt):
+        run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False, worker_cls=worker_cls("run1"),
+                on_result=chaos)
+    assert len(killed) == 1 and store.done() == set(finished)
+    finished.clear()
+
+    def kill_once(sid):
+        finished.append(sid)
+        if len(finished) == 2:
+            kill_a_random_worker()
+
+    stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False, worker_cls=worker_cls("run2"),
+                    on_result=kill_once)
+    # the killed worker had a shard, or gets the next one: its death is seen, and it is replaced, before the end
+    assert len(killed) == 2 and stats["restarts"] == 1 and stats["shards_computed"] == 6
+    assert _pairs(store) == [(c, i) for c in range(4) for i in range(3)]  # every pair exactly once
+    assert store.verify() == [] and len([f for f in os.listdir(store.root) if f.endswith(".parquet")]) == 12
+    assert torch.equal(store.read()[0], ref.read()[0])  # the same images as the uninterrupted run

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from scdd_ray.cli import main
 from scdd_ray.data import load_split
 from scdd_ray.errors import DataError
 from scdd_ray.exports import HF_FILE, hf_parquet

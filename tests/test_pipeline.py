@@ -8,6 +8,7 @@ import torch
 
 from scdd_ray.cli import main
 from scdd_ray.report import REQUIRED
+from scdd_ray.store import ShardStore
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def test_distill_writes_the_documented_output(scdd_run):
     assert rep["teacher_method"] == "supervised" and rep["teacher"] != rep["backbone"]
     assert os.path.dirname(rep["teacher"]) == str(scdd_run / "backbones")
     assert rep["posttrain_workers"] == 1 and rep["posttrain_startup_seconds"] > 0
+    assert rep["actor_restarts"] == 0 and rep["shards_repaired"] == []
     assert [h["epoch"] for h in rep["posttrain_history"]][-1] == rep["posttrain_epochs"]
     files = sorted(os.listdir(scdd_run / "distilled"))
     assert "manifest.json" in files and len([f for f in files if f.endswith(".parquet")]) == 2
@@ -49,6 +51,20 @@ def test_rerun_resumes_without_recomputing(scdd_run, capsys):
         assert os.path.getmtime(scdd_run / "distilled" / f) == t
     # both cached models were reused: the SSL backbone and the supervised teacher every method shares
     assert sorted(f.split("-")[0] for f in os.listdir(scdd_run / "backbones")) == ["simclr", "supervised"]
+
+
+def test_a_truncated_and_a_deleted_shard_are_computed_again_with_the_same_images(scdd_run):
+    store = ShardStore(str(scdd_run / "distilled"))
+    before, files = store.read(), store.files()
+    with open(files[0], "r+b") as f:
+        f.truncate(100)
+    os.remove(files[1])
+    assert main(["-q", "distill", "--dataset", "synthetic", "--out", str(scdd_run)]) == 0
+    rep = json.loads((scdd_run / "report.json").read_text())
+    assert rep["shards_computed"] == 2 and rep["shards_repaired"] == [os.path.basename(f) for f in files]
+    after = store.read()
+    assert torch.equal(after[0], before[0]) and (after[1] == before[1]).all() and (after[2] == before[2]).all()
+    assert store.verify() == []
 
 
 @pytest.mark.parametrize("method,backbone", [("random", None), ("sre2l", "supervised")])

@@ -5,6 +5,7 @@ import os
 import socket
 
 import ray
+import torch
 
 from ..errors import ConfigError
 
@@ -28,8 +29,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     try:
         if address:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:  # sized as `local_resources` says, so checks made before Ray starts hold after
+            ray.init(num_cpus=num_cpus or local_resources()["CPU"], include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConnectionError(f"cannot join Ray cluster at {address}: {first}") from None
@@ -41,6 +43,28 @@ def is_running() -> bool:
 
 def cluster_resources() -> dict:
     return ray.cluster_resources()
+
+
+def local_resources() -> dict:
+    """What a private local Ray instance started by `connect` gets: every core of this machine, every
+    visible GPU (Ray's own guess can be smaller under a cgroup quota, and then one actor per core,
+    the default, would wait forever)."""
+    return {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+
+
+def free_resources() -> str:
+    """'N of M CPUs, K of L GPUs free' on the running cluster, for progress lines and errors."""
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k}s free" for k in ("CPU", "GPU"))
+
+
+def placeable_now(use_gpu: bool, threads: int = 1) -> tuple[int, str]:
+    """How many workers of one GPU (or `threads` CPUs) the cluster has free resources for now, and
+    those resources in words (`free_resources`)."""
+    free, words = ray.available_resources(), free_resources()
+    if use_gpu:
+        return int(min(free.get("GPU", 0), free.get("CPU", 0))), words
+    return int(free.get("CPU", 0) // threads), words
 
 
 def cluster_gpus() -> int:

@@ -14,8 +14,10 @@ uninterrupted run would.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 
@@ -31,12 +33,17 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ..core.evaluation import top1
 from ..core.training import (PosttrainJob, PosttrainResult, PostTrainer, build_teacher, checkpoint_every,
                              soft_label_rows)
-from ..errors import ConfigError, EngineError
+from ..errors import CheckpointError, ConfigError, EngineError
+from ..models import load_state_file
 from ..store import images_digest, read_distilled, soft_label_file, write_soft_labels
 from .cluster import placement
 
 log = logging.getLogger("scdd_ray")
 STATE_FILE = "state.pt"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+# Ray Train waits 60 s for the cluster to place its workers, then retries, by default forever (a silent
+# hang when other jobs hold the resources); after this many retries the post-train stops with an error.
+START_RETRIES = 4
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -89,8 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
                           stored=stored, labels=class_ids)
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
-        with resumed.as_directory() as d:
-            trainer.load_state_dict(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True))
+        trainer.load_state_dict(checkpoint_state(resumed))
     resumed_from = trainer.state["epoch"]
     trainer.state["attempts"] += 1
     trainer.model = ray.train.torch.prepare_model(trainer.student)  # DDP when world > 1
@@ -146,6 +152,7 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
     starting anything if the cluster cannot place the workers.
     """
     per_worker = check_workers(job, num_workers, use_gpu, threads)
+    clean_run_dir(os.path.join(storage_path, name))
     done = finished_state(storage_path, name, job.cfg.epochs)
     if done is not None:  # a finished run: nothing to train, nothing to start
         return _result(done, 0.0, None, num_workers)
@@ -166,7 +173,8 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures,
+                                                          controller_failure_limit=START_RETRIES)),
     )
     try:
         result = trainer.fit()
@@ -179,8 +187,7 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
     seconds = time.time() - t0
     if result.checkpoint is None:
         raise EngineError(f"post-train under {storage_path}/{name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    state = checkpoint_state(result.checkpoint)
     if state["epoch"] != job.cfg.epochs:
         raise EngineError(f"post-train stopped at epoch {state['epoch']} of {job.cfg.epochs}")
     res = _result(state, seconds, (result.metrics or {}).get("startup_seconds"), num_workers)
@@ -195,10 +202,57 @@ def finished_state(storage_path: str, name: str, epochs: int) -> dict | None:
     if not os.path.isfile(path):
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a checkpoint cut short, or not ours: let Ray Train resume from the previous one
+        state = load_state_file(path)
+    except CheckpointError as e:  # cut short, or not ours: never unpickled; Ray Train resumes from its last
+        log.warning("posttrain: %s", e.message)
         return None
     return state if state.get("epoch") == epochs else None
+
+
+def clean_run_dir(run_dir: str) -> None:
+    """Leave `run_dir` as a run Ray Train can resume, or remove it so that the post-train starts over.
+
+    A full disk or a kill while Ray Train writes leaves a checkpoint it never
+    registered (removed here) or a snapshot it cannot parse (then it cannot
+    resume: the run is removed). A registered state file that is damaged or
+    was planted is never loaded: the run is removed too, with a warning, as a
+    damaged shard is dropped and computed again.
+    """
+    if not os.path.isdir(run_dir):
+        return
+    epochs = sorted(d for d in os.listdir(run_dir) if d.startswith("epoch-"))
+    try:
+        with open(os.path.join(run_dir, RAY_SNAPSHOT)) as f:
+            snapshot = json.load(f)
+    except FileNotFoundError:
+        snapshot = {"checkpoint_results": []}  # nothing registered yet
+    except (OSError, ValueError) as e:
+        return _start_over(run_dir, f"{RAY_SNAPSHOT} is unreadable ({type(e).__name__})")
+    try:
+        registered = {c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]}
+    except (KeyError, TypeError):  # a snapshot of another Ray version: prune nothing, check every state
+        registered = set(epochs)
+    for d in epochs:
+        if d not in registered:
+            log.warning("posttrain: removing %s, a checkpoint Ray Train did not finish writing",
+                        os.path.join(run_dir, d))
+            shutil.rmtree(os.path.join(run_dir, d))
+            continue
+        try:
+            load_state_file(os.path.join(run_dir, d, STATE_FILE))
+        except CheckpointError as e:
+            return _start_over(run_dir, e.message)
+
+
+def _start_over(run_dir: str, why: str) -> None:
+    log.warning("posttrain: %s; training this student from the start (removing %s)", why, run_dir)
+    shutil.rmtree(run_dir)
+
+
+def checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
+    """The state in a checkpoint this loop reported, read without running any pickled code."""
+    with checkpoint.as_directory() as d:
+        return load_state_file(os.path.join(d, STATE_FILE))
 
 
 def _result(state: dict, seconds: float, startup: float | None, num_workers: int) -> PosttrainResult:

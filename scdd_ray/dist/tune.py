@@ -29,7 +29,7 @@ from ..core.shards import plan_shards, recover_shard
 from ..core.training import PostTrainer, build_teacher
 from ..data import ImageSet, load_split
 from ..errors import ConfigError, EngineError
-from ..models import Checkpoint, create_model, frozen, load_checkpoint, small_input
+from ..models import Checkpoint, create_model, frozen, load_checkpoint, load_state_file, small_input
 from ..backbones import backbone_name, load_checkpoint_arg, squeeze_and_save
 from ..store import atomic_write_bytes, atomic_write_json
 from ..tune_config import Param, TuneConfig, recover_for
@@ -297,7 +297,7 @@ def summarize(grid, cfg: TuneConfig, out: str, seconds: float) -> dict:
                 continue
             top = max(full, key=lambda r: r.metrics[METRIC])
             with top.checkpoint.as_directory() as d:
-                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+                state = load_state_file(os.path.join(d, STATE_FILE))
             student = create_model(cfg.posttrain.student, test.info.num_classes, cfg.posttrain.student_width,
                                    small_input(cfg.image_size))
             student.load_state_dict(state["student"])

@@ -23,16 +23,17 @@ from ..core.evaluation import top1
 from ..core.shards import plan_shards, run_local
 from ..core.training import PosttrainJob
 from ..data import DatasetInfo, dataset_info, sample_per_class
-from ..dist.cluster import cluster_gpus, connect, is_running, placement
+from ..dist.cluster import cluster_gpus, connect, is_running, local_resources, placement
 from ..dist.synthesis import run_ray
 from ..dist.train import run_posttrain
 from ..errors import ConfigError, StoreError
 from ..exports import export_all
+from ..locks import FileLock
 from ..models import Checkpoint, adapt_inputs, frozen, num_bn_layers
 from ..report import write_report
 from ..store import ShardStore, atomic_write_json, images_digest
 from ..backbones import check_checkpoint, get_backbone, load_checkpoint_arg, probe_backbone
-from .outdir import check_out_dir
+from .outdir import check_not_busy, check_out_dir, lock_out_dir
 
 log = logging.getLogger("scdd_ray")
 RUN_FILE = "run.json"
@@ -44,10 +45,12 @@ class Prepared:
     info: DatasetInfo
     backbone: Checkpoint | None
     teacher: Checkpoint | None
+    lock: FileLock | None = None  # this process's hold on `out`, from the end of `prepare` to the end of `run`
 
 
 def prepare(cfg: DistillConfig) -> Prepared:
     """All input checks; raises ConfigError (naming the field) and writes nothing."""
+    check_not_busy(cfg.out)  # before the slow checks: another run there is refused at once
     info = dataset_info(cfg.dataset, cfg.data_dir, cfg.image_size, **cfg.data_options())
     backbone = teacher = None
     if cfg.backbone:
@@ -70,7 +73,7 @@ def prepare(cfg: DistillConfig) -> Prepared:
     except StoreError as e:
         raise ConfigError("out", e.message) from None
     _check_placement(cfg, info)
-    return Prepared(cfg, info, backbone, teacher)
+    return Prepared(cfg, info, backbone, teacher, lock_out_dir(cfg.out))
 
 
 def _check_placement(cfg: DistillConfig, info: DatasetInfo) -> None:
@@ -87,12 +90,14 @@ def _check_placement(cfg: DistillConfig, info: DatasetInfo) -> None:
         # A private local Ray instance sees exactly this machine's GPUs.
         raise ConfigError("num_gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
     else:
-        resources = None if is_running() else {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+        resources = None if is_running() else local_resources()
     batch = min(cfg.posttrain.batch_size, info.num_classes * cfg.ipc)
     if cfg.posttrain_workers > batch:
         raise ConfigError("posttrain_workers", f"{cfg.posttrain_workers} workers cannot share a batch of {batch} "
                                                "images")
     placement(cfg.posttrain_workers, cfg.num_gpus > 0, 1, "posttrain_workers", resources)
+    if uses_ray(cfg) and cfg.method != "random":  # synthesis actors: an unplaceable one would be waited for
+        placement(num_workers(cfg), cfg.num_gpus > 0, 1, "num_gpus" if cfg.num_gpus else "num_workers", resources)
 
 
 def num_workers(cfg: DistillConfig) -> int:
@@ -184,6 +189,15 @@ def _recover(cfg: DistillConfig, info: DatasetInfo, store: ShardStore, backbone:
 
 
 def run(prep: Prepared) -> dict:
+    """The whole run, holding `out` (the lock `prepare` took) until it ends, however it ends."""
+    try:
+        return _run(prep)
+    finally:
+        if prep.lock is not None:
+            prep.lock.release()
+
+
+def _run(prep: Prepared) -> dict:
     cfg, info = prep.cfg, prep.info
     seed_everything(cfg.seed)
     device = pick_device(cfg)
@@ -197,6 +211,9 @@ def run(prep: Prepared) -> dict:
         store.open(cfg.fingerprint(), {"dataset": cfg.dataset, "method": cfg.method, "ipc": cfg.ipc})
     except StoreError as e:
         raise ConfigError("out", e.message) from None
+    dropped = store.verify(repair=True)
+    for path, why in dropped:  # damaged at rest since it was written: computed again below
+        log.warning("distilled: %s is damaged (%s); computing it again", path, why)
     t0 = time.perf_counter()
     stats = _recover(cfg, info, store, backbone, device)
     recover_seconds = time.perf_counter() - t0
@@ -225,6 +242,8 @@ def run(prep: Prepared) -> dict:
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "num_workers": stats.get("num_workers", 1), "device": str(device), "seed": cfg.seed,
         "shards_total": stats["shards_total"], "shards_computed": stats["shards_computed"],
+        "shards_repaired": [os.path.basename(p) for p, _ in dropped],
+        "actor_restarts": stats.get("restarts", 0),
         "student": cfg.posttrain.student, "student_width": cfg.posttrain.student_width,
         "posttrain_epochs": cfg.posttrain.epochs, "posttrain_history": pt.history,
         "config": cfg.to_dict(), "torch": torch.__version__,

@@ -21,7 +21,7 @@ from ..report import save_grid
 from ..store import SOFT_META, atomic_write_json, images_digest, read_distilled
 from ..backbones import load_checkpoint_arg
 from .distill import RUN_FILE
-from .outdir import check_out_dir
+from .outdir import check_not_busy, check_out_dir, lock_out_dir
 
 POSTTRAIN_RUN_FILE = "posttrain-run.json"
 
@@ -51,11 +51,14 @@ def _read_source(req: PosttrainRequest):
     src, dataset, data_dir, image_size, options = req.distilled, req.dataset, req.data_dir, None, {}
     run_file = os.path.join(src, RUN_FILE)
     if os.path.isfile(run_file):  # a distill output directory: its settings name the dataset
-        with open(run_file) as f:
-            prev = json.load(f)["config"]
-        dataset, data_dir = dataset or prev["dataset"], data_dir or prev["data_dir"]
-        image_size = prev["image_size"]
-        options = {k: prev[k] for k in ("image_column", "label_column") if prev.get(k)}
+        try:
+            with open(run_file) as f:
+                prev = json.load(f)["config"]
+            dataset, data_dir = dataset or prev["dataset"], data_dir or prev["data_dir"]
+            image_size = prev["image_size"]
+            options = {k: prev[k] for k in ("image_column", "label_column") if prev.get(k)}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError("distilled", f"{run_file} is unreadable ({type(e).__name__})") from None
         src = os.path.join(src, "distilled")
     try:
         images, class_ids, _ = read_distilled(src)
@@ -107,6 +110,7 @@ def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, torch.Tensor
                        soft_labels=req.soft_labels, topk=req.topk,
                        store_soft_labels=os.path.join(req.out, "soft_labels") if req.store_soft_labels else None)
     check_out_dir(req.out, POSTTRAIN_RUN_FILE, job.fingerprint(), "posttrain run")
+    check_not_busy(req.out)
     try:
         connect(req.address)
     except ConnectionError as e:
@@ -116,10 +120,15 @@ def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, torch.Tensor
 
 
 def run(req: PosttrainRequest, job: PosttrainJob, images: torch.Tensor, class_ids, dataset: str) -> dict:
-    """Train (or resume) the student under OUT/train/, then write student.pt, grid.png and posttrain.json."""
+    """Train (or resume) the student under OUT/train/, then write student.pt, grid.png and posttrain.json;
+    OUT is this process's alone meanwhile (a second run on it is refused before it writes anything)."""
+    with lock_out_dir(req.out):
+        return _run(req, job, images, class_ids, dataset)
+
+
+def _run(req: PosttrainRequest, job: PosttrainJob, images: torch.Tensor, class_ids, dataset: str) -> dict:
     cfg, info, out = job.cfg, job.info, req.out
     fp = job.fingerprint()
-    os.makedirs(out, exist_ok=True)
     atomic_write_json(os.path.join(out, POSTTRAIN_RUN_FILE), {"fingerprint": fp, "config": dataclasses.asdict(cfg),
                                                               "distilled": req.distilled, "teacher": req.teacher,
                                                               "seed": req.seed})
