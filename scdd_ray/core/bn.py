@@ -85,6 +85,7 @@ class BNMatch:
         if len(w) != n:
             raise ValueError(f"got {len(w)} BN-layer weights but the model has {n} BatchNorm2d layers")
         self._weights = torch.tensor(w, dtype=torch.float32)
+        self._weights_on: dict[torch.device, torch.Tensor] = {}  # one copy per device, not one per iteration
         self._terms: list[torch.Tensor | None] = [None] * n
         self._handles: list = []
 
@@ -113,7 +114,9 @@ class BNMatch:
 
     def loss(self) -> torch.Tensor:
         t = self.terms()
-        total = (t * self._weights.to(t.device)).sum()
+        if t.device not in self._weights_on:
+            self._weights_on[t.device] = self._weights.to(t.device)
+        total = (t * self._weights_on[t.device]).sum()
         return total if self.normalize == "none" else total / len(self.layers)
 
 

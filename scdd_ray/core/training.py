@@ -35,6 +35,7 @@ from ..data import DatasetInfo, ImageSet
 from ..errors import ConfigError, StoreError
 from ..models import Checkpoint, adapt_inputs, autocast, create_model, frozen
 from ..store import SOFT_FORMAT, SOFT_META, read_soft_labels
+from .augment import to_device
 from .configs import PosttrainConfig
 from .relabel import (MIX_CODES, CropPlan, kd_loss, logits_from_topk, make_crops, plan_crops, soft_labels,
                       topk_probs)
@@ -164,13 +165,15 @@ def train_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimize
     random-resized-crop, flip and CutMix/MixUp). Returns (weighted loss, teacher logits).
     """
     device = images.device
-    crops = make_crops(images[sb.idx.to(device)], sb.plan, image_size, mean, std, rows)
+    # The step's random draws (CPU) travel as queued copies: no host sync inside the loop.
+    rows_on = to_device(rows, device)
+    crops = make_crops(images[to_device(sb.idx, device)], sb.plan.to(device), image_size, mean, std, rows_on)
     crops = crops.contiguous(memory_format=memory_format(device))
     with autocast(device, cfg.amp):
         if sb.targets is None:
             target = soft_labels(teacher, crops)
         else:
-            target = sb.targets[rows].to(device)
+            target = to_device(sb.targets[rows], device)
         logits = student(crops)
     loss = kd_loss(logits, target, cfg.temperature) * weight
     opt.zero_grad(set_to_none=True)
