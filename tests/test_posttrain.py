@@ -13,8 +13,8 @@ from scdd_ray.config import PosttrainConfig
 from scdd_ray.data import load_split
 from scdd_ray.errors import EngineError
 from scdd_ray.models import create_model, frozen, load_checkpoint, save_checkpoint
-from scdd_ray.core.training import (PosttrainJob, epoch_batches, make_optimizer, rank_rows, run_epoch,
-                                    soft_label_rows, steps_per_epoch, stored_batches, train_step)
+from scdd_ray.core.training import (EncodedSet, PosttrainJob, PostTrainer, epoch_batches, make_optimizer, rank_rows,
+                                    run_epoch, soft_label_rows, steps_per_epoch, stored_batches, train_step)
 from scdd_ray.dist import train as dist_train
 from scdd_ray.dist.train import run_posttrain
 from scdd_ray.core.relabel import make_crops, plan_crops
@@ -133,6 +133,33 @@ def test_stored_soft_labels_give_the_online_targets_and_crops(tmp_path):
         p_online = F.softmax(want / CFG.temperature, dim=1)
         p_stored = F.softmax(b.targets / CFG.temperature, dim=1)
         torch.testing.assert_close(p_stored, p_online, atol=2e-3, rtol=0)  # float16 storage
+
+
+@pytest.mark.parametrize("mix", ["cutmix", "none"])
+def test_a_set_kept_encoded_trains_exactly_as_the_decoded_set(tmp_path, mix):
+    """Workers of large sets decode each batch on demand; the student must not notice."""
+    store = ShardStore(str(tmp_path))
+    store.open("fp")
+    store.write_shard("a", [i % 4 for i in range(12)], [i // 4 for i in range(12)], _images(12))
+    cfg = dataclasses.replace(CFG, mix=mix, epochs=2)
+    info = load_split("synthetic", "test", None, SIZE).info
+    decoded = dist_train._read_images({"source": store.root, "images_digest": images_digest(store.read()[0])}, 0,
+                                      "cpu")
+    encoded = dist_train._read_images({"source": store.root, "images_digest": images_digest(decoded),
+                                       "decoded_max_bytes": 0}, 0, "cpu")
+    assert isinstance(decoded, torch.Tensor) and isinstance(encoded, EncodedSet)
+    for world in (1, 2):
+        students = []
+        for images in (decoded, encoded):
+            torch.manual_seed(0)
+            teacher = frozen(create_model("resnet18", 4, width=0.125))
+            tr = PostTrainer(cfg, images, teacher, info, image_size=SIZE, small_input=True, seed=0, rank=world - 1,
+                             world=world)
+            tr.fit()
+            students.append(torch.cat([p.flatten() for p in tr.student.state_dict().values()]))
+        assert torch.equal(students[0], students[1])
+    with pytest.raises(RuntimeError, match="other images"):
+        dist_train._read_images({"source": store.root, "images_digest": "0" * 16, "decoded_max_bytes": 0}, 1, "cpu")
 
 
 # --- Ray Train ---------------------------------------------------------------------

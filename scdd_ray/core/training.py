@@ -150,6 +150,37 @@ def soft_label_rows(epoch: int, step: int, sb: StepBatch, rows: torch.Tensor, ta
             "topk_index": i.cpu().numpy().astype(np.int16), "topk_prob": v.cpu().numpy().astype(np.float16)}
 
 
+class EncodedSet:
+    """A distilled set kept encoded (store.EncodedImages) by a trainer on `device`.
+
+    Each step decodes only the images this worker crops, so a worker holds the
+    encoded bytes plus one batch instead of the whole decoded set. The crops
+    are exactly those of the decoded set: the same rows, the same pixels.
+    """
+
+    def __init__(self, encoded, device):
+        self.encoded, self.device = encoded, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def batch(self, idx: torch.Tensor, rows: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+        """uint8 images of the global batch `idx` on the device: rows `rows` and their mixing partners
+        decoded, the others (which `make_crops` never reads for these rows) left zero."""
+        need = rows if plan.mix == "none" else torch.unique(torch.cat([rows, plan.partner[rows]]))
+        decoded = self.encoded.decode(idx[need].tolist())
+        out = torch.zeros((len(idx),) + tuple(decoded.shape[1:]), dtype=torch.uint8)
+        out[need] = decoded
+        return to_device(out, self.device)
+
+
+def step_images(images, sb: StepBatch, rows: torch.Tensor) -> torch.Tensor:
+    """The uint8 images of step `sb` on the training device, from a decoded set or an `EncodedSet`."""
+    if isinstance(images, EncodedSet):
+        return images.batch(sb.idx, rows, sb.plan)
+    return images[to_device(sb.idx, images.device)]
+
+
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CUDA, where it pays. On CPU it does not, and torch 2.14.1 corrupts memory
     (SIGSEGV / double free) training 8-channel (width 0.125) convs in channels_last with 2 threads."""
@@ -167,7 +198,7 @@ def train_step(student: nn.Module, teacher: nn.Module, opt: torch.optim.Optimize
     device = images.device
     # The step's random draws (CPU) travel as queued copies: no host sync inside the loop.
     rows_on = to_device(rows, device)
-    crops = make_crops(images[to_device(sb.idx, device)], sb.plan.to(device), image_size, mean, std, rows_on)
+    crops = make_crops(step_images(images, sb, rows), sb.plan.to(device), image_size, mean, std, rows_on)
     crops = crops.contiguous(memory_format=memory_format(device))
     with autocast(device, cfg.amp):
         if sb.targets is None:
@@ -214,7 +245,7 @@ def build_teacher(ckpt: Checkpoint, info: DatasetInfo, device) -> nn.Module:
 class PostTrainer:
     """One post-train of one rank: the student, its optimiser, where it is, and the epoch loop.
 
-    images: the distilled set (uint8, on `device`); teacher: the frozen
+    images: the distilled set (uint8, on its device, or an `EncodedSet`); teacher: the frozen
     relabelling model, or None with `stored` soft labels (a directory written
     by a post-train that stored them), which are read instead. Every random draw is a
     function of (seed, epoch), so a trainer restored from `state_dict()` after
