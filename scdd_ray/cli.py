@@ -88,7 +88,7 @@ DISTILL_FIELDS = {
     **{f"posttrain.{d}": d for d in ("student", "student_width", "temperature", "mix", "eval_every",
                                      "checkpoint_every")},
     "posttrain.epochs": "posttrain_epochs", "posttrain.batch_size": "posttrain_batch_size",
-    "posttrain.lr": "posttrain_lr",
+    "posttrain.lr": "posttrain_lr", "posttrain.batch_per_worker": "posttrain_batch_per_worker",
 }
 
 
@@ -120,6 +120,8 @@ def _distill_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--posttrain-epochs", type=int, default=None)
     d.add_argument("--posttrain-batch-size", type=int, default=None)
     d.add_argument("--posttrain-lr", type=float, default=None)
+    d.add_argument("--posttrain-batch-per-worker", default=None, action=argparse.BooleanOptionalAction,
+                   help="--posttrain-batch-size images per post-train worker (lr scaled), not per step")
     d.add_argument("--temperature", type=float, default=None, help="KD temperature")
     d.add_argument("--mix", default=None, help=f"one of {', '.join(MIX_CODES)}")
     d.add_argument("--eval-every", type=int, default=None)
@@ -177,7 +179,8 @@ POSTTRAIN_FIELDS = {
     **_same("distilled", "teacher", "out", "dataset", "data_dir", "seed", "num_workers", "num_gpus",
             "threads_per_worker", "address", "store_soft_labels", "topk", "soft_labels"),
     **{f"posttrain.{d}": d for d in ("student", "student_width", "epochs", "batch_size", "lr", "optimizer",
-                                     "temperature", "mix", "eval_every", "checkpoint_every", "amp")},
+                                     "temperature", "mix", "eval_every", "checkpoint_every", "amp",
+                                     "batch_per_worker")},
 }
 
 
@@ -198,7 +201,10 @@ def _posttrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints (default: ~20 per run)")
     p.add_argument("--amp", default=None, help="autocast on GPU: bf16 (default), fp16 or none")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP); the global batch stays the same")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the global batch stays the same unless --batch-per-worker")
+    p.add_argument("--batch-per-worker", default=None, action=argparse.BooleanOptionalAction,
+                   help="--batch-size images per worker (global batch x workers, lr scaled: README)")
     p.add_argument("--num-gpus", type=int, default=0, help="> 0: one GPU per worker")
     p.add_argument("--threads-per-worker", type=int, default=1, help="CPUs (torch threads) each CPU worker reserves")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (auto, host:port or ray://host:port)")

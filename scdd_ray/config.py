@@ -173,6 +173,8 @@ def validate_posttrain(p: PosttrainConfig) -> None:
     _check(isinstance(p.checkpoint_every, int) and p.checkpoint_every >= 0, "posttrain.checkpoint_every",
            f"must be a non-negative integer (got {p.checkpoint_every!r})")
     _choice(p.amp, AMPS, "posttrain.amp")
+    _check(isinstance(p.batch_per_worker, bool), "posttrain.batch_per_worker",
+           f"must be true or false (got {p.batch_per_worker!r})")
 
 
 def validate(cfg: DistillConfig) -> None:

@@ -13,8 +13,10 @@ from scdd_ray.config import PosttrainConfig
 from scdd_ray.data import load_split
 from scdd_ray.errors import EngineError
 from scdd_ray.models import create_model, frozen, load_checkpoint, save_checkpoint
-from scdd_ray.core.training import (EncodedSet, PosttrainJob, PostTrainer, epoch_batches, make_optimizer, rank_rows,
-                                    run_epoch, soft_label_rows, steps_per_epoch, stored_batches, train_step)
+from scdd_ray.core.schedules import cosine_lr
+from scdd_ray.core.training import (EncodedSet, PosttrainJob, PostTrainer, epoch_batches, global_batch, make_optimizer,
+                                    rank_rows, run_epoch, scaled_lr, soft_label_rows, steps_per_epoch, stored_batches,
+                                    train_step)
 from scdd_ray.dist import train as dist_train
 from scdd_ray.dist.train import run_posttrain
 from scdd_ray.core.relabel import make_crops, plan_crops
@@ -215,3 +217,27 @@ def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(ray_sessi
     assert kept == ["epoch-00003", "epoch-00004"]  # the last two checkpoints
     again = run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1)  # finished: nothing to do
     assert again.trained_epochs == [1, 2, 3, 4] and again.top1 == res.top1 and again.seconds == 0.0
+
+
+def test_batch_per_worker_scales_the_global_batch_and_the_lr():
+    per = dataclasses.replace(CFG, batch_per_worker=True)
+    assert [global_batch(CFG, 12, w) for w in (1, 2, 3)] == [5, 5, 5]  # default: one global batch
+    assert [global_batch(per, 12, w) for w in (1, 2, 3)] == [5, 10, 12]  # at most the set
+    assert scaled_lr(CFG, 4) == CFG.lr and scaled_lr(per, 1) == CFG.lr
+    assert scaled_lr(per, 4) == pytest.approx(2 * CFG.lr)  # AdamW: square-root rule
+    assert scaled_lr(dataclasses.replace(per, optimizer="sgd"), 4) == pytest.approx(4 * CFG.lr)  # SGD: linear
+    batches = epoch_batches(12, per, SIZE, seed=0, epoch=0, world=2)
+    assert [len(b.idx) for b in batches] == [10]
+    assert [len(rank_rows(10, r, 2)[0]) for r in range(2)] == [5, 5]  # batch_size images on each worker
+    assert dataclasses.replace(CFG, batch_per_worker=False) == CFG
+
+
+def test_batch_per_worker_on_two_ray_train_workers(ray_session, job, tmp_path):
+    per_job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, batch_per_worker=True))
+    assert per_job.fingerprint() != job.fingerprint()
+    res = run_posttrain(per_job, storage_path=str(tmp_path), name="run", num_workers=2)
+    assert res.steps == 4 * steps_per_epoch(12, 10) == 4  # global batch 2 x 5 of 12 images: one step per epoch
+    lr = res.history[0]["lr"]  # after step 1 of 4, with AdamW's lr scaled by sqrt(2)
+    assert lr == pytest.approx(cosine_lr(job.cfg.lr * 2 ** 0.5, 1, 4))
+    assert (tmp_path / "run-w2").is_dir()  # another worker count is another run, never resumed from this one
+    assert 0 <= res.top1 <= 100

@@ -57,3 +57,6 @@ class PosttrainConfig:
     eval_every: int = 0  # 0: evaluate on the real test split only at the end
     checkpoint_every: int = 0  # epochs between Ray Train checkpoints; 0: about 20 per run
     amp: str = "bf16"  # autocast dtype on GPU: bf16, fp16 or none (CPU always runs float32)
+    # False: one global batch of batch_size whatever the worker count. True: batch_size per worker
+    # (global batch x workers) with the lr scaled to it (core.training.scaled_lr).
+    batch_per_worker: bool = False

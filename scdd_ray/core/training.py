@@ -13,7 +13,9 @@ epoch), then builds, labels and learns from only its slice of the batch. With
 N workers each step therefore sees the same crops as with one; DDP averages
 the gradients (each worker's loss is weighted by its share of the batch, so
 uneven splits such as 13 + 12 stay exact). What differs is BatchNorm: each
-worker normalises with the statistics of its own slice.
+worker normalises with the statistics of its own slice. With
+`batch_per_worker` the global batch is `batch_size` x workers instead (each
+worker's slice is `batch_size`, the lr follows `scaled_lr`).
 
 Every random draw is a function of (seed, epoch), so a run resumed from the
 checkpoint of epoch k continues exactly as the uninterrupted run would.
@@ -77,6 +79,21 @@ def checkpoint_every(cfg: PosttrainConfig) -> int:
     return cfg.checkpoint_every or max(1, cfg.epochs // 20)
 
 
+def global_batch(cfg: PosttrainConfig, n: int, world: int = 1) -> int:
+    """Images per step over all workers: `batch_size` (or `batch_size` per worker with
+    `batch_per_worker`), at most the set's size."""
+    return min(cfg.batch_size * (world if cfg.batch_per_worker else 1), n)
+
+
+def scaled_lr(cfg: PosttrainConfig, world: int = 1) -> float:
+    """The learning rate of a `batch_per_worker` run on `world` workers: the global batch is `world`
+    times larger, so SGD's lr grows `world` times (the linear rule, Goyal et al. 2017) and AdamW's
+    sqrt(world) times (the square-root rule of adaptive optimisers, Malladi et al. 2022)."""
+    if not cfg.batch_per_worker:
+        return cfg.lr
+    return cfg.lr * (world if cfg.optimizer == "sgd" else world ** 0.5)
+
+
 def derive_seed(*parts) -> int:
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
@@ -99,9 +116,11 @@ class StepBatch:
     targets: torch.Tensor | None = None
 
 
-def epoch_batches(n: int, cfg: PosttrainConfig, image_size: int, seed: int, epoch: int) -> list[StepBatch]:
-    """The image order and crop plans of one epoch; a function of (seed, epoch) only."""
-    batch = min(cfg.batch_size, n)
+def epoch_batches(n: int, cfg: PosttrainConfig, image_size: int, seed: int, epoch: int,
+                  world: int = 1) -> list[StepBatch]:
+    """The image order and crop plans of one epoch; a function of (seed, epoch) only
+    (and of the worker count with `batch_per_worker`)."""
+    batch = global_batch(cfg, n, world)
     g = torch.Generator().manual_seed(derive_seed(seed, "posttrain-epoch", epoch))
     order = torch.randperm(n, generator=g)
     out = []
@@ -255,11 +274,12 @@ class PostTrainer:
     def __init__(self, cfg: PosttrainConfig, images: torch.Tensor, teacher: nn.Module | None, info: DatasetInfo, *,
                  image_size: int, small_input: bool, seed: int, rank: int = 0, world: int = 1,
                  stored: str | None = None):
+        cfg = dataclasses.replace(cfg, lr=scaled_lr(cfg, world))
         self.cfg, self.images, self.teacher, self.info = cfg, images, teacher, info
-        self.image_size, self.seed, self.stored = image_size, seed, stored
+        self.image_size, self.seed, self.stored, self.world = image_size, seed, stored, world
         self.device = images.device
         n = len(images)
-        batch = min(cfg.batch_size, n)
+        batch = global_batch(cfg, n, world)
         self.total_steps = cfg.epochs * steps_per_epoch(n, batch)
         self.rows, self.weight = rank_rows(batch, rank, world)
         torch.manual_seed(seed)  # student initialisation, identical on every rank
@@ -287,7 +307,7 @@ class PostTrainer:
     def batches(self, epoch: int) -> list[StepBatch]:
         if self.stored:
             return stored_batches(self.stored, epoch, self.info.num_classes, self.cfg.temperature)
-        return epoch_batches(len(self.images), self.cfg, self.image_size, self.seed, epoch)
+        return epoch_batches(len(self.images), self.cfg, self.image_size, self.seed, epoch, self.world)
 
     def fit(self, on_epoch=None, on_step=None) -> None:
         """Train from the current epoch to `cfg.epochs`.
@@ -338,6 +358,8 @@ class PosttrainJob:
         """Everything that decides the student; placement and checkpoint frequency are left out."""
         cfg = dataclasses.asdict(self.cfg)
         cfg.pop("checkpoint_every", None)
+        if not cfg["batch_per_worker"]:  # the default leaves the fingerprints of earlier runs unchanged
+            cfg.pop("batch_per_worker")
         teacher = hashlib.sha256()
         for k_, v in sorted(self.teacher.state_dict.items()):
             teacher.update(k_.encode())
@@ -346,14 +368,14 @@ class PosttrainJob:
                 "test": [self.info.name, self.image_size], "seed": self.seed, "soft_labels": bool(self.soft_labels)}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def batch(self) -> int:
-        """The global batch: the config's, or every image when there are fewer."""
-        return min(self.cfg.batch_size, self.num_images)
+    def batch(self, world: int = 1) -> int:
+        """The global batch on `world` workers (`global_batch`)."""
+        return global_batch(self.cfg, self.num_images, world)
 
 
-def soft_label_meta(job: PosttrainJob, complete: bool) -> dict:
+def soft_label_meta(job: PosttrainJob, complete: bool, world: int = 1) -> dict:
     """What training from stored labels (`soft_labels`) checks first."""
-    batch = job.batch()
+    batch = job.batch(world)
     return {"format": SOFT_FORMAT, "complete": complete, "images_digest": job.images_digest,
             "num_images": job.num_images, "num_classes": job.info.num_classes, "temperature": job.cfg.temperature,
             "topk": min(job.topk, job.info.num_classes), "epochs": job.cfg.epochs, "batch_size": batch,
@@ -362,7 +384,8 @@ def soft_label_meta(job: PosttrainJob, complete: bool) -> dict:
             "mix_prob": job.cfg.mix_prob, "image_size": job.image_size}
 
 
-def check_soft_labels(root: str, cfg: PosttrainConfig, digest: str, num_classes: int, num_images: int) -> None:
+def check_soft_labels(root: str, cfg: PosttrainConfig, digest: str, num_classes: int, num_images: int,
+                      world: int = 1) -> None:
     """Stored soft labels must be complete and made for these images, classes, temperature and batch."""
     path = os.path.join(root, SOFT_META)
     try:
@@ -376,7 +399,7 @@ def check_soft_labels(root: str, cfg: PosttrainConfig, digest: str, num_classes:
         raise ConfigError("soft_labels", f"{root} labels other images than `distilled` holds")
     for key, want, fld in (("num_classes", num_classes, "teacher"),
                            ("temperature", cfg.temperature, "posttrain.temperature"),
-                           ("batch_size", min(cfg.batch_size, num_images), "posttrain.batch_size")):
+                           ("batch_size", global_batch(cfg, num_images, world), "posttrain.batch_size")):
         if meta.get(key) != want:
             raise ConfigError(fld, f"{root} was stored with {key} {meta.get(key)}, this run uses {want}")
     if cfg.epochs > meta.get("epochs", 0):

@@ -134,8 +134,8 @@ def train_loop_per_worker(config: dict) -> None:
 def check_workers(job: PosttrainJob, num_workers: int, use_gpu: bool, threads: int = 1, field: str = "num_workers",
                   resources: dict | None = None) -> dict:
     """Every worker needs a slice of the global batch and a place in the cluster; returns per-worker resources."""
-    if job.batch() < num_workers:
-        raise ConfigError(field, f"{num_workers} workers cannot share a batch of {job.batch()} images")
+    if job.batch(num_workers) < num_workers:
+        raise ConfigError(field, f"{num_workers} workers cannot share a batch of {job.batch(num_workers)} images")
     return placement(num_workers, use_gpu, threads, field, resources)
 
 
@@ -148,6 +148,8 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
     starting anything if the cluster cannot place the workers.
     """
     per_worker = check_workers(job, num_workers, use_gpu, threads)
+    if job.cfg.batch_per_worker:  # the worker count sets the global batch: a run of its own
+        name = f"{name}-w{num_workers}"
     done = finished_state(storage_path, name, job.cfg.epochs)
     if done is not None:  # a finished run: nothing to train, nothing to start
         return _result(done, 0.0, None, num_workers)

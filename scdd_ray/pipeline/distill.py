@@ -21,7 +21,7 @@ from ..core.bn import parse_bn_weights
 from ..core.configs import SUPERVISED
 from ..core.evaluation import top1
 from ..core.shards import plan_shards, run_local
-from ..core.training import PosttrainJob
+from ..core.training import PosttrainJob, global_batch
 from ..data import DatasetInfo, dataset_info, load_split, sample_per_class
 from ..dist.cluster import cluster_gpus, connect, is_running, placement
 from ..dist.synthesis import run_ray
@@ -88,7 +88,7 @@ def _check_placement(cfg: DistillConfig, info: DatasetInfo) -> None:
         raise ConfigError("num_gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
     else:
         resources = None if is_running() else {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
-    batch = min(cfg.posttrain.batch_size, info.num_classes * cfg.ipc)
+    batch = global_batch(cfg.posttrain, info.num_classes * cfg.ipc, cfg.posttrain_workers)
     if cfg.posttrain_workers > batch:
         raise ConfigError("posttrain_workers", f"{cfg.posttrain_workers} workers cannot share a batch of {batch} "
                                                "images")
