@@ -33,7 +33,7 @@ from ..core.training import (EncodedSet, PosttrainJob, PosttrainResult, PostTrai
                              checkpoint_every, soft_label_rows)
 from ..errors import ConfigError, EngineError
 from ..store import images_digest, read_encoded, soft_label_file, write_soft_labels
-from .cluster import placement
+from .cluster import placement, worker_error
 
 log = logging.getLogger("scdd_ray")
 STATE_FILE = "state.pt"
@@ -177,9 +177,7 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
     except Exception as e:  # ray.train.TrainingFailedError and friends: one line naming the cause
         failures = getattr(e, "worker_failures", None) or {}
         cause = next(iter(failures.values()), e)
-        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
-        raise EngineError(f"post-train failed: {lines[-1] if lines else type(cause).__name__}; "
-                          "checkpoints are kept, rerun to resume") from None
+        raise EngineError(f"post-train failed: {worker_error(cause)}; checkpoints are kept, rerun to resume") from None
     seconds = time.time() - t0
     if result.checkpoint is None:
         raise EngineError(f"post-train under {storage_path}/{name} finished without a checkpoint")

@@ -33,7 +33,7 @@ from ..models import Checkpoint, create_model, frozen, load_checkpoint, small_in
 from ..backbones import backbone_name, load_checkpoint_arg, squeeze_and_save
 from ..store import atomic_write_bytes, atomic_write_json
 from ..tune_config import Param, TuneConfig, recover_for
-from .cluster import cluster_resources, connect
+from .cluster import cluster_resources, connect, worker_error
 
 log = logging.getLogger("scdd_ray")
 METRIC = "val_top1"
@@ -277,8 +277,7 @@ def run_sweep(cfg: TuneConfig, out: str, num_samples: int | None = None, address
         raise KeyboardInterrupt
     if grid.num_errors:
         first = grid.errors[0]
-        log.warning("%d of %d trials failed; the first: %s", grid.num_errors, len(grid),
-                    str(first).strip().splitlines()[-1] if str(first).strip() else type(first).__name__)
+        log.warning("%d of %d trials failed; the first: %s", grid.num_errors, len(grid), worker_error(first))
     if grid.num_errors == len(grid):
         raise EngineError(f"every trial of the sweep failed; see {exp_dir}")
     return summarize(grid, cfg, out, seconds)
