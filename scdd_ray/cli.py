@@ -83,7 +83,7 @@ DISTILL_FIELDS = {
             "teacher", "num_gpus", "num_workers", "address", "posttrain_workers"),
     "squeeze.method": "ssl", "squeeze.epochs": "squeeze_epochs",
     **{f"recover.{d}": d for d in ("iterations", "lr", "bn_coef", "bn_weights", "jitter", "init",
-                                   "classes_per_batch", "grayscale", "bn_normalize")},
+                                   "classes_per_batch", "grayscale", "bn_normalize", "compile")},
     "recover.crop_scale": "recover_crop_scale",
     **{f"posttrain.{d}": d for d in ("student", "student_width", "temperature", "mix", "eval_every",
                                      "checkpoint_every")},
@@ -115,6 +115,8 @@ def _distill_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--bn-normalize", default=None,
                    help="none (paper: sum over BN layers) | mean (over layers) | channel (per-channel, over layers)")
     d.add_argument("--classes-per-batch", type=int, default=None, help="classes optimised together in one shard")
+    d.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the recover step (off by default; see benchmarks/RESULTS.md)")
     d.add_argument("--student", default=None)
     d.add_argument("--student-width", type=float, default=None)
     d.add_argument("--posttrain-epochs", type=int, default=None)
@@ -322,7 +324,7 @@ def _bench_scaling(a: argparse.Namespace) -> int:
 
 
 RECOVER_FIELDS = _same("arch", "width", "image_size", "num_classes", "batch", "iterations", "threads", "repeats",
-                       "num_gpus", "json")
+                       "num_gpus", "compile", "json")
 
 
 def _recover_args(rc: argparse.ArgumentParser) -> None:
@@ -335,6 +337,7 @@ def _recover_args(rc: argparse.ArgumentParser) -> None:
     rc.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     rc.add_argument("--repeats", type=int, default=3)
     rc.add_argument("--num-gpus", type=int, default=0, help="1: time on the GPU")
+    rc.add_argument("--compile", action="store_true", help="torch.compile the step (compilation is in the warm-up)")
     rc.add_argument("--json", required=True)
 
 
@@ -345,7 +348,7 @@ def _bench_recover(a: argparse.Namespace) -> int:
         raise ConfigError("num_gpus", f"asked for {a.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
     res = bench_recover(arch=a.arch, width=a.width, image_size=a.image_size, num_classes=a.num_classes,
                         batch=a.batch, iterations=a.iterations, threads=a.threads, repeats=a.repeats,
-                        device="cuda" if a.num_gpus else "cpu")
+                        device="cuda" if a.num_gpus else "cpu", compile=a.compile)
     atomic_write_json(a.json, res)
     print(json.dumps({k: res[k] for k in ("arch", "width", "image_size", "batch", "threads", "img_iters_per_s")}))
     return 0

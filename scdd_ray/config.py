@@ -75,6 +75,9 @@ class DistillConfig:
         resumed with other resources or re-evaluated with another student.
         """
         d = self.to_dict()
+        # Compiling and autocast change how the maths runs, not what it is (like the thread count): left out.
+        d["recover"].pop("compile")
+        d["recover"].pop("amp")
         keep = {k: d[k] for k in ("dataset", "data_dir", "image_size", "arch", "width", "ipc", "method", "seed",
                                   "backbone", "squeeze", "recover")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -154,6 +157,8 @@ def validate_recover(r: RecoverConfig) -> None:
     _positive_int(r.classes_per_batch, "recover.classes_per_batch")
     _choice(r.bn_normalize, NORMALIZE, "recover.bn_normalize")
     _check(isinstance(r.grayscale, bool), "recover.grayscale", f"must be true or false (got {r.grayscale!r})")
+    _check(isinstance(r.compile, bool), "recover.compile", f"must be true or false (got {r.compile!r})")
+    _choice(r.amp, ("bf16", "none"), "recover.amp")
 
 
 def validate_posttrain(p: PosttrainConfig) -> None:

@@ -106,6 +106,15 @@ class BNMatch:
         self._handles = []
         self._terms = [None] * len(self.layers)
 
+    def weights_on(self, device) -> torch.Tensor:
+        """The layer weights on `device` ("cuda" means the current GPU), copied there once."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._weights_on:
+            self._weights_on[device] = self._weights.to(device)
+        return self._weights_on[device]
+
     def terms(self) -> torch.Tensor:
         """Unweighted per-layer terms of the latest forward, shape (L,)."""
         if any(t is None for t in self._terms):
@@ -114,9 +123,7 @@ class BNMatch:
 
     def loss(self) -> torch.Tensor:
         t = self.terms()
-        if t.device not in self._weights_on:
-            self._weights_on[t.device] = self._weights.to(t.device)
-        total = (t * self._weights_on[t.device]).sum()
+        total = (t * self.weights_on(t.device)).sum()
         return total if self.normalize == "none" else total / len(self.layers)
 
 

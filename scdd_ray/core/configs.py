@@ -38,6 +38,8 @@ class RecoverConfig:
     classes_per_batch: int = 100
     grayscale: bool = False  # optimise one channel repeated to three
     bn_normalize: str = "none"  # none (paper: sum over layers) | mean | channel
+    compile: bool = False  # torch.compile the forward + loss (off until measured faster: benchmarks/RESULTS.md)
+    amp: str = "bf16"  # autocast on GPU: bf16 or none (CPU always runs float32)
 
 
 @dataclass(frozen=True)
