@@ -11,6 +11,8 @@ Then, in a fresh process per mode, does what a Ray Train worker does
 steps and reports that process's peak RSS:
   encoded: the set kept as PNG bytes, each batch decoded on demand (the default for large sets);
   decoded: the whole set decoded up front (what every worker did before).
+It also reports PNG bytes per image for these blocks, for uniform noise and
+for images recovered by the production step, since the worker keeps the PNG bytes.
 
     python benchmarks/posttrain_memory.py --dir /tmp/in1k-shaped --json benchmarks/posttrain_memory_cpu.json
 """
@@ -28,12 +30,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from scdd_ray.core.configs import PosttrainConfig
+from scdd_ray.core.configs import PosttrainConfig, RecoverConfig
+from scdd_ray.core.recover import synthesize
 from scdd_ray.core.shards import plan_shards
 from scdd_ray.core.training import EncodedSet, PostTrainer
 from scdd_ray.data import DatasetInfo
 from scdd_ray.models import create_model, frozen, small_input
-from scdd_ray.store import ShardStore, read_encoded
+from scdd_ray.store import ShardStore, encode_png, read_encoded
 
 
 def write_set(root: str, classes: int, ipc: int, size: int) -> None:
@@ -47,6 +50,21 @@ def write_set(root: str, classes: int, ipc: int, size: int) -> None:
             continue
         images = (F.interpolate(coarse, size=(size, size), mode="nearest") * 255).round().to(torch.uint8)
         store.write_shard(shard.id, list(shard.classes), [shard.ipc_index] * len(shard), images)
+
+
+def png_bytes(size: int, iterations: int = 100) -> dict:
+    """Mean PNG bytes per image at `size`: our blocks, uniform noise, and images recovered by the production
+    step (ResNet-18 w0.25, random weights, the imagefolder preset's augmentation) for `iterations`."""
+    g = torch.Generator().manual_seed(0)
+    blocks = (F.interpolate(torch.rand(4, 3, 7, 7, generator=g), size=(size, size), mode="nearest") * 255)
+    noise = torch.randint(0, 256, (4, 3, size, size), generator=g, dtype=torch.uint8)
+    torch.manual_seed(0)
+    model = frozen(create_model("resnet18", 1000, 0.25, small_input(size))).to(memory_format=torch.channels_last)
+    cfg = RecoverConfig(iterations=iterations, lr=0.1, bn_coef=0.01, jitter=32, crop_scale=(0.08, 1.0), flip=True)
+    recovered = synthesize(model, torch.arange(4), cfg, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), size, seed=0)
+    mean = lambda x: round(sum(len(encode_png(i)) for i in x) / len(x))  # noqa: E731
+    return {"blocks": mean(blocks.round().to(torch.uint8)), "uniform_noise": mean(noise),
+            f"recovered_{iterations}_iterations": mean(recovered.images)}
 
 
 def measure(a: argparse.Namespace) -> dict:
@@ -107,6 +125,7 @@ def main() -> int:
     if a.mode:
         print(json.dumps(measure(a)))
         return 0
+    torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     write_set(a.dir, a.classes, a.ipc, a.image_size)
     disk = sum(os.path.getsize(f) for f in ShardStore(a.dir).files())
@@ -115,7 +134,8 @@ def main() -> int:
            "decoded_gib": round(a.classes * a.ipc * 3 * a.image_size ** 2 / 2**30, 2),
            "parquet_mib": round(disk / 2**20, 1), "write_seconds": round(time.perf_counter() - t0, 1),
            "batch": a.batch, "student": f"resnet18 w{a.student_width:g}", "teacher": f"resnet18 w{a.student_width:g}",
-           "threads": a.threads, "torch": torch.__version__, "results": []}
+           "threads": a.threads, "torch": torch.__version__, "png_bytes_per_image": png_bytes(a.image_size),
+           "results": []}
     for mode in a.modes.split(","):
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--digest", digest], capture_output=True,
                              text=True, check=True)
