@@ -275,7 +275,7 @@ def peak_matmul(p: Plan, device: torch.device) -> dict:
     for _ in range(3):
         a @ b
     t = timed(lambda: [a @ b for _ in range(reps)], device)
-    return {"n": n, "dtype": "bfloat16", "tflops": round(2 * n ** 3 * reps / t / 1e12, 2)}
+    return {"n": n, "dtype": "bfloat16", "tflops": sig(2 * n ** 3 * reps / t / 1e12)}
 
 
 VARIANTS = {  # name: (channels_last, amp, compile)
@@ -334,13 +334,18 @@ def _reference(model, targets, cfg, size, device, iterations):
                       seed=0, device=device)
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """`x` to `digits` significant digits (a CPU's TFLOP/s would round to 0 at a fixed number of decimals)."""
+    return float(f"{x:.{digits}g}")
+
+
 def rate_row(row: dict, rates: dict, peak: float) -> None:
     """Add `rates` to a model's row: ratio to the reference loop, TFLOP/s, share of the peak."""
     flops = row["gflops_per_image_iteration"] * 1e9
     for v, r in rates.items():
         tflops = r["img_iters_per_s"] * flops / 1e12
         row["variants"][v] = {**r, "vs_reference": round(r["img_iters_per_s"] / row["reference_img_iters_per_s"], 3),
-                              "tflops": round(tflops, 3), "share_of_peak": round(tflops / peak, 4)}
+                              "tflops": sig(tflops), "share_of_peak": sig(tflops / peak)}
 
 
 def time_recover_model(p: Plan, spec: tuple, device: torch.device, peak: float) -> dict:
@@ -349,7 +354,7 @@ def time_recover_model(p: Plan, spec: tuple, device: torch.device, peak: float) 
     rates = time_variants(p, spec, [v for v, (_, _, comp) in VARIANTS.items() if not comp] + ["reference"], device)
     flops = flops_per_image_iteration(bn_model(arch, width, size, classes, device), batch, size, classes, device)
     row = {"arch": arch, "width": width, "image_size": size, "batch": batch, "augment": "flip + jitter 4",
-           "gflops_per_image_iteration": round(flops / 1e9, 4),
+           "gflops_per_image_iteration": sig(flops / 1e9),
            "reference_img_iters_per_s": rates["reference"]["img_iters_per_s"], "variants": {}, "skipped": {}}
     rate_row(row, rates, peak)
     return row
