@@ -54,10 +54,12 @@ class RefBNHook:
         self.hook.remove()
 
 
-def reference_recover(model, targets, cfg: RecoverConfig, mean, std, image_size: int, seed: int) -> torch.Tensor:
+def reference_recover(model, targets, cfg: RecoverConfig, mean, std, image_size: int, seed: int,
+                      device="cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     n = len(targets)
-    x = torch.randn(n, 3, image_size, image_size, generator=g).requires_grad_(True)
+    targets = targets.to(device)
+    x = torch.randn(n, 3, image_size, image_size, generator=g).to(device).requires_grad_(True)
     hooks = [RefBNHook(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     weights = parse_bn_weights(cfg.bn_weights).resolve(len(hooks))
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)

@@ -1,6 +1,7 @@
 """Benchmarks behind `scdd-ray bench`: the production code paths, timed."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -67,7 +68,7 @@ def bench_scaling(workers: list[int], *, arch: str, width: float, image_size: in
 
 def bench_recover(*, arch: str, width: float, image_size: int, num_classes: int, batch: int, iterations: int,
                   threads: int, repeats: int = 3, warmup: int = 5, device: str = "cpu",
-                  channels_last: bool | None = None, cfg: RecoverConfig | None = None) -> dict:
+                  channels_last: bool | None = None, cfg: RecoverConfig | None = None, compile: bool = False) -> dict:
     """The production recover step (`recover.synthesize`) on a randomly initialised model.
 
     `img_iters_per_s` is images x iterations per second of the median of
@@ -81,6 +82,7 @@ def bench_recover(*, arch: str, width: float, image_size: int, num_classes: int,
     model = frozen(create_model(arch, num_classes, width, small_input(image_size))).to(device)
     cfg = cfg or RecoverConfig(iterations=iterations, lr=0.25, bn_coef=0.01, bn_weights="first:10", jitter=4,
                                crop_scale=None, flip=True)
+    cfg = dataclasses.replace(cfg, compile=compile or cfg.compile)
     targets = torch.arange(batch) % num_classes
     mean, std = (0.5,) * 3, (0.25,) * 3
 
@@ -98,7 +100,7 @@ def bench_recover(*, arch: str, width: float, image_size: int, num_classes: int,
     median = times[len(times) // 2]
     return {"benchmark": "recover", "arch": arch, "width": width, "image_size": image_size,
             "num_classes": num_classes, "batch": batch, "iterations": iterations, "threads": threads,
-            "device": str(device), "repeats": repeats, "seconds": [round(t, 4) for t in times],
+            "device": str(device), "repeats": repeats, "compile": compile, "seconds": [round(t, 4) for t in times],
             "img_iters_per_s": round(batch * iterations / median, 2),
             "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__}

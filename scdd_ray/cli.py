@@ -93,12 +93,13 @@ DISTILL_FIELDS = {
             "teacher", "num_gpus", "num_workers", "address", "posttrain_workers", "image_column", "label_column"),
     "squeeze.method": "ssl", "squeeze.epochs": "squeeze_epochs",
     **{f"recover.{d}": d for d in ("iterations", "lr", "bn_coef", "bn_weights", "jitter", "init",
-                                   "classes_per_batch", "grayscale", "bn_normalize", "augment_per", "ipc_per_shard")},
+                                   "classes_per_batch", "grayscale", "bn_normalize", "augment_per", "ipc_per_shard",
+                                   "compile")},
     "recover.crop_scale": "recover_crop_scale",
     **{f"posttrain.{d}": d for d in ("student", "student_width", "temperature", "mix", "eval_every",
                                      "checkpoint_every")},
     "posttrain.epochs": "posttrain_epochs", "posttrain.batch_size": "posttrain_batch_size",
-    "posttrain.lr": "posttrain_lr",
+    "posttrain.lr": "posttrain_lr", "posttrain.batch_per_worker": "posttrain_batch_per_worker",
 }
 
 
@@ -131,11 +132,15 @@ def _distill_args(d: argparse.ArgumentParser) -> None:
                    help="consecutive IPC indices optimised together in one shard (a bigger batch; default 1)")
     d.add_argument("--augment-per", default=None,
                    help="image (default): a crop box and flip per image | batch: one for the whole batch (authors')")
+    d.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the recover step (off by default; see benchmarks/RESULTS.md)")
     d.add_argument("--student", default=None)
     d.add_argument("--student-width", type=float, default=None)
     d.add_argument("--posttrain-epochs", type=int, default=None)
     d.add_argument("--posttrain-batch-size", type=int, default=None)
     d.add_argument("--posttrain-lr", type=float, default=None)
+    d.add_argument("--posttrain-batch-per-worker", default=None, action=argparse.BooleanOptionalAction,
+                   help="--posttrain-batch-size images per post-train worker (lr scaled), not per step")
     d.add_argument("--temperature", type=float, default=None, help="KD temperature")
     d.add_argument("--mix", default=None, help=f"one of {', '.join(MIX_CODES)}")
     d.add_argument("--eval-every", type=int, default=None)
@@ -194,7 +199,8 @@ POSTTRAIN_FIELDS = {
     **_same("distilled", "teacher", "out", "dataset", "data_dir", "seed", "num_workers", "num_gpus",
             "threads_per_worker", "address", "store_soft_labels", "topk", "soft_labels"),
     **{f"posttrain.{d}": d for d in ("student", "student_width", "epochs", "batch_size", "lr", "optimizer",
-                                     "temperature", "mix", "eval_every", "checkpoint_every", "amp", "labels", "crop")},
+                                     "temperature", "mix", "eval_every", "checkpoint_every", "amp", "labels", "crop",
+                                     "batch_per_worker")},
 }
 
 
@@ -219,7 +225,10 @@ def _posttrain_args(p: argparse.ArgumentParser) -> None:
                    help="soft (default): the teacher's on every crop; hard: the images' classes by cross entropy, "
                         "no teacher (DD-Ranking's hard-label protocol)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP); the global batch stays the same")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="Ray Train workers (DDP); the global batch stays the same unless --batch-per-worker")
+    p.add_argument("--batch-per-worker", default=None, action=argparse.BooleanOptionalAction,
+                   help="--batch-size images per worker (global batch x workers, lr scaled: README)")
     p.add_argument("--num-gpus", type=int, default=0, help="> 0: one GPU per worker")
     p.add_argument("--threads-per-worker", type=int, default=1, help="CPUs (torch threads) each CPU worker reserves")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (auto, host:port or ray://host:port)")
@@ -337,7 +346,7 @@ def _bench_scaling(a: argparse.Namespace) -> int:
 
 
 RECOVER_FIELDS = _same("arch", "width", "image_size", "num_classes", "batch", "iterations", "threads", "repeats",
-                       "num_gpus", "json")
+                       "num_gpus", "compile", "json")
 
 
 def _recover_args(rc: argparse.ArgumentParser) -> None:
@@ -350,6 +359,7 @@ def _recover_args(rc: argparse.ArgumentParser) -> None:
     rc.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     rc.add_argument("--repeats", type=int, default=3)
     rc.add_argument("--num-gpus", type=int, default=0, help="1: time on the GPU")
+    rc.add_argument("--compile", action="store_true", help="torch.compile the step (compilation is in the warm-up)")
     rc.add_argument("--json", required=True)
 
 
@@ -360,7 +370,7 @@ def _bench_recover(a: argparse.Namespace) -> int:
         raise ConfigError("num_gpus", f"asked for {a.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
     res = bench_recover(arch=a.arch, width=a.width, image_size=a.image_size, num_classes=a.num_classes,
                         batch=a.batch, iterations=a.iterations, threads=a.threads, repeats=a.repeats,
-                        device="cuda" if a.num_gpus else "cpu")
+                        device="cuda" if a.num_gpus else "cpu", compile=a.compile)
     atomic_write_json(a.json, res)
     print(json.dumps({k: res[k] for k in ("arch", "width", "image_size", "batch", "threads", "img_iters_per_s")}))
     return 0

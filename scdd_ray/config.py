@@ -90,6 +90,9 @@ class DistillConfig:
         their default, so runs made before them keep their fingerprint.
         """
         d = self.to_dict()
+        # Compiling and autocast change how the maths runs, not what it is (like the thread count): left out.
+        d["recover"].pop("compile")
+        d["recover"].pop("amp")
         keep = {k: d[k] for k in ("dataset", "data_dir", "image_size", "arch", "width", "ipc", "method", "seed",
                                   "backbone", "squeeze", "recover")}
         keep.update(self.data_options())
@@ -188,6 +191,8 @@ def validate_recover(r: RecoverConfig) -> None:
     _choice(r.augment_per, AUGMENT_PER, "recover.augment_per")
     _positive_int(r.ipc_per_shard, "recover.ipc_per_shard")
     _check(isinstance(r.grayscale, bool), "recover.grayscale", f"must be true or false (got {r.grayscale!r})")
+    _check(isinstance(r.compile, bool), "recover.compile", f"must be true or false (got {r.compile!r})")
+    _choice(r.amp, ("bf16", "none"), "recover.amp")
 
 
 def validate_posttrain(p: PosttrainConfig) -> None:
@@ -210,6 +215,8 @@ def validate_posttrain(p: PosttrainConfig) -> None:
     _choice(p.amp, AMPS, "posttrain.amp")
     _choice(p.labels, LABELS, "posttrain.labels")
     _choice(p.crop, CROPS, "posttrain.crop")
+    _check(isinstance(p.batch_per_worker, bool), "posttrain.batch_per_worker",
+           f"must be true or false (got {p.batch_per_worker!r})")
 
 
 def validate(cfg: DistillConfig) -> None:

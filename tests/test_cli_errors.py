@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from scdd_ray.cli import main
 from scdd_ray.models import create_model, save_checkpoint
@@ -92,6 +93,10 @@ def test_squeeze_errors(tmp_path, capsys):
     make_cifar(tmp_path / "c", "cifar10")
     line = run_err(capsys, ["squeeze", "--dataset", "cifar100", "--data-dir", str(tmp_path / "c"), "--out", "x.pt"])
     assert "cifar-100-python" in line
+    if not torch.cuda.is_available():  # a GPU job never falls back to the CPU silently
+        line = run_err(capsys, ["squeeze", "--dataset", "synthetic", "--num-gpus", "1", "--out", str(tmp_path / "g.pt")])
+        assert line.startswith("scdd-ray: error: --num-gpus: ") and "sees no CUDA device" in line
+        assert not (tmp_path / "g.pt").exists()
 
 
 def test_manifest_of_another_configuration_is_refused_before_writing(tmp_path, capsys):

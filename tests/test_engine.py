@@ -104,8 +104,11 @@ def test_a_shard_failing_every_time_stops_the_run_naming_it(ray_session, ckpt, t
     store.open("fp")
     shards = plan_shards(4, 1, 2)
     bad = dataclasses.replace(CFG, bn_weights="1,2,3")  # wrong length: fails inside the worker every time
-    with pytest.raises(EngineError, match=f"shard {shards[0].id}|shard {shards[1].id}"):
+    with pytest.raises(EngineError, match=f"shard {shards[0].id}|shard {shards[1].id}") as e:
         run_ray(ckpt, shards, store, bad, SIZE, 5, num_workers=1, use_gpu=False, max_tries=2)
+    # the worker's own error, not just its type: actor logs do not reach the driver
+    assert "ValueError: `recover.bn_weights` lists 3 weights but the model has" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
 
 
 def test_bench_scaling_reports_throughput_and_efficiency(ray_session, tmp_path):

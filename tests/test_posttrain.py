@@ -13,8 +13,10 @@ from scdd_ray.config import PosttrainConfig
 from scdd_ray.data import load_split
 from scdd_ray.errors import EngineError
 from scdd_ray.models import create_model, frozen, load_checkpoint, save_checkpoint
-from scdd_ray.core.training import (PosttrainJob, epoch_batches, make_optimizer, rank_rows, run_epoch,
-                                    soft_label_rows, steps_per_epoch, stored_batches, train_step)
+from scdd_ray.core.schedules import cosine_lr
+from scdd_ray.core.training import (EncodedSet, PosttrainJob, PostTrainer, epoch_batches, global_batch, make_optimizer,
+                                    rank_rows, run_epoch, scaled_lr, soft_label_rows, steps_per_epoch, stored_batches,
+                                    train_step)
 from scdd_ray.dist import train as dist_train
 from scdd_ray.dist.train import run_posttrain
 from scdd_ray.core.relabel import make_crops, plan_crops
@@ -135,6 +137,33 @@ def test_stored_soft_labels_give_the_online_targets_and_crops(tmp_path):
         torch.testing.assert_close(p_stored, p_online, atol=2e-3, rtol=0)  # float16 storage
 
 
+@pytest.mark.parametrize("mix", ["cutmix", "none"])
+def test_a_set_kept_encoded_trains_exactly_as_the_decoded_set(tmp_path, mix):
+    """Workers of large sets decode each batch on demand; the student must not notice."""
+    store = ShardStore(str(tmp_path))
+    store.open("fp")
+    store.write_shard("a", [i % 4 for i in range(12)], [i // 4 for i in range(12)], _images(12))
+    cfg = dataclasses.replace(CFG, mix=mix, epochs=2)
+    info = load_split("synthetic", "test", None, SIZE).info
+    decoded = dist_train._read_images({"source": store.root, "images_digest": images_digest(store.read()[0])}, 0,
+                                      "cpu")
+    encoded = dist_train._read_images({"source": store.root, "images_digest": images_digest(decoded),
+                                       "decoded_max_bytes": 0}, 0, "cpu")
+    assert isinstance(decoded, torch.Tensor) and isinstance(encoded, EncodedSet)
+    for world in (1, 2):
+        students = []
+        for images in (decoded, encoded):
+            torch.manual_seed(0)
+            teacher = frozen(create_model("resnet18", 4, width=0.125))
+            tr = PostTrainer(cfg, images, teacher, info, image_size=SIZE, small_input=True, seed=0, rank=world - 1,
+                             world=world)
+            tr.fit()
+            students.append(torch.cat([p.flatten() for p in tr.student.state_dict().values()]))
+        assert torch.equal(students[0], students[1])
+    with pytest.raises(RuntimeError, match="other images"):
+        dist_train._read_images({"source": store.root, "images_digest": "0" * 16, "decoded_max_bytes": 0}, 1, "cpu")
+
+
 # --- Ray Train ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -232,3 +261,27 @@ def test_padded_crops_are_whole_pixel_shifts_with_black_padding():
     for i, (dx, dy) in enumerate(shifts.tolist()):
         want = padded[i, :, 4 + dy:4 + dy + SIZE, 4 + dx:4 + dx + SIZE]
         torch.testing.assert_close(crops[i], want, atol=1e-5, rtol=0)
+
+
+def test_batch_per_worker_scales_the_global_batch_and_the_lr():
+    per = dataclasses.replace(CFG, batch_per_worker=True)
+    assert [global_batch(CFG, 12, w) for w in (1, 2, 3)] == [5, 5, 5]  # default: one global batch
+    assert [global_batch(per, 12, w) for w in (1, 2, 3)] == [5, 10, 12]  # at most the set
+    assert scaled_lr(CFG, 4) == CFG.lr and scaled_lr(per, 1) == CFG.lr
+    assert scaled_lr(per, 4) == pytest.approx(2 * CFG.lr)  # AdamW: square-root rule
+    assert scaled_lr(dataclasses.replace(per, optimizer="sgd"), 4) == pytest.approx(4 * CFG.lr)  # SGD: linear
+    batches = epoch_batches(12, per, SIZE, seed=0, epoch=0, world=2)
+    assert [len(b.idx) for b in batches] == [10]
+    assert [len(rank_rows(10, r, 2)[0]) for r in range(2)] == [5, 5]  # batch_size images on each worker
+    assert dataclasses.replace(CFG, batch_per_worker=False) == CFG
+
+
+def test_batch_per_worker_on_two_ray_train_workers(ray_session, job, tmp_path):
+    per_job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, batch_per_worker=True))
+    assert per_job.fingerprint() != job.fingerprint()
+    res = run_posttrain(per_job, storage_path=str(tmp_path), name="run", num_workers=2)
+    assert res.steps == 4 * steps_per_epoch(12, 10) == 4  # global batch 2 x 5 of 12 images: one step per epoch
+    lr = res.history[0]["lr"]  # after step 1 of 4, with AdamW's lr scaled by sqrt(2)
+    assert lr == pytest.approx(cosine_lr(job.cfg.lr * 2 ** 0.5, 1, 4))
+    assert (tmp_path / "run-w2").is_dir()  # another worker count is another run, never resumed from this one
+    assert 0 <= res.top1 <= 100

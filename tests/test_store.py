@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from scdd_ray.store import ShardStore, StoreError, export_imagefolder, read_imagefolder
+from scdd_ray.store import (ShardStore, StoreError, export_imagefolder, images_digest, read_distilled, read_encoded,
+                            read_imagefolder)
 
 
 def _imgs(n, seed=0):
@@ -62,3 +63,23 @@ def test_imagefolder_export_uses_reference_layout(tmp_path):
     assert sorted(os.listdir(tmp_path / "new000")) == ["class000_id000.png", "class000_id001.png"]
     back, cls, ipc = read_imagefolder(str(tmp_path))
     assert cls.tolist() == [0, 0, 12] and torch.equal(back, imgs)
+
+
+@pytest.mark.parametrize("layout", ["shards", "imagefolder"])
+def test_encoded_sets_decode_to_the_written_pixels_in_reader_order(tmp_path, layout):
+    """What a post-train worker keeps encoded decodes, row by row, to exactly the images written."""
+    a, b = _imgs(3, 0), _imgs(3, 1)
+    if layout == "shards":
+        st = ShardStore(str(tmp_path))
+        st.open("abc")
+        st.write_shard("ipc0001", [2, 0, 1], [1, 1, 1], b)  # out of order on disk, in two files
+        st.write_shard("ipc0000", [1, 0, 2], [0, 0, 0], a)
+    else:
+        export_imagefolder(str(tmp_path), torch.cat([b, a]), [2, 0, 1, 1, 0, 2], [1, 1, 1, 0, 0, 0])
+    want = torch.stack([a[1], b[1], a[0], b[2], a[2], b[0]])  # (class, ipc) order
+    enc = read_encoded(str(tmp_path))
+    assert len(enc) == 6 and enc.class_ids.tolist() == [0, 0, 1, 1, 2, 2] and enc.ipc_indices.tolist() == [0, 1] * 3
+    assert torch.equal(enc.decode(range(6)), want)
+    assert torch.equal(enc.decode([4, 1]), want[[4, 1]])
+    assert torch.equal(read_distilled(str(tmp_path))[0], want)
+    assert enc.digest() == images_digest(want)

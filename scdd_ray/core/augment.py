@@ -8,11 +8,25 @@ of small-image training on CPU.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` (drawn on the CPU) on `device` without a host sync.
+
+    A copy from pageable host memory to a GPU waits for the GPU's queue to
+    drain, so every small random draw moved that way stalls the loop; from
+    pinned memory with non_blocking it is queued like a kernel. A no-op on CPU.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -55,7 +69,7 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int, fill: str = "r
     Outside the image the crop reflects it, or is black with `fill` "zeros"
     (the padding of a padded random crop)."""
     n = x.shape[0]
-    b = boxes.to(device=x.device, dtype=torch.float32)
+    b = to_device(boxes, x.device).float()
     theta = torch.zeros(n, 2, 3, device=x.device, dtype=torch.float32)
     theta[:, 0, 0] = b[:, 0]
     theta[:, 1, 1] = b[:, 1]
@@ -69,7 +83,7 @@ def random_flip(x: torch.Tensor, g: torch.Generator, p: float = 0.5, per_batch: 
     """Horizontal flip of each image with probability p, or of the whole batch at once (`per_batch`)."""
     if per_batch:
         return x.flip(3) if float(torch.rand(1, generator=g)) < p else x
-    mask = (torch.rand(x.shape[0], generator=g) < p).to(x.device).view(-1, 1, 1, 1)
+    mask = to_device(torch.rand(x.shape[0], generator=g) < p, x.device).view(-1, 1, 1, 1)
     return torch.where(mask, x.flip(3), x)
 
 
@@ -86,17 +100,17 @@ def color_jitter(x: torch.Tensor, g: torch.Generator, strength: float = 0.4, p: 
     """SimCLR-style brightness/contrast/saturation jitter and random grayscale on [0,1] images."""
     n = x.shape[0]
     dev = x.device
-    apply = (torch.rand(n, generator=g) < p).to(dev).view(-1, 1, 1, 1)
-    bright = _uniform(n, 1 - strength, 1 + strength, g).to(dev).view(-1, 1, 1, 1)
-    contrast = _uniform(n, 1 - strength, 1 + strength, g).to(dev).view(-1, 1, 1, 1)
-    sat = _uniform(n, 1 - strength, 1 + strength, g).to(dev).view(-1, 1, 1, 1)
+    apply = to_device(torch.rand(n, generator=g) < p, dev).view(-1, 1, 1, 1)
+    bright = to_device(_uniform(n, 1 - strength, 1 + strength, g), dev).view(-1, 1, 1, 1)
+    contrast = to_device(_uniform(n, 1 - strength, 1 + strength, g), dev).view(-1, 1, 1, 1)
+    sat = to_device(_uniform(n, 1 - strength, 1 + strength, g), dev).view(-1, 1, 1, 1)
     y = x * bright
     m = y.mean(dim=(1, 2, 3), keepdim=True)
     y = (y - m) * contrast + m
     gray = y.mean(dim=1, keepdim=True)
     y = (y - gray) * sat + gray
     y = torch.where(apply, y, x).clamp(0, 1)
-    to_gray = (torch.rand(n, generator=g) < gray_p).to(dev).view(-1, 1, 1, 1)
+    to_gray = to_device(torch.rand(n, generator=g) < gray_p, dev).view(-1, 1, 1, 1)
     return torch.where(to_gray, y.mean(dim=1, keepdim=True).expand_as(y), y)
 
 
@@ -131,15 +145,21 @@ def mixup_params(n: int, g: torch.Generator, alpha: float = 0.8):
     return lam, torch.randperm(n, generator=g)
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_stats(mean: tuple, std: tuple, dtype: torch.dtype, device: torch.device):
+    # Built once per device: a fresh tensor from Python numbers every step is a host->GPU copy (and sync).
+    m = torch.as_tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=dtype, device=device).view(1, -1, 1, 1)
+    return m, s
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.dtype, x.device)
     return (x - m) / s
 
 
 def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.dtype, x.device)
     return x * s + m
 
 

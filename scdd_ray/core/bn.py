@@ -85,6 +85,7 @@ class BNMatch:
         if len(w) != n:
             raise ValueError(f"got {len(w)} BN-layer weights but the model has {n} BatchNorm2d layers")
         self._weights = torch.tensor(w, dtype=torch.float32)
+        self._weights_on: dict[torch.device, torch.Tensor] = {}  # one copy per device, not one per iteration
         self._terms: list[torch.Tensor | None] = [None] * n
         self._handles: list = []
 
@@ -105,6 +106,15 @@ class BNMatch:
         self._handles = []
         self._terms = [None] * len(self.layers)
 
+    def weights_on(self, device) -> torch.Tensor:
+        """The layer weights on `device` ("cuda" means the current GPU), copied there once."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._weights_on:
+            self._weights_on[device] = self._weights.to(device)
+        return self._weights_on[device]
+
     def terms(self) -> torch.Tensor:
         """Unweighted per-layer terms of the latest forward, shape (L,)."""
         if any(t is None for t in self._terms):
@@ -113,7 +123,7 @@ class BNMatch:
 
     def loss(self) -> torch.Tensor:
         t = self.terms()
-        total = (t * self._weights.to(t.device)).sum()
+        total = (t * self.weights_on(t.device)).sum()
         return total if self.normalize == "none" else total / len(self.layers)
 
 

@@ -40,6 +40,8 @@ class RecoverConfig:
     bn_normalize: str = "none"  # none (paper: sum over layers) | mean | channel
     augment_per: str = "image"  # image: a crop box and flip per image | batch: one for the whole batch (authors')
     ipc_per_shard: int = 1  # consecutive IPC indices optimised together in one batch
+    compile: bool = False  # torch.compile the forward + loss (off until measured faster: benchmarks/RESULTS.md)
+    amp: str = "bf16"  # autocast on GPU: bf16 or none (CPU always runs float32)
 
 
 @dataclass(frozen=True)
@@ -61,3 +63,6 @@ class PosttrainConfig:
     amp: str = "bf16"  # autocast dtype on GPU: bf16, fp16 or none (CPU always runs float32)
     labels: str = "soft"  # soft: the teacher's, on each crop (KD); hard: the images' classes, cross entropy
     crop: str = "resized"  # resized: random-resized-crop of crop_scale | padded: RandomCrop(size, padding=4)
+    # False: one global batch of batch_size whatever the worker count. True: batch_size per worker
+    # (global batch x workers) with the lr scaled to it (core.training.scaled_lr).
+    batch_per_worker: bool = False

@@ -5,6 +5,8 @@ Pure torch, no Ray: the engine calls `synthesize` once per shard.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from dataclasses import dataclass
 
@@ -17,6 +19,11 @@ from .augment import denormalize, random_flip, random_resized_crop, random_roll,
 from .bn import BNMatch, bn_layers, parse_bn_weights
 from .configs import RecoverConfig
 from .schedules import cosine_lr, set_lr
+
+
+# torch.compile's backend for `recover.compile`. Tests and `gpu_check --quick` set "eager" (Dynamo's
+# capture of our code without code generation: seconds instead of a minute or more on a CPU).
+COMPILE_BACKEND = "inductor"
 
 
 @dataclass
@@ -32,6 +39,31 @@ def gray_to_rgb(x1: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
     """Map a one-channel image normalised with channel 0's statistics to three normalised channels."""
     pixel = x1 * std[:, :1] + mean[:, :1]
     return (pixel - mean) / std
+
+
+def recover_objective(model: nn.Module, bnm: BNMatch, device, xi: torch.Tensor, targets: torch.Tensor,
+                      amp: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, weighted BN term) of one forward of the augmented batch `xi`."""
+    with autocast(device, amp):
+        logits = model(xi)
+    return F.cross_entropy(logits.float(), targets), bnm.loss()
+
+
+def compiled_objective(model: nn.Module, weights: list[float], normalize: str, device, amp: str = "bf16"):
+    """`recover_objective` through torch.compile, built once per model, BN setting and device.
+
+    Its BN hooks stay on the model for the model's life: a new BNMatch per
+    shard would change what the graph closes over and recompile it for
+    every shard (minutes each). Pass models that serve recover only.
+    """
+    cache = model.__dict__.setdefault("_scdd_compiled_objectives", {})  # a plain attribute, not a submodule
+    key = (tuple(weights), normalize, str(device), amp, COMPILE_BACKEND)
+    if key not in cache:
+        bnm = BNMatch(model, weights, normalize).__enter__()
+        bnm.weights_on(device)  # copied before tracing: a copy made inside the trace would recompile the graph
+        cache[key] = torch.compile(functools.partial(recover_objective, model, bnm, device, amp=amp),
+                                   backend=COMPILE_BACKEND)
+    return cache[key]
 
 
 def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean, std, image_size: int, seed: int,
@@ -71,7 +103,13 @@ def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean
     weights = parse_bn_weights(cfg.bn_weights).resolve(len(bn_layers(model)))
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
     history: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    with BNMatch(model, weights, cfg.bn_normalize) as bnm:
+    if cfg.compile:
+        objective = compiled_objective(model, weights, cfg.bn_normalize, device, cfg.amp)
+        hooks = contextlib.nullcontext()
+    else:
+        hooks = BNMatch(model, weights, cfg.bn_normalize)
+        objective = functools.partial(recover_objective, model, hooks, device, amp=cfg.amp)
+    with hooks:
         for it in range(cfg.iterations):
             set_lr(opt, cosine_lr(cfg.lr, it, cfg.iterations))
             xi = gray_to_rgb(x, m, s) if cfg.grayscale else x
@@ -81,10 +119,7 @@ def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean
             if cfg.flip:
                 xi = random_flip(xi, g, per_batch=per_batch)
             xi = random_roll(xi, cfg.jitter, g)
-            with autocast(device):
-                logits = model(xi)
-            ce = F.cross_entropy(logits.float(), targets)
-            bn = bnm.loss()
+            ce, bn = objective(xi, targets)
             loss = ce + cfg.bn_coef * bn
             opt.zero_grad(set_to_none=True)
             loss.backward()

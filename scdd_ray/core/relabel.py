@@ -12,6 +12,7 @@ labels (one row per crop, with its plan) fit any number of workers.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import (crop_boxes, cutmix_params, mixup_params, normalize, padded_crop_boxes, paste, resized_crop,
-                      to_float)
+                      to_device, to_float)
 from .configs import PosttrainConfig
 
 MIX_CODES = {"none": 0, "cutmix": 1, "mixup": 2}
@@ -48,6 +49,11 @@ class CropPlan:
 
     def __len__(self) -> int:
         return len(self.boxes)
+
+    def to(self, device) -> "CropPlan":
+        """The plan's tensors on `device`, copied without a host sync (augment.to_device)."""
+        return dataclasses.replace(self, boxes=to_device(self.boxes, device), flip=to_device(self.flip, device),
+                                   partner=None if self.partner is None else to_device(self.partner, device))
 
 
 def plan_crops(n: int, cfg: PosttrainConfig, image_size: int, g: torch.Generator) -> CropPlan:

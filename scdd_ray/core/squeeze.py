@@ -63,7 +63,7 @@ def pretrain_ssl(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, 
     step = 0
     with Progress(total, f"squeeze {cfg.method}", "step") as bar:
         for epoch in range(cfg.epochs):
-            for x, _ in iterate(train, batch, shuffle=True, generator=g, drop_last=True):
+            for x, _ in iterate(train, batch, shuffle=True, generator=g, drop_last=True, device=device):
                 set_lr(opt, cosine_lr(cfg.lr, step, total, warmup=min(10, total // 10)))
                 x = x.to(device, non_blocking=True)
                 v1 = ssl_view(x, info.image_size, cfg, info.mean, info.std, g)
@@ -81,7 +81,7 @@ def pretrain_ssl(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, 
 @torch.no_grad()
 def _embed(model: nn.Module, ds: ImageSet, device) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
-    for x, y in iterate(ds, 256):
+    for x, y in iterate(ds, 256, device=device):
         x = normalize(to_float(x.to(device)), ds.info.mean, ds.info.std)
         feats.append(features(model, x).float())
         labels.append(y.to(device))
@@ -126,7 +126,7 @@ def train_supervised(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, devi
     step = 0
     with Progress(total, "squeeze supervised", "step") as bar:
         for epoch in range(cfg.epochs):
-            for x, y in iterate(train, batch, shuffle=True, generator=g, drop_last=True):
+            for x, y in iterate(train, batch, shuffle=True, generator=g, drop_last=True, device=device):
                 set_lr(opt, cosine_lr(cfg.lr, step, total, warmup=min(10, total // 10)))
                 v = supervised_view(x.to(device, non_blocking=True), info.image_size, cfg, info.mean, info.std, g)
                 with autocast(device):

@@ -13,7 +13,9 @@ epoch), then builds, labels and learns from only its slice of the batch. With
 N workers each step therefore sees the same crops as with one; DDP averages
 the gradients (each worker's loss is weighted by its share of the batch, so
 uneven splits such as 13 + 12 stay exact). What differs is BatchNorm: each
-worker normalises with the statistics of its own slice.
+worker normalises with the statistics of its own slice. With
+`batch_per_worker` the global batch is `batch_size` x workers instead (each
+worker's slice is `batch_size`, the lr follows `scaled_lr`).
 
 Every random draw is a function of (seed, epoch), so a run resumed from the
 checkpoint of epoch k continues exactly as the uninterrupted run would.
@@ -35,6 +37,7 @@ from ..data import DatasetInfo, ImageSet
 from ..errors import ConfigError, StoreError
 from ..models import Checkpoint, adapt_inputs, autocast, create_model, frozen
 from ..store import SOFT_FORMAT, SOFT_META, read_soft_labels
+from .augment import to_device
 from .configs import PosttrainConfig
 from .relabel import (MIX_CODES, CropPlan, crop_fill, hard_label_loss, kd_loss, logits_from_topk, make_crops, mix_weight,
                       plan_crops, soft_labels, topk_probs)
@@ -76,6 +79,21 @@ def checkpoint_every(cfg: PosttrainConfig) -> int:
     return cfg.checkpoint_every or max(1, cfg.epochs // 20)
 
 
+def global_batch(cfg: PosttrainConfig, n: int, world: int = 1) -> int:
+    """Images per step over all workers: `batch_size` (or `batch_size` per worker with
+    `batch_per_worker`), at most the set's size."""
+    return min(cfg.batch_size * (world if cfg.batch_per_worker else 1), n)
+
+
+def scaled_lr(cfg: PosttrainConfig, world: int = 1) -> float:
+    """The learning rate of a `batch_per_worker` run on `world` workers: the global batch is `world`
+    times larger, so SGD's lr grows `world` times (the linear rule, Goyal et al. 2017) and AdamW's
+    sqrt(world) times (the square-root rule of adaptive optimisers, Malladi et al. 2022)."""
+    if not cfg.batch_per_worker:
+        return cfg.lr
+    return cfg.lr * (world if cfg.optimizer == "sgd" else world ** 0.5)
+
+
 def derive_seed(*parts) -> int:
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
@@ -98,9 +116,11 @@ class StepBatch:
     targets: torch.Tensor | None = None
 
 
-def epoch_batches(n: int, cfg: PosttrainConfig, image_size: int, seed: int, epoch: int) -> list[StepBatch]:
-    """The image order and crop plans of one epoch; a function of (seed, epoch) only."""
-    batch = min(cfg.batch_size, n)
+def epoch_batches(n: int, cfg: PosttrainConfig, image_size: int, seed: int, epoch: int,
+                  world: int = 1) -> list[StepBatch]:
+    """The image order and crop plans of one epoch; a function of (seed, epoch) only
+    (and of the worker count with `batch_per_worker`)."""
+    batch = global_batch(cfg, n, world)
     g = torch.Generator().manual_seed(derive_seed(seed, "posttrain-epoch", epoch))
     order = torch.randperm(n, generator=g)
     out = []
@@ -151,6 +171,37 @@ def soft_label_rows(epoch: int, step: int, sb: StepBatch, rows: torch.Tensor, ta
             "topk_index": i.cpu().numpy().astype(np.int16), "topk_prob": v.cpu().numpy().astype(np.float16)}
 
 
+class EncodedSet:
+    """A distilled set kept encoded (store.EncodedImages) by a trainer on `device`.
+
+    Each step decodes only the images this worker crops, so a worker holds the
+    encoded bytes plus one batch instead of the whole decoded set. The crops
+    are exactly those of the decoded set: the same rows, the same pixels.
+    """
+
+    def __init__(self, encoded, device):
+        self.encoded, self.device = encoded, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def batch(self, idx: torch.Tensor, rows: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+        """uint8 images of the global batch `idx` on the device: rows `rows` and their mixing partners
+        decoded, the others (which `make_crops` never reads for these rows) left zero."""
+        need = rows if plan.mix == "none" else torch.unique(torch.cat([rows, plan.partner[rows]]))
+        decoded = self.encoded.decode(idx[need].tolist())
+        out = torch.zeros((len(idx),) + tuple(decoded.shape[1:]), dtype=torch.uint8)
+        out[need] = decoded
+        return to_device(out, self.device)
+
+
+def step_images(images, sb: StepBatch, rows: torch.Tensor) -> torch.Tensor:
+    """The uint8 images of step `sb` on the training device, from a decoded set or an `EncodedSet`."""
+    if isinstance(images, EncodedSet):
+        return images.batch(sb.idx, rows, sb.plan)
+    return images[to_device(sb.idx, images.device)]
+
+
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CUDA, where it pays. On CPU it does not, and torch 2.14.1 corrupts memory
     (SIGSEGV / double free) training 8-channel (width 0.125) convs in channels_last with 2 threads."""
@@ -169,7 +220,9 @@ def train_step(student: nn.Module, teacher: nn.Module | None, opt: torch.optim.O
     Returns (weighted loss, teacher logits or None).
     """
     device = images.device
-    crops = make_crops(images[sb.idx.to(device)], sb.plan, image_size, mean, std, rows)
+    # The step's random draws (CPU) travel as queued copies: no host sync inside the loop.
+    rows_on = to_device(rows, device)
+    crops = make_crops(step_images(images, sb, rows), sb.plan.to(device), image_size, mean, std, rows_on)
     crops = crops.contiguous(memory_format=memory_format(device))
     with autocast(device, cfg.amp):
         if labels is not None:
@@ -177,7 +230,7 @@ def train_step(student: nn.Module, teacher: nn.Module | None, opt: torch.optim.O
         elif sb.targets is None:
             target = soft_labels(teacher, crops)
         else:
-            target = sb.targets[rows].to(device)
+            target = to_device(sb.targets[rows], device)
         logits = student(crops)
     if labels is None:
         loss = kd_loss(logits, target, cfg.temperature) * weight
@@ -223,7 +276,7 @@ def build_teacher(ckpt: Checkpoint, info: DatasetInfo, device) -> nn.Module:
 class PostTrainer:
     """One post-train of one rank: the student, its optimiser, where it is, and the epoch loop.
 
-    images: the distilled set (uint8, on `device`); teacher: the frozen
+    images: the distilled set (uint8, on its device, or an `EncodedSet`); teacher: the frozen
     relabelling model, or None with `stored` soft labels (a directory written
     by a post-train that stored them), which are read instead, or with
     `cfg.labels` "hard", where the student learns `labels` (the images'
@@ -237,12 +290,13 @@ class PostTrainer:
                  stored: str | None = None, labels: torch.Tensor | None = None):
         if cfg.labels == "hard" and labels is None:
             raise ValueError("hard-label post-training needs the images' labels")
+        cfg = dataclasses.replace(cfg, lr=scaled_lr(cfg, world))
         self.cfg, self.images, self.teacher, self.info = cfg, images, teacher, info
         self.labels = labels.cpu().long() if cfg.labels == "hard" else None
-        self.image_size, self.seed, self.stored = image_size, seed, stored
+        self.image_size, self.seed, self.stored, self.world = image_size, seed, stored, world
         self.device = images.device
         n = len(images)
-        batch = min(cfg.batch_size, n)
+        batch = global_batch(cfg, n, world)
         self.total_steps = cfg.epochs * steps_per_epoch(n, batch)
         self.rows, self.weight = rank_rows(batch, rank, world)
         torch.manual_seed(seed)  # student initialisation, identical on every rank
@@ -271,7 +325,7 @@ class PostTrainer:
         if self.stored:
             return stored_batches(self.stored, epoch, self.info.num_classes, self.cfg.temperature,
                                   crop_fill(self.cfg.crop))
-        return epoch_batches(len(self.images), self.cfg, self.image_size, self.seed, epoch)
+        return epoch_batches(len(self.images), self.cfg, self.image_size, self.seed, epoch, self.world)
 
     def fit(self, on_epoch=None, on_step=None) -> None:
         """Train from the current epoch to `cfg.epochs`.
@@ -325,6 +379,8 @@ class PosttrainJob:
         for key, default in (("labels", "soft"), ("crop", "resized")):  # added later: left out at their
             if cfg[key] == default:  # defaults so earlier runs keep resuming
                 del cfg[key]
+        if not cfg["batch_per_worker"]:  # the default leaves the fingerprints of earlier runs unchanged
+            cfg.pop("batch_per_worker")
         teacher = hashlib.sha256()
         for k_, v in sorted(self.teacher.state_dict.items()):
             teacher.update(k_.encode())
@@ -333,14 +389,14 @@ class PosttrainJob:
                 "test": [self.info.name, self.image_size], "seed": self.seed, "soft_labels": bool(self.soft_labels)}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def batch(self) -> int:
-        """The global batch: the config's, or every image when there are fewer."""
-        return min(self.cfg.batch_size, self.num_images)
+    def batch(self, world: int = 1) -> int:
+        """The global batch on `world` workers (`global_batch`)."""
+        return global_batch(self.cfg, self.num_images, world)
 
 
-def soft_label_meta(job: PosttrainJob, complete: bool) -> dict:
+def soft_label_meta(job: PosttrainJob, complete: bool, world: int = 1) -> dict:
     """What training from stored labels (`soft_labels`) checks first."""
-    batch = job.batch()
+    batch = job.batch(world)
     return {"format": SOFT_FORMAT, "complete": complete, "images_digest": job.images_digest,
             "num_images": job.num_images, "num_classes": job.info.num_classes, "temperature": job.cfg.temperature,
             "topk": min(job.topk, job.info.num_classes), "epochs": job.cfg.epochs, "batch_size": batch,
@@ -349,7 +405,8 @@ def soft_label_meta(job: PosttrainJob, complete: bool) -> dict:
             "mix_prob": job.cfg.mix_prob, "image_size": job.image_size}
 
 
-def check_soft_labels(root: str, cfg: PosttrainConfig, digest: str, num_classes: int, num_images: int) -> None:
+def check_soft_labels(root: str, cfg: PosttrainConfig, digest: str, num_classes: int, num_images: int,
+                      world: int = 1) -> None:
     """Stored soft labels must be complete and made for these images, classes, temperature and batch."""
     path = os.path.join(root, SOFT_META)
     try:
@@ -363,7 +420,7 @@ def check_soft_labels(root: str, cfg: PosttrainConfig, digest: str, num_classes:
         raise ConfigError("soft_labels", f"{root} labels other images than `distilled` holds")
     for key, want, fld in (("num_classes", num_classes, "teacher"),
                            ("temperature", cfg.temperature, "posttrain.temperature"),
-                           ("batch_size", min(cfg.batch_size, num_images), "posttrain.batch_size"),
+                           ("batch_size", global_batch(cfg, num_images, world), "posttrain.batch_size"),
                            ("crop", cfg.crop, "posttrain.crop")):
         if meta.get(key, "resized" if key == "crop" else None) != want:
             raise ConfigError(fld, f"{root} was stored with {key} {meta.get(key)}, this run uses {want}")

@@ -6,6 +6,7 @@ batch, on the device, next to the model.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,8 +89,14 @@ class FolderImageSet(ImageSet):
 
 
 def iterate(ds: ImageSet, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-            drop_last: bool = False, num_workers: int = 0):
-    """Yield (uint8 images, labels) batches; in-memory sets skip DataLoader overhead."""
+            drop_last: bool = False, num_workers: int | None = None, device=None):
+    """Yield (uint8 images, labels) batches; in-memory sets skip DataLoader overhead.
+
+    Files are decoded by `num_workers` loader processes; by default up to 8
+    into pinned memory when the batches feed a GPU (decoding JPEGs in the
+    training process starves it), none on CPU, where they would take cores
+    from the model.
+    """
     n = len(ds)
     if ds.in_memory:
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -98,8 +105,11 @@ def iterate(ds: ImageSet, batch_size: int, shuffle: bool = False, generator: tor
             idx = order[s:s + batch_size]
             yield ds.images[idx], ds.labels[idx]
         return
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1) if on_gpu else 0
     loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
-                        num_workers=num_workers, persistent_workers=False)
+                        num_workers=num_workers, pin_memory=on_gpu, persistent_workers=False)
     yield from loader
 
 

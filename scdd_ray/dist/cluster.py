@@ -37,6 +37,17 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         raise ConnectionError(f"cannot join Ray cluster at {address}: {first}") from None
 
 
+def worker_error(e: BaseException) -> str:
+    """The last line of a failed actor's or worker's traceback (`RuntimeError: CUDA error: ...`).
+
+    Their logs are not forwarded to the driver (`log_to_driver=False` keeps the
+    terminal readable), so this line is what the user gets to see of a CUDA or
+    NCCL failure; the exception type alone would say nothing.
+    """
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(getattr(e, "cause", None) or e).__name__
+
+
 def is_running() -> bool:
     return ray.is_initialized()
 

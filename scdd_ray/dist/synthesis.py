@@ -19,7 +19,7 @@ from ..data import ImageSet
 from ..errors import EngineError
 from ..models import frozen
 from ..store import ShardStore
-from .cluster import free_resources, placeable_now, placement
+from .cluster import free_resources, placeable_now, placement, worker_error
 
 log = logging.getLogger("scdd_ray")
 
@@ -198,7 +198,7 @@ def _pull_loop(workers: _Workers, todo: collections.deque, store: ShardStore, ma
             sid, imgs, cls, ipc, stats = ray.get(ready[0])
         except (RayActorError, RayTaskError) as e:
             tries[shard.id] += 1
-            reason = type(e).__name__
+            reason = worker_error(e)
             if tries[shard.id] >= max_tries:
                 raise EngineError(f"shard {shard.id} failed {tries[shard.id]} times (last: {reason}); "
                                   "finished shards are kept, rerun to resume") from None

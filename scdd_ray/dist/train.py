@@ -31,12 +31,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..core.evaluation import top1
-from ..core.training import (PosttrainJob, PosttrainResult, PostTrainer, build_teacher, checkpoint_every,
-                             soft_label_rows)
+from ..core.training import (EncodedSet, PosttrainJob, PosttrainResult, PostTrainer, build_teacher,
+                             checkpoint_every, soft_label_rows)
 from ..errors import CheckpointError, ConfigError, EngineError
 from ..models import load_state_file
-from ..store import images_digest, read_distilled, soft_label_file, write_soft_labels
-from .cluster import placement
+from ..store import images_digest, read_encoded, soft_label_file, write_soft_labels
+from .cluster import placement, worker_error
 
 log = logging.getLogger("scdd_ray")
 STATE_FILE = "state.pt"
@@ -44,19 +44,23 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the c
 # Ray Train waits 60 s for the cluster to place its workers, then retries, by default forever (a silent
 # hang when other jobs hold the resources); after this many retries the post-train stops with an error.
 START_RETRIES = 4
+DECODED_MAX_BYTES = 1 << 30  # larger distilled sets stay encoded on each worker
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _read_images(config: dict, rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images on `device`, their class ids): every worker reads the Parquet shards itself."""
-    images, class_ids, _ = read_distilled(config["source"])
-    if images_digest(images) != config["images_digest"]:
+def _read_images(config: dict, rank: int, device) -> tuple[torch.Tensor | EncodedSet, torch.Tensor]:
+    """The distilled set of this worker and its class ids: decoded on its device when small, else kept
+    encoded and decoded batch by batch (ImageNet-1K at IPC 50 would be 7.5 GB per worker)."""
+    encoded = read_encoded(config["source"])  # every worker reads the Parquet shards itself
+    small = len(encoded) * encoded.decode([0]).numel() <= config.get("decoded_max_bytes", DECODED_MAX_BYTES)
+    images = encoded.decode_all()[0] if small else None
+    if (images_digest(images) if small else encoded.digest()) != config["images_digest"]:
         raise RuntimeError(f"worker {rank} read other images from {config['source']} than the driver "
                            "(multi-node runs need the distilled directory on shared storage)")
-    return images.to(device), torch.from_numpy(class_ids)
+    return (images.to(device) if small else EncodedSet(encoded, device)), torch.from_numpy(encoded.class_ids)
 
 
 def _soft_label_writer(store_to: str, trainer: PostTrainer, rank: int, world: int, k: int):
@@ -138,8 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
 def check_workers(job: PosttrainJob, num_workers: int, use_gpu: bool, threads: int = 1, field: str = "num_workers",
                   resources: dict | None = None) -> dict:
     """Every worker needs a slice of the global batch and a place in the cluster; returns per-worker resources."""
-    if job.batch() < num_workers:
-        raise ConfigError(field, f"{num_workers} workers cannot share a batch of {job.batch()} images")
+    if job.batch(num_workers) < num_workers:
+        raise ConfigError(field, f"{num_workers} workers cannot share a batch of {job.batch(num_workers)} images")
     return placement(num_workers, use_gpu, threads, field, resources)
 
 
@@ -152,6 +156,8 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
     starting anything if the cluster cannot place the workers.
     """
     per_worker = check_workers(job, num_workers, use_gpu, threads)
+    if job.cfg.batch_per_worker:  # the worker count sets the global batch: a run of its own
+        name = f"{name}-w{num_workers}"
     clean_run_dir(os.path.join(storage_path, name))
     done = finished_state(storage_path, name, job.cfg.epochs)
     if done is not None:  # a finished run: nothing to train, nothing to start
@@ -181,9 +187,7 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
     except Exception as e:  # ray.train.TrainingFailedError and friends: one line naming the cause
         failures = getattr(e, "worker_failures", None) or {}
         cause = next(iter(failures.values()), e)
-        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
-        raise EngineError(f"post-train failed: {lines[-1] if lines else type(cause).__name__}; "
-                          "checkpoints are kept, rerun to resume") from None
+        raise EngineError(f"post-train failed: {worker_error(cause)}; checkpoints are kept, rerun to resume") from None
     seconds = time.time() - t0
     if result.checkpoint is None:
         raise EngineError(f"post-train under {storage_path}/{name} finished without a checkpoint")

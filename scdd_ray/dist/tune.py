@@ -33,7 +33,7 @@ from ..models import Checkpoint, create_model, frozen, load_checkpoint, load_sta
 from ..backbones import backbone_name, load_checkpoint_arg, squeeze_and_save
 from ..store import atomic_write_bytes, atomic_write_json
 from ..tune_config import Param, TuneConfig, recover_for
-from .cluster import cluster_resources, connect
+from .cluster import cluster_resources, connect, worker_error
 
 log = logging.getLogger("scdd_ray")
 METRIC = "val_top1"
@@ -52,12 +52,25 @@ def backbone_path(out: str, cfg: TuneConfig, method: str, arch: str) -> str:
                                                         cfg.squeeze.epochs, cfg.seed, split="train-noval"))
 
 
+def task_device(cfg: TuneConfig) -> torch.device:
+    """The device of a squeeze task or trial: its GPU share, or the CPU when it asked for none.
+
+    A task given a GPU that torch cannot see fails (one line, in Tune's error) rather than running
+    the GPU job on a CPU slot for hours."""
+    if cfg.resources.gpu <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise EngineError(f"`resources.gpu` {cfg.resources.gpu:g}: Ray gave this task a GPU but torch "
+                          f"{torch.__version__} sees no CUDA device")
+    return torch.device("cuda")
+
+
 def _squeeze_one(cfg: TuneConfig, method: str, arch: str, path: str, threads: int) -> str:
     torch.set_num_threads(threads)
     train = load_split(cfg.dataset, "train-noval", cfg.data_dir, cfg.image_size)
     setup = SqueezeSetup(cfg.dataset, arch, cfg.width, cfg.image_size,
                          dataclasses.replace(cfg.squeeze, method=squeeze_method(cfg, method)))
-    device = "cuda" if torch.cuda.is_available() and cfg.resources.gpu > 0 else "cpu"
+    device = task_device(cfg)
     squeeze_and_save(path, setup, train, device, cfg.seed, meta={"split": "train-noval"})
     return path
 
@@ -157,7 +170,7 @@ def run_trial(config: dict, cfg: TuneConfig, backbones: dict, val: ImageSet, tra
     """
     threads = max(1, int(cfg.resources.cpu))
     torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.resources.gpu > 0 else "cpu")
+    device = task_device(cfg)
     ckpt = backbones[(config["method"], config["arch"])]
     rcfg = recover_for(cfg.recover, sampled(config, cfg))
     t0 = time.perf_counter()
@@ -264,8 +277,7 @@ def run_sweep(cfg: TuneConfig, out: str, num_samples: int | None = None, address
         raise KeyboardInterrupt
     if grid.num_errors:
         first = grid.errors[0]
-        log.warning("%d of %d trials failed; the first: %s", grid.num_errors, len(grid),
-                    str(first).strip().splitlines()[-1] if str(first).strip() else type(first).__name__)
+        log.warning("%d of %d trials failed; the first: %s", grid.num_errors, len(grid), worker_error(first))
     if grid.num_errors == len(grid):
         raise EngineError(f"every trial of the sweep failed; see {exp_dir}")
     return summarize(grid, cfg, out, seconds)
@@ -288,6 +300,9 @@ def summarize(grid, cfg: TuneConfig, out: str, seconds: float) -> dict:
             continue
         rows.append(r)
     test = load_split(cfg.dataset, "test", cfg.data_dir, cfg.image_size)  # the only read of the test split
+    device = torch.device("cuda" if cfg.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
+    if cfg.resources.gpu > 0 and device.type == "cpu":
+        log.warning("no CUDA device on the driver: the test top-1 of the best configurations runs on its CPU")
     best: dict = {}
     for arch in cfg.archs:
         for method in cfg.methods:
@@ -301,7 +316,7 @@ def summarize(grid, cfg: TuneConfig, out: str, seconds: float) -> dict:
             student = create_model(cfg.posttrain.student, test.info.num_classes, cfg.posttrain.student_width,
                                    small_input(cfg.image_size))
             student.load_state_dict(state["student"])
-            test_acc = top1(student, test, test.info.mean, test.info.std)
+            test_acc = top1(student.to(device), test, test.info.mean, test.info.std, device)
             vals = [r.metrics[METRIC] for r in full]
             best[f"{arch}/{method}"] = {
                 "arch": arch, "method": method, "config": {k: top.config[k] for k in cfg.search},

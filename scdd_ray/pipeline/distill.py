@@ -21,7 +21,7 @@ from ..core.bn import parse_bn_weights
 from ..core.configs import SUPERVISED
 from ..core.evaluation import top1
 from ..core.shards import plan_shards, run_local
-from ..core.training import PosttrainJob
+from ..core.training import PosttrainJob, global_batch
 from ..data import DatasetInfo, dataset_info, sample_per_class
 from ..dist.cluster import cluster_gpus, connect, is_running, local_resources, placement
 from ..dist.synthesis import run_ray
@@ -91,7 +91,7 @@ def _check_placement(cfg: DistillConfig, info: DatasetInfo) -> None:
         raise ConfigError("num_gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
     else:
         resources = None if is_running() else local_resources()
-    batch = min(cfg.posttrain.batch_size, info.num_classes * cfg.ipc)
+    batch = global_batch(cfg.posttrain, info.num_classes * cfg.ipc, cfg.posttrain_workers)
     if cfg.posttrain_workers > batch:
         raise ConfigError("posttrain_workers", f"{cfg.posttrain_workers} workers cannot share a batch of {batch} "
                                                "images")
@@ -133,7 +133,18 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(cfg: DistillConfig) -> torch.device:
+    """The driver's device: squeeze, the teacher's top-1 and in-process recover run on it."""
+    if cfg.num_gpus > 0 and not torch.cuda.is_available():  # prepare() refused this without `address`
+        log.warning("no CUDA device on this node: squeeze and the teacher's top-1 run on its CPU; recover and "
+                    "post-train still use the cluster's GPUs")
     return torch.device("cuda") if cfg.num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def release_gpu(device: torch.device) -> None:
+    """Hand the driver's cached GPU memory back before Ray places actors or workers on the same GPU:
+    the driver keeps only its CUDA context there."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def select_random(store: ShardStore, cfg: DistillConfig) -> dict:
@@ -205,6 +216,7 @@ def _run(prep: Prepared) -> dict:
     atomic_write_json(os.path.join(cfg.out, RUN_FILE), {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()})
     t_start = time.perf_counter()
     backbone, backbone_path, teacher_ckpt, teacher_path = _models(prep, device)
+    release_gpu(device)
 
     store = ShardStore(os.path.join(cfg.out, "distilled"))
     try:
@@ -222,7 +234,9 @@ def _run(prep: Prepared) -> dict:
     export_all(cfg.out, images, class_ids, ipc_idx, info.class_names)
 
     test = cfg.split("test")
-    teacher_top1 = top1(adapt_inputs(teacher_ckpt.build(), teacher_ckpt, info), test, info.mean, info.std)
+    teacher_top1 = top1(adapt_inputs(teacher_ckpt.build(), teacher_ckpt, info).to(device), test, info.mean, info.std,
+                        device)
+    release_gpu(device)
     # The same Ray Train post-train as `scdd-ray posttrain`, run under OUT/posttrain/.
     job = PosttrainJob(source=store.root, images_digest=images_digest(images), num_images=len(images),
                        teacher=teacher_ckpt, test=test, info=info, cfg=cfg.posttrain, image_size=cfg.image_size,

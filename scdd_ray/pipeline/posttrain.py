@@ -104,7 +104,7 @@ def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, torch.Tensor
         raise ConfigError("posttrain.labels", "hard labels use no teacher: no soft labels to read or store")
     digest = images_digest(images)
     if req.soft_labels:
-        check_soft_labels(req.soft_labels, cfg, digest, info.num_classes, len(images))
+        check_soft_labels(req.soft_labels, cfg, digest, info.num_classes, len(images), req.num_workers)
     job = PosttrainJob(source=src, images_digest=digest, num_images=len(images), teacher=teacher, test=test,
                        info=info, cfg=cfg, image_size=image_size, small_input=small_input(image_size), seed=req.seed,
                        soft_labels=req.soft_labels, topk=req.topk,
@@ -133,11 +133,11 @@ def _run(req: PosttrainRequest, job: PosttrainJob, images: torch.Tensor, class_i
                                                               "distilled": req.distilled, "teacher": req.teacher,
                                                               "seed": req.seed})
     if job.store_soft_labels:
-        atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, complete=False))
+        atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, complete=False, world=req.num_workers))
     res = run_posttrain(job, storage_path=os.path.join(out, "train"), name=f"student-{fp}",
                         num_workers=req.num_workers, use_gpu=req.num_gpus > 0, threads=req.threads_per_worker)
     if job.store_soft_labels:
-        atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, complete=True))
+        atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, complete=True, world=req.num_workers))
     student = create_model(cfg.student, info.num_classes, cfg.student_width, job.small_input)
     student.load_state_dict(res.student_state)
     save_checkpoint(os.path.join(out, "student.pt"), student, arch=cfg.student, width=cfg.student_width,

@@ -22,7 +22,9 @@ def run_squeeze(dataset: str, method: str, out: str, *, overrides: dict, data_di
         raise ConfigError("split", f"must be train or train-noval (got {split!r})")
     train = load_split(dataset, split, data_dir, setup.image_size, **(data_options or {}))
     test = load_split(dataset, "test", data_dir, setup.image_size, **(data_options or {}))
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    if use_gpu and not torch.cuda.is_available():  # never a silent CPU run of a GPU job
+        raise ConfigError("num_gpus", f"asked for a GPU but torch {torch.__version__} sees no CUDA device")
+    device = torch.device("cuda" if use_gpu else "cpu")
     info = train.info
     if not from_checkpoint:
         return _summary(out, squeeze_and_save(out, setup, train, device, seed, test, meta={"split": split}))
