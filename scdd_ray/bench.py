@@ -13,6 +13,7 @@ import torch
 
 from .backbones import distill_backbone_name
 from .config import RecoverConfig, build_distill_config
+from .core.configs import SUPERVISED
 from .core.recover import synthesize
 from .core.shards import plan_shards
 from .dist.cluster import connect
@@ -106,6 +107,12 @@ def bench_recover(*, arch: str, width: float, image_size: int, num_classes: int,
             "torch": torch.__version__}
 
 
+def _first_made(work: str, dataset: str, name: str) -> str | None:
+    """The oldest model called `name` that some cell under `work` squeezed, so every later cell shares it."""
+    found = glob.glob(os.path.join(glob.escape(work), f"{glob.escape(dataset)}-*", "backbones", name))
+    return min(found, key=os.path.getmtime) if found else None
+
+
 def models_row(report: dict, squeeze_meta: dict) -> dict:
     """One row of the model-size table from a distill report and its backbone's metadata."""
     work = report["num_images"] * report["config"]["recover"]["iterations"]
@@ -158,11 +165,12 @@ def bench_models(archs: list[str], methods: list[str], *, dataset: str = "digits
                 given = {"arch": arch, "width": width, "method": method, "ipc": ipc, "seed": seed, "num_workers": 1,
                          **(overrides or {})}
                 cfg = build_distill_config(dataset, out, given)
-                shared = sorted(glob.glob(os.path.join(glob.escape(work), f"{glob.escape(dataset)}-*", "backbones",
-                                                       distill_backbone_name(cfg))))
-                if shared:
-                    cfg = build_distill_config(dataset, out, {**given, "backbone": shared[0]})
-                distill.run(distill.prepare(cfg))
+                for field, name in (("backbone", distill_backbone_name(cfg)),
+                                    ("teacher", distill_backbone_name(cfg, SUPERVISED))):
+                    found = _first_made(work, dataset, name)
+                    if found and field not in given:
+                        given[field] = found
+                distill.run(distill.prepare(build_distill_config(dataset, out, given)))
             with open(report_path) as f:
                 report = json.load(f)
             rows.append(models_row(report, load_checkpoint(report["backbone"]).meta))

@@ -145,11 +145,12 @@ def test_a_set_kept_encoded_trains_exactly_as_the_decoded_set(tmp_path, mix):
     store.write_shard("a", [i % 4 for i in range(12)], [i // 4 for i in range(12)], _images(12))
     cfg = dataclasses.replace(CFG, mix=mix, epochs=2)
     info = load_split("synthetic", "test", None, SIZE).info
-    decoded = dist_train._read_images({"source": store.root, "images_digest": images_digest(store.read()[0])}, 0,
-                                      "cpu")
-    encoded = dist_train._read_images({"source": store.root, "images_digest": images_digest(decoded),
-                                       "decoded_max_bytes": 0}, 0, "cpu")
+    decoded, labels = dist_train._read_images({"source": store.root,
+                                               "images_digest": images_digest(store.read()[0])}, 0, "cpu")
+    encoded, encoded_labels = dist_train._read_images({"source": store.root, "images_digest": images_digest(decoded),
+                                                       "decoded_max_bytes": 0}, 0, "cpu")
     assert isinstance(decoded, torch.Tensor) and isinstance(encoded, EncodedSet)
+    assert labels.tolist() == encoded_labels.tolist() == store.read()[1].tolist()
     for world in (1, 2):
         students = []
         for images in (decoded, encoded):

@@ -179,7 +179,8 @@ def _models(prep: Prepared, device) -> tuple[Checkpoint | None, str | None, Chec
         backbone, backbone_path = probe_backbone(cfg, info, backbone, device)
     if prep.teacher is not None:
         return backbone, backbone_path, prep.teacher, cfg.teacher
-    if cfg.teacher == TEACHER_BACKBONE:
+    if cfg.teacher == TEACHER_BACKBONE or (backbone is not None and backbone.method == SUPERVISED
+                                            and backbone.arch == cfg.arch):  # sre2l: it is the teacher already
         return backbone, backbone_path, backbone, backbone_path
     teacher, teacher_path = get_backbone(cfg, info, SUPERVISED, device)
     return backbone, backbone_path, teacher, teacher_path
