@@ -32,7 +32,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import io
 import json
 import math
 import os
@@ -43,11 +42,9 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from recover_vs_reference import reference_recover  # this script's folder is on sys.path
@@ -59,7 +56,8 @@ from scdd_ray.core.recover import recover_objective, synthesize
 from scdd_ray.core.shards import plan_shards, recover_shard
 from scdd_ray.core.squeeze import squeeze
 from scdd_ray.core.training import EncodedSet, PostTrainer, epoch_batches, train_step
-from scdd_ray.data import DatasetInfo, TensorImageSet, load_split, sample_per_class
+from scdd_ray.data import DatasetInfo, load_split, sample_per_class
+from scdd_ray.data.parquet import has_parquet_layout
 from scdd_ray.models import create_model, frozen, small_input
 from scdd_ray.store import EncodedImages, encode_png
 
@@ -73,7 +71,6 @@ IMAGE_MIN_TOL = 1.0  # ... and by at least 1 grey level in mean absolute differe
 LOSS_END_RTOL = 0.05  # final CE and BN terms of the bf16 run within 5% of the fp32 run's
 H100_BF16_MATMUL_TFLOPS = 790.0  # the issue's figure for an 8192^3 bf16 matmul on an H100
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -424,29 +421,14 @@ POSTTRAIN_COMPILED = {"bf16_compile": ("bf16", True, False)}
 
 # --- end to end -------------------------------------------------------------------------
 
-def read_parquet_split(path: str, mean, std, image_size: int) -> TensorImageSet:
-    """A Hugging Face image-classification Parquet file (`img` {bytes, path}, `label`) as uint8 images."""
-    table = pq.read_table(path)
-    names = (table.schema.metadata or {}).get(b"classes", b"").decode().split(",")
-    labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
-    images = []
-    for cell in table.column("img").to_pylist():
-        with Image.open(io.BytesIO(cell["bytes"])) as im:
-            im = im.convert("RGB")
-            images.append(np.asarray(im if im.size == (image_size, image_size) else im.resize((image_size,) * 2)))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    num_classes = int(labels.max()) + 1
-    names = tuple(names) if len(names) == num_classes else tuple(map(str, range(num_classes)))
-    return TensorImageSet(x, labels, DatasetInfo("cifar10-parquet", num_classes, names, image_size, mean, std, False))
-
-
 def e2e_data(a: argparse.Namespace, size: int):
-    files = [os.path.join(a.data_dir, f"{s}-00000-of-00001.parquet") for s in ("train", "test")]
-    if all(os.path.isfile(f) for f in files):
-        return [read_parquet_split(f, CIFAR10_MEAN, CIFAR10_STD, size) for f in files], "parquet:" + a.data_dir
+    """(train, test) of CIFAR-10 from the Parquet files in `--data-dir` (the package's own reader), or the
+    synthetic set in quick mode without them."""
+    if has_parquet_layout(os.path.abspath(a.data_dir)):
+        return [load_split("cifar10", s, a.data_dir, size) for s in ("train", "test")], "parquet:" + a.data_dir
     if a.quick:
         return [load_split("synthetic", s, None, size) for s in ("train", "test")], "synthetic"
-    return None, f"no {files[0]} / {files[1]}: copy ../shared/data/cifar10/*.parquet there to run this part"
+    return None, f"no train-*.parquet / test-*.parquet in {a.data_dir}: copy ../shared/data/cifar10/*.parquet there"
 
 
 def run_e2e(p: Plan, a: argparse.Namespace, device: torch.device) -> dict:
