@@ -20,13 +20,11 @@ between cells are squeezed under a file lock.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import logging
 import os
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +34,7 @@ from .config import SqueezeSetup, build_distill_config
 from .core.configs import SUPERVISED
 from .core.evaluation import top1
 from .core.training import PostTrainer
+from .locks import locked
 from .pipeline import distill
 from .store import ShardStore, atomic_write_bytes, atomic_write_json
 
@@ -72,24 +71,13 @@ def cell_dir(spec: TableSpec, method: str, ipc: int, seed: int) -> str:
     return os.path.join(spec.work, "cells", f"{spec.dataset}-{method}-ipc{ipc}-seed{seed}{spec.suffix()}")
 
 
-@contextmanager
-def _locked(path: str):
-    """An exclusive lock on `path`.lock while shared work (a squeeze) is done once for every process."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def shared_model(spec: TableSpec, squeeze_method: str, seed: int) -> str:
     """The per-seed model every cell shares (the supervised teacher, scdd's SSL backbone); squeezed once."""
     cfg = spec.config("scdd" if squeeze_method != SUPERVISED else "sre2l", spec.ipcs[0], seed, "unused")
     name = backbone_name(squeeze_method, cfg.arch, cfg.width, cfg.image_size, cfg.squeeze.epochs, seed)
     path = os.path.join(spec.work, "models", f"{spec.dataset}-{name}")
-    with _locked(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with locked(path + ".lock"):  # several --part processes may need the same model: one squeezes it
         if not os.path.isfile(path):
             setup = SqueezeSetup(cfg.dataset, cfg.arch, cfg.width, cfg.image_size,
                                  dataclasses.replace(cfg.squeeze, method=squeeze_method))
@@ -143,7 +131,8 @@ def run_full_hard(spec: TableSpec, seed: int) -> float:
     cfg = spec.config(spec.methods[0], spec.ipcs[0], seed, "unused")
     path = os.path.join(spec.work, "full", f"{spec.dataset}-hard-e{spec.full_epochs}-seed{seed}"
                                            f"{spec.suffix()}.json")
-    with _locked(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with locked(path + ".lock"):
         if not os.path.isfile(path):
             train = cfg.split("train")
             t0 = time.perf_counter()
