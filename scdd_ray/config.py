@@ -261,10 +261,10 @@ def build_distill_config(dataset: str, out: str, overrides: dict | None = None) 
     'squeeze.x', 'recover.x', 'posttrain.x' keys for the nested ones.
     """
     preset = data.get(dataset).preset_for(gpu=bool((overrides or {}).get("num_gpus")))
-    top = {k: v for k, v in preset.items() if k not in ("squeeze", "recover", "posttrain")}
+    top = {k: v for k, v in preset.items() if k not in SECTIONS}
     if "image_size" not in (overrides or {}):
         top["image_size"] = data.preset_image_size(dataset, (overrides or {}).get("data_dir"))
-    nested = {s: dict(preset.get(s, {})) for s in ("squeeze", "recover", "posttrain")}
+    nested = {s: dict(preset.get(s, {})) for s in SECTIONS}
     for k, v in (overrides or {}).items():
         if "." in k:
             section, name = k.split(".", 1)
@@ -290,7 +290,7 @@ def build_distill_config(dataset: str, out: str, overrides: dict | None = None) 
 
 
 def _known_top(top: dict) -> dict:
-    known = {f.name for f in dataclasses.fields(DistillConfig)} - {"dataset", "out", "squeeze", "recover", "posttrain"}
+    known = {f.name for f in dataclasses.fields(DistillConfig)} - {"dataset", "out", *SECTIONS}
     for k in top:
         if k not in known:
             raise ConfigError(k, "is not a known setting")

@@ -88,8 +88,7 @@ def test_a_registered_dataset_works_everywhere_by_name(monkeypatch):
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     registry.register(registry.DatasetSpec("toy", lambda d, size: load_synthetic_sets(size, num_classes=3),
-                                           {**PRESET, "ipc": 5}, "three colour blobs", val_fraction=0.5,
-                                           needs_data_dir=False))
+                                           {**PRESET, "ipc": 5}, "three colour blobs", val_fraction=0.5))
     assert "toy" in registry.names()
     cfg = build_distill_config("toy", "out", {})
     assert cfg.ipc == 5 and cfg.image_size == PRESET["image_size"]

@@ -46,4 +46,4 @@ PRESET = dict(
 )
 
 register(DatasetSpec("digits", lambda data_dir, size: load_digits_sets(size), PRESET,
-                     "scikit-learn's digits (embedded, 10 classes)", needs_data_dir=False))
+                     "scikit-learn's digits (embedded, 10 classes)"))

@@ -43,7 +43,6 @@ class DatasetSpec:
     preset: dict
     summary: str
     val_fraction: float | Callable[[np.ndarray], float] = 0.1
-    needs_data_dir: bool = True
     options: tuple[str, ...] = ()
     native_size: Callable[[str], int | None] | None = None
     cpu_preset: dict | None = None  # the preset of a run on CPU (no GPU asked for), when the GPU one is too big

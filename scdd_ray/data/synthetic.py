@@ -35,4 +35,4 @@ PRESET = dict(
 )
 
 register(DatasetSpec("synthetic", lambda data_dir, size: load_synthetic_sets(size), PRESET,
-                     "generated colour blobs (tests)", val_fraction=0.25, needs_data_dir=False))
+                     "generated colour blobs (tests)", val_fraction=0.25))
