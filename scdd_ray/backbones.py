@@ -93,7 +93,7 @@ def backbone_name(squeeze_method: str, arch: str, width: float, image_size: int,
 def distill_backbone_name(cfg: DistillConfig, squeeze_method: str | None = None) -> str:
     """File name under OUT/backbones/ of the backbone `distill` squeezes for `cfg`."""
     return backbone_name(squeeze_method or cfg.squeeze.method, cfg.arch, cfg.width, cfg.image_size,
-                         cfg.squeeze.epochs, cfg.seed)
+                         cfg.squeeze.epochs, cfg.seed, cfg.train_split)
 
 
 def squeeze_and_save(path: str, setup: SqueezeSetup, train: ImageSet, device, seed: int,
@@ -153,7 +153,8 @@ def probe_and_save(path: str, ckpt: Checkpoint, train: ImageSet, test: ImageSet,
 def probe_backbone(cfg: DistillConfig, info: DatasetInfo, ckpt: Checkpoint, device) -> tuple[Checkpoint, str]:
     """Fit the linear head of an imported SSL backbone; cached under OUT/backbones/."""
     src = os.path.splitext(os.path.basename(ckpt.meta["imported_from"]))[0]
-    name = f"probe-{ckpt.method}-{src}-{ckpt.arch}-s{cfg.image_size}-p{cfg.squeeze.probe_epochs}-seed{cfg.seed}.pt"
+    name = f"probe-{ckpt.method}-{src}-{ckpt.arch}-s{cfg.image_size}-p{cfg.squeeze.probe_epochs}-seed{cfg.seed}"
+    name += ".pt" if cfg.train_split == "train" else f"-{cfg.train_split}.pt"
     path = os.path.join(cfg.out, "backbones", name)
     if os.path.isfile(path):
         log.info("using cached probed backbone %s", path)

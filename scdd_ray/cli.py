@@ -34,7 +34,7 @@ from .pipeline.posttrain import PosttrainRequest, prepare_posttrain
 from .pipeline.posttrain import run as run_posttrain_command
 from .pipeline.squeeze import run_squeeze
 from .ranking import METHODS as RANKED_METHODS
-from .ranking import TableSpec, cells, markdown, run_table, write_table
+from .ranking import HLR_REFERENCES, TableSpec, cells, markdown, run_table, write_table
 from .store import atomic_write_json
 from .tune_config import read_tune_config
 
@@ -90,7 +90,8 @@ def _common_data(p: argparse.ArgumentParser) -> None:
 
 DISTILL_FIELDS = {
     **_same("dataset", "out", "data_dir", "image_size", "arch", "width", "ipc", "method", "seed", "backbone",
-            "teacher", "num_gpus", "num_workers", "address", "posttrain_workers", "image_column", "label_column"),
+            "teacher", "num_gpus", "num_workers", "address", "posttrain_workers", "image_column", "label_column",
+            "holdout"),
     "squeeze.method": "ssl", "squeeze.epochs": "squeeze_epochs",
     **{f"recover.{d}": d for d in ("iterations", "lr", "bn_coef", "bn_weights", "jitter", "init",
                                    "classes_per_batch", "grayscale", "bn_normalize", "augment_per", "ipc_per_shard",
@@ -114,6 +115,9 @@ def _distill_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--teacher", default=None,
                    help="checkpoint that relabels crops (default: a supervised model of --arch, the same for "
                         "every method; 'backbone': the recovery backbone)")
+    d.add_argument("--holdout", action="store_true", default=None,
+                   help="choose settings without the test split: train on train less its validation share, report "
+                        "top-1 on that share (the test split is never read)")
     d.add_argument("--ssl", default=None, help=f"SSL objective for scdd backbones: {', '.join(squeeze_methods()[:-1])}")
     d.add_argument("--squeeze-epochs", type=int, default=None)
     d.add_argument("--iterations", type=int, default=None, help="recover iterations")
@@ -425,11 +429,14 @@ def _bench_models(a: argparse.Namespace) -> int:
 
 
 TABLE_FIELDS = {**_same("dataset", "data_dir", "methods", "ipcs", "seeds", "work", "json", "md", "part",
-                        "full_epochs", "hlr", "width", "image_size", "num_gpus"),
+                        "full_epochs", "hlr", "hlr_reference", "model_seed", "width", "image_size", "num_gpus",
+                        "holdout"),
+                "recover.augment_per": "augment_per", "recover.ipc_per_shard": "ipc_per_shard",
                 "recover.iterations": "iterations", "recover.bn_coef": "bn_coef", "recover.bn_weights": "bn_weights",
                 "recover.bn_normalize": "bn_normalize", "recover.init": "init", "squeeze.epochs": "squeeze_epochs",
                 "posttrain.epochs": "posttrain_epochs"}
-TABLE_OVERRIDES = ("data_dir", "width", "image_size", "num_gpus", "recover.iterations", "recover.bn_coef",
+TABLE_OVERRIDES = ("data_dir", "width", "image_size", "num_gpus", "holdout", "recover.augment_per",
+                   "recover.ipc_per_shard", "recover.iterations", "recover.bn_coef",
                    "recover.bn_weights", "recover.bn_normalize", "recover.init", "squeeze.epochs", "posttrain.epochs")
 
 
@@ -446,13 +453,27 @@ def _table_args(tb: argparse.ArgumentParser) -> None:
     tb.add_argument("--bn-weights", default=None)
     tb.add_argument("--bn-normalize", default=None)
     tb.add_argument("--init", default=None, help="noise | real")
+    tb.add_argument("--augment-per", default=None, help="image | batch: a recover crop box per image or per batch")
+    tb.add_argument("--ipc-per-shard", type=int, default=None, help="IPC indices optimised together in one shard")
+    tb.add_argument("--holdout", action="store_true", default=None,
+                    help="choose settings without the test split: train on train less its validation share, report "
+                         "top-1 on that share (the test split is never read)")
     tb.add_argument("--squeeze-epochs", type=int, default=None)
     tb.add_argument("--posttrain-epochs", type=int, default=None)
     tb.add_argument("--full-epochs", type=int, default=30,
                     help="epochs of the hard-label student on the whole training split (for HLR)")
+    tb.add_argument("--model-seed", type=int, default=None,
+                    help="squeeze the teacher and backbones once with this seed and share them across --seeds "
+                         "(default: one set per seed)")
+    tb.add_argument("--hlr-reference", default="student",
+                    help="HLR's whole-data hard-label model: student (trained for --full-epochs with the cells' "
+                         "post-train settings) | teacher (the seed's supervised teacher, already trained on the "
+                         "whole training split with hard labels)")
     tb.add_argument("--no-hlr", dest="hlr", action="store_false", help="skip the hard-label students (no HLR)")
     tb.add_argument("--num-gpus", type=int, default=0)
-    tb.add_argument("--part", default="1/1", help="i/n: run every n-th cell, starting at the i-th (parallel processes)")
+    tb.add_argument("--part", default="1/1",
+                    help="i/n: run every n-th cell, starting at the i-th (parallel processes; on one CPU "
+                         "machine give each OMP_NUM_THREADS=cores/n)")
     tb.add_argument("--work", required=True, help="one distill run per cell; rerun the command to resume")
     tb.add_argument("--json", required=True)
     tb.add_argument("--md", default=None, help="also write the table as Markdown")
@@ -480,10 +501,15 @@ def _bench_table(a: argparse.Namespace) -> int:
     if not 1 <= i <= n:
         raise ConfigError("part", f"expected i/n with 1 <= i <= n (got {a.part!r})")
     _positive(a, "full_epochs")
+    if a.model_seed is not None and a.model_seed < 0:
+        raise ConfigError("model_seed", f"must be a non-negative integer (got {a.model_seed})")
+    if a.hlr_reference not in HLR_REFERENCES:
+        raise ConfigError("hlr_reference", f"must be one of {', '.join(HLR_REFERENCES)} (got {a.hlr_reference!r})")
     overrides = {f: getattr(a, TABLE_FIELDS[f]) for f in TABLE_OVERRIDES if getattr(a, TABLE_FIELDS[f]) is not None}
     if not a.num_gpus:
         overrides.pop("num_gpus")
-    spec = TableSpec(a.dataset, a.work, methods, _ints(a, "ipcs"), _ints(a, "seeds"), overrides, a.full_epochs, a.hlr)
+    spec = TableSpec(a.dataset, a.work, methods, _ints(a, "ipcs"), _ints(a, "seeds"), overrides, a.full_epochs, a.hlr,
+                     a.hlr_reference, a.model_seed)
     for method, ipc, seed in cells(spec):  # every cell's settings, before hours of work start
         spec.config(method, ipc, seed, os.path.join(a.work, "check"))
     table = run_table(spec, (i, n))

@@ -60,6 +60,9 @@ class DistillConfig:
     posttrain_workers: int = 1  # Ray Train workers of the post-train stage
     image_column: str | None = None  # Parquet datasets: the columns, when they are not the usual ones
     label_column: str | None = None
+    # Choose settings without reading the test split: everything trains on the train split less its
+    # validation share (`train-noval`), and top-1 is measured on that validation share.
+    holdout: bool = False
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
@@ -77,8 +80,20 @@ class DistillConfig:
                 if v is not None}
 
     def split(self, name: str):
-        """One split of this run's dataset (data.ImageSet)."""
+        """One split of this run's dataset (data.ImageSet); under `holdout`, "train" is train-noval and
+        "test" the validation split."""
+        if self.holdout:
+            name = HOLDOUT_SPLITS.get(name, name)
         return data.load_split(self.dataset, name, self.data_dir, self.image_size, **self.data_options())
+
+    @property
+    def train_split(self) -> str:
+        """The split name models of this run are squeezed on (names cached backbones)."""
+        return HOLDOUT_SPLITS["train"] if self.holdout else "train"
+
+    @property
+    def eval_split(self) -> str:
+        return HOLDOUT_SPLITS["test"] if self.holdout else "test"
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the synthetic images.
@@ -94,17 +109,19 @@ class DistillConfig:
         d["recover"].pop("compile")
         d["recover"].pop("amp")
         keep = {k: d[k] for k in ("dataset", "data_dir", "image_size", "arch", "width", "ipc", "method", "seed",
-                                  "backbone", "squeeze", "recover")}
+                                  "backbone", "holdout", "squeeze", "recover")}
         keep.update(self.data_options())
         for key, default in LATER_DEFAULTS.items():
-            section, name = key.split(".")
-            if keep[section].get(name) == default:
-                del keep[section][name]
+            section, _, name = key.rpartition(".")
+            where = keep[section] if section else keep
+            if where.get(name) == default:
+                del where[name]
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # Recover settings added after the first release, at the value that reproduces earlier runs.
-LATER_DEFAULTS: dict[str, object] = {"recover.augment_per": "image", "recover.ipc_per_shard": 1}
+LATER_DEFAULTS: dict[str, object] = {"recover.augment_per": "image", "recover.ipc_per_shard": 1, "holdout": False}
+HOLDOUT_SPLITS = {"train": "train-noval", "test": "val"}
 AUGMENT_PER = ("image", "batch")
 
 

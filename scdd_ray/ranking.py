@@ -12,6 +12,10 @@ DD-Ranking's two metrics:
   training split with hard labels minus top-1 of the student trained on the
   distilled set with hard labels (cross entropy on its classes, no teacher),
   both with the cell's post-train settings, the former for `full_epochs`.
+  With `hlr_reference` "teacher" the whole-data hard-label model is the
+  seed's supervised teacher instead (same arch, trained on the whole
+  training split with cross entropy, by the squeeze recipe): on a CPU a
+  whole-data student at the post-train settings costs more than the table.
 
 Cells resume from what they wrote (report.json, hard.json); `part` (i, n)
 runs every n-th cell so several processes share a table, and models shared
@@ -40,6 +44,7 @@ from .store import ShardStore, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("scdd_ray")
 METHODS = ("random", "sre2l", "scdd")
+HLR_REFERENCES = ("student", "teacher")
 
 
 @dataclass(frozen=True)
@@ -52,14 +57,26 @@ class TableSpec:
     overrides: dict = field(default_factory=dict)  # DistillConfig fields (flat or section.name) for every cell
     full_epochs: int = 30  # epochs of the whole-training-split hard-label student (HLR)
     hlr: bool = True
+    hlr_reference: str = "student"  # HLR_REFERENCES
+    # Squeeze the shared models once with this seed for every cell (as the authors recover from one
+    # pretrained model); None: each seed squeezes its own, so the spread includes the models' own.
+    model_seed: int | None = None
 
-    def suffix(self) -> str:
-        """Settings other than the preset's name the cells, so tables with other settings never collide."""
+    def suffix(self, method: str | None = None) -> str:
+        """Settings other than the preset's name the cells, so tables with other settings never collide.
+
+        Recover settings do not touch a random subset: tables that differ only
+        in them share their `random` cells."""
         return "".join(f"-{k.replace('.', '_')}-{v}" for k, v in sorted(self.overrides.items())
-                       if k not in ("data_dir", "num_gpus", "num_workers"))
+                       if k not in ("data_dir", "num_gpus", "num_workers")
+                       and not (method == "random" and k.startswith("recover.")))
+
+    def models_seed(self, seed: int) -> int:
+        return seed if self.model_seed is None else self.model_seed
 
     def config(self, method: str, ipc: int, seed: int, out: str, **extra):
-        return build_distill_config(self.dataset, out, {"num_workers": 1, **self.overrides, "method": method,
+        given = {k: v for k, v in self.overrides.items() if not (method == "random" and k.startswith("recover."))}
+        return build_distill_config(self.dataset, out, {"num_workers": 1, **given, "method": method,
                                                         "ipc": ipc, "seed": seed, **extra})
 
 
@@ -68,13 +85,16 @@ def cells(spec: TableSpec) -> list[tuple[str, int, int]]:
 
 
 def cell_dir(spec: TableSpec, method: str, ipc: int, seed: int) -> str:
-    return os.path.join(spec.work, "cells", f"{spec.dataset}-{method}-ipc{ipc}-seed{seed}{spec.suffix()}")
+    models = "" if spec.models_seed(seed) == seed else f"-models{spec.models_seed(seed)}"
+    return os.path.join(spec.work, "cells", f"{spec.dataset}-{method}-ipc{ipc}-seed{seed}{models}{spec.suffix(method)}")
 
 
 def shared_model(spec: TableSpec, squeeze_method: str, seed: int) -> str:
-    """The per-seed model every cell shares (the supervised teacher, scdd's SSL backbone); squeezed once."""
+    """The model every cell of `seed` shares (the supervised teacher, scdd's SSL backbone); squeezed once."""
+    seed = spec.models_seed(seed)
     cfg = spec.config("scdd" if squeeze_method != SUPERVISED else "sre2l", spec.ipcs[0], seed, "unused")
-    name = backbone_name(squeeze_method, cfg.arch, cfg.width, cfg.image_size, cfg.squeeze.epochs, seed)
+    name = backbone_name(squeeze_method, cfg.arch, cfg.width, cfg.image_size, cfg.squeeze.epochs, seed,
+                         cfg.train_split)
     path = os.path.join(spec.work, "models", f"{spec.dataset}-{name}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with locked(path + ".lock"):  # several --part processes may need the same model: one squeezes it
@@ -130,7 +150,7 @@ def run_full_hard(spec: TableSpec, seed: int) -> float:
     """Hard-label top-1 of a student trained on the whole training split for `full_epochs`."""
     cfg = spec.config(spec.methods[0], spec.ipcs[0], seed, "unused")
     path = os.path.join(spec.work, "full", f"{spec.dataset}-hard-e{spec.full_epochs}-seed{seed}"
-                                           f"{spec.suffix()}.json")
+                                           f"{spec.suffix('random')}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with locked(path + ".lock"):
         if not os.path.isfile(path):
@@ -152,7 +172,7 @@ def run_table(spec: TableSpec, part: tuple[int, int] = (1, 1)) -> dict | None:
             run_cell(spec, method, ipc, seed)
             if spec.hlr:
                 run_hard_cell(spec, method, ipc, seed)
-    if spec.hlr:
+    if spec.hlr and spec.hlr_reference == "student":
         for k, seed in enumerate(spec.seeds):
             if k % n == i - 1:
                 run_full_hard(spec, seed)
@@ -164,6 +184,13 @@ def run_table(spec: TableSpec, part: tuple[int, int] = (1, 1)) -> dict | None:
     return summarize(spec)
 
 
+def full_hard_top1(spec: TableSpec, seed: int, reports: dict) -> float:
+    """HLR's whole-data hard-label top-1 for `seed` (`reports`: each cell's distill report)."""
+    if spec.hlr_reference == "student":
+        return run_full_hard(spec, seed)
+    return next(r["teacher_top1"] for (_, _, s), r in reports.items() if s == seed)
+
+
 def _mean_std(vals: list[float]) -> dict:
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "values": vals}
@@ -173,7 +200,7 @@ def summarize(spec: TableSpec) -> dict:
     """One row per (method, IPC): top-1, IOR and HLR as mean and std over seeds (paired by seed)."""
     top = {c: run_cell(spec, *c) for c in cells(spec)}
     hard = {c: run_hard_cell(spec, *c) for c in cells(spec)} if spec.hlr else {}
-    full = {s: run_full_hard(spec, s) for s in spec.seeds} if spec.hlr else {}
+    full = {s: full_hard_top1(spec, s, top) for s in spec.seeds} if spec.hlr else {}
     rows = []
     for ipc in spec.ipcs:
         for method in spec.methods:
@@ -188,7 +215,9 @@ def summarize(spec: TableSpec) -> dict:
                 row["hlr"] = _mean_std([full[k[2]] - hard[k] for k in keys])
             rows.append(row)
     return {"benchmark": "table", "dataset": spec.dataset, "methods": list(spec.methods), "ipcs": list(spec.ipcs),
-            "seeds": list(spec.seeds), "overrides": spec.overrides, "full_epochs": spec.full_epochs,
+            "seeds": list(spec.seeds), "overrides": spec.overrides, "hlr_reference": spec.hlr_reference,
+            "model_seed": spec.model_seed,
+            "full_epochs": spec.full_epochs if spec.hlr_reference == "student" else None,
             "full_hard_top1": full, "rows": rows}
 
 

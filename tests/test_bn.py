@@ -152,7 +152,7 @@ def test_depth_normalised_variants():
     for wl, bn, a in zip(w, (model.bn1, model.bn2), acts):
         mu = a.mean(dim=(0, 2, 3))
         var = ((a - mu.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))
-        rm, rv = bn.running_mean, bn.running_var + 1e-5
+        rv = bn.running_var + 1e-5
         expected += wl * (((mu - bn.running_mean) ** 2 / rv).mean().sqrt() + (((var - bn.running_var) / rv) ** 2).mean().sqrt())
     assert bn_loss(model, x, w, "channel").item() == pytest.approx(expected.item() / 2, rel=1e-5)
 

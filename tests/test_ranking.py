@@ -43,3 +43,55 @@ def test_table_flags_are_checked_before_any_work(tmp_path, capsys):
     assert "--part" in run_err(capsys, base + ["--part", "3/2"])
     assert "--iterations" in run_err(capsys, base + ["--iterations", "0"])
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_holdout_tables_never_read_test_and_share_random_cells(tmp_path, capsys, monkeypatch):
+    """Lever tables choose settings on the validation share: the test split is never loaded, the models
+    are squeezed on train less that share, and tables that differ only in recover settings share their
+    random cells; HLR can take the seed's teacher as its whole-data hard-label model."""
+    import scdd_ray.data as data
+
+    asked = []
+    real_load = data.load_split
+    monkeypatch.setattr(data, "load_split", lambda name, split, *a, **k: asked.append(split) or
+                        real_load(name, split, *a, **k))
+    work = tmp_path / "w"
+    base = ["-q", "bench", "table", "--dataset", "synthetic", "--methods", "random,scdd", "--ipcs", "1",
+            "--seeds", "0", "--holdout", "--hlr-reference", "teacher", "--work", str(work)]
+    assert main(base + ["--init", "real", "--json", str(tmp_path / "a.json")]) == 0
+    random_cell = work / "cells" / "synthetic-random-ipc1-seed0-holdout-True"
+    stamp = os.path.getmtime(random_cell / "report.json")
+    assert main(base + ["--init", "noise", "--json", str(tmp_path / "b.json")]) == 0
+    assert os.path.getmtime(random_cell / "report.json") == stamp  # the random subset was not recomputed
+    assert set(asked) == {"train-noval", "val"}
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
+    assert sorted(p.name for p in (work / "models").glob("*.pt")) == [
+        "synthetic-simclr-resnet18-w0.125-s16-e6-seed0-train-noval.pt",
+        "synthetic-supervised-resnet18-w0.125-s16-e6-seed0-train-noval.pt"]
+    scdd = {t: json.loads((work / "cells" / f"synthetic-scdd-ipc1-seed0-holdout-True-recover_init-{t}"
+                                / "report.json").read_text()) for t in ("real", "noise")}
+    assert all(r["evaluated_on"] == "val" for r in scdd.values())
+    rows = {r["method"]: r for r in b["rows"]}
+    assert rows["scdd"]["top1"]["mean"] == scdd["noise"]["top1"]
+    assert {r["method"]: r for r in a["rows"]}["scdd"]["top1"]["mean"] == scdd["real"]["top1"]
+    hard = json.loads((work / "cells" / "synthetic-scdd-ipc1-seed0-holdout-True-recover_init-noise" / "hard.json")
+                      .read_text())["hard_top1"]
+    assert rows["scdd"]["hlr"]["mean"] == pytest.approx(scdd["noise"]["teacher_top1"] - hard)
+    assert b["hlr_reference"] == "teacher" and not (work / "full").exists()
+
+
+def test_shared_models_seed_names_cells_apart(tmp_path):
+    """With --model-seed the cells of other seeds name the models they share; the model seed's own cells
+    are the same runs as in a per-seed table, and random cells ignore recover settings."""
+    from scdd_ray.ranking import TableSpec, cell_dir
+
+    per_seed = TableSpec("synthetic", str(tmp_path))
+    shared = TableSpec("synthetic", str(tmp_path), model_seed=0, overrides={"recover.init": "real", "width": 0.5})
+    assert (os.path.basename(cell_dir(shared, "scdd", 10, 1))
+            == "synthetic-scdd-ipc10-seed1-models0-recover_init-real-width-0.5")
+    assert os.path.basename(cell_dir(shared, "random", 10, 1)) == "synthetic-random-ipc10-seed1-models0-width-0.5"
+    assert cell_dir(per_seed, "scdd", 1, 0) == cell_dir(TableSpec("synthetic", str(tmp_path), model_seed=0),
+                                                         "scdd", 1, 0)
+    assert shared.config("random", 1, 1, "o").recover.init == "noise"
+    assert shared.config("scdd", 1, 1, "o").recover.init == "real"

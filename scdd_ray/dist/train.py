@@ -195,7 +195,7 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
     if state["epoch"] != job.cfg.epochs:
         raise EngineError(f"post-train stopped at epoch {state['epoch']} of {job.cfg.epochs}")
     res = _result(state, seconds, (result.metrics or {}).get("startup_seconds"), num_workers)
-    log.info("posttrain: %d epochs on %d workers, top-1 on the real test split %.2f%% (%.0fs)", job.cfg.epochs,
+    log.info("posttrain: %d epochs on %d workers, top-1 on real held-out images %.2f%% (%.0fs)", job.cfg.epochs,
              num_workers, res.top1, seconds)
     return res
 

@@ -248,7 +248,8 @@ def _run(prep: Prepared) -> dict:
     report = {
         "method": cfg.method, "dataset": cfg.dataset, "arch": cfg.arch, "width": cfg.width, "ipc": cfg.ipc,
         "num_classes": info.num_classes, "num_images": int(len(images)), "image_size": cfg.image_size,
-        "top1": round(pt.top1, 3), "teacher_top1": round(teacher_top1, 3), "teacher": teacher_path,
+        "top1": round(pt.top1, 3), "teacher_top1": round(teacher_top1, 3), "evaluated_on": cfg.eval_split,
+        "teacher": teacher_path,
         "teacher_method": teacher_ckpt.method, "backbone": backbone_path,
         "backbone_method": backbone.method if backbone else None,
         "recover_seconds": round(recover_seconds, 2), "posttrain_seconds": round(pt.seconds, 2),
