@@ -2,6 +2,7 @@
 
     python benchmarks/plot.py models benchmarks/models_digits_cpu.json --out benchmarks/models_digits_cpu.png
     python benchmarks/plot.py ipc benchmarks/digits_ipc.json --out benchmarks/digits_ipc.png
+    python benchmarks/plot.py table benchmarks/cifar10_table.json --out benchmarks/cifar10_table.png
 """
 from __future__ import annotations
 
@@ -81,16 +82,42 @@ def plot_ipc(res: dict, out: str) -> None:
     fig.savefig(out, dpi=120)
 
 
+def plot_table(res: dict, out: str) -> None:
+    """`scdd-ray bench table`: top-1 (mean ± std over seeds) against IPC per method; random dashed, as the
+    baseline every distilled set has to beat."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for method in res["methods"]:
+        rows = sorted((r for r in res["rows"] if r["method"] == method), key=lambda r: r["ipc"])
+        ax.errorbar([r["ipc"] for r in rows], [r["top1"]["mean"] for r in rows],
+                    yerr=[r["top1"]["std"] for r in rows], marker="o", capsize=3, color=COLORS.get(method),
+                    linestyle="--" if method == "random" else "-",
+                    label=f"{method} (random real subset)" if method == "random" else method)
+    ipcs = sorted(res["ipcs"])
+    ax.set_xscale("log")
+    ax.set_xticks(ipcs)
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("images per class")
+    where = "validation share of train" if res.get("overrides", {}).get("holdout") else "real test split"
+    ax.set_ylabel(f"student top-1 on the {where} (%)")
+    teacher = statistics.fmean(r["teacher_top1"]["mean"] for r in res["rows"])
+    ax.axhline(teacher, color="black", linewidth=0.8, linestyle=":", label=f"teacher ({teacher:.1f})")
+    ax.set_title(f"{res['dataset']}, one teacher for every method, mean ± std over {len(res['seeds'])} seeds",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kind", choices=("models", "ipc"))
+    ap.add_argument("kind", choices=("models", "ipc", "table"))
     ap.add_argument("json")
     ap.add_argument("--out", required=True, help="PNG path")
     a = ap.parse_args()
     with open(a.json) as f:
         res = json.load(f)
     tmp = a.out + ".tmp.png"
-    (plot_models if a.kind == "models" else plot_ipc)(res, tmp)
+    {"models": plot_models, "ipc": plot_ipc, "table": plot_table}[a.kind](res, tmp)
     os.replace(tmp, a.out)
     print(a.out)
     return 0
