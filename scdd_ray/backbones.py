@@ -107,7 +107,7 @@ def squeeze_and_save(path: str, setup: SqueezeSetup, train: ImageSet, device, se
     if test is not None:
         acc = top1(model, test, info.mean, info.std, device)
         extra.update(test_top1=acc, seconds=time.perf_counter() - t0)
-        log.info("squeeze %s: %.0fs, test top-1 %.2f%%", setup.cfg.method, extra["seconds"], acc)
+        log.info("squeeze %s: %.0fs, held-out top-1 %.2f%%", setup.cfg.method, extra["seconds"], acc)
     save_checkpoint(path, model, arch=setup.arch, width=setup.width, num_classes=info.num_classes,
                     image_size=setup.image_size, small_input=setup.small_input, mean=info.mean, std=info.std,
                     method=setup.cfg.method, meta={**extra, **(meta or {})})

@@ -96,7 +96,7 @@ DISTILL_FIELDS = {
     **{f"recover.{d}": d for d in ("iterations", "lr", "bn_coef", "bn_weights", "jitter", "init",
                                    "classes_per_batch", "grayscale", "bn_normalize", "augment_per", "ipc_per_shard",
                                    "compile")},
-    "recover.crop_scale": "recover_crop_scale",
+    "recover.crop_scale": "recover_crop_scale", "recover.flip": "recover_flip",
     **{f"posttrain.{d}": d for d in ("student", "student_width", "temperature", "mix", "eval_every",
                                      "checkpoint_every")},
     "posttrain.epochs": "posttrain_epochs", "posttrain.batch_size": "posttrain_batch_size",
@@ -126,6 +126,8 @@ def _distill_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--bn-weights", default=None, help="first:M | linear:A,B | exp:G | w1,w2,...")
     d.add_argument("--jitter", type=int, default=None, help="max random roll in pixels")
     d.add_argument("--recover-crop-scale", default=None, help="LO,HI random-resized-crop area, or none")
+    d.add_argument("--recover-flip", default=None, action=argparse.BooleanOptionalAction,
+                   help="random horizontal flips in recover (with --augment-per, per image or per batch)")
     d.add_argument("--init", default=None, help="noise | real (start from a random real image of the class)")
     d.add_argument("--grayscale", default=None, action=argparse.BooleanOptionalAction,
                    help="optimise one channel repeated to three (for grayscale datasets such as digits)")
@@ -432,10 +434,12 @@ TABLE_FIELDS = {**_same("dataset", "data_dir", "methods", "ipcs", "seeds", "work
                         "full_epochs", "hlr", "hlr_reference", "model_seed", "width", "image_size", "num_gpus",
                         "holdout"),
                 "recover.augment_per": "augment_per", "recover.ipc_per_shard": "ipc_per_shard",
+                "recover.crop_scale": "recover_crop_scale", "recover.flip": "recover_flip",
                 "recover.iterations": "iterations", "recover.bn_coef": "bn_coef", "recover.bn_weights": "bn_weights",
                 "recover.bn_normalize": "bn_normalize", "recover.init": "init", "squeeze.epochs": "squeeze_epochs",
                 "posttrain.epochs": "posttrain_epochs"}
 TABLE_OVERRIDES = ("data_dir", "width", "image_size", "num_gpus", "holdout", "recover.augment_per",
+                   "recover.crop_scale", "recover.flip",
                    "recover.ipc_per_shard", "recover.iterations", "recover.bn_coef",
                    "recover.bn_weights", "recover.bn_normalize", "recover.init", "squeeze.epochs", "posttrain.epochs")
 
@@ -455,6 +459,9 @@ def _table_args(tb: argparse.ArgumentParser) -> None:
     tb.add_argument("--init", default=None, help="noise | real")
     tb.add_argument("--augment-per", default=None, help="image | batch: a recover crop box per image or per batch")
     tb.add_argument("--ipc-per-shard", type=int, default=None, help="IPC indices optimised together in one shard")
+    tb.add_argument("--recover-crop-scale", default=None, help="LO,HI random-resized-crop area in recover, or none")
+    tb.add_argument("--recover-flip", default=None, action=argparse.BooleanOptionalAction,
+                    help="random horizontal flips in recover")
     tb.add_argument("--holdout", action="store_true", default=None,
                     help="choose settings without the test split: train on train less its validation share, report "
                          "top-1 on that share (the test split is never read)")
@@ -506,6 +513,8 @@ def _bench_table(a: argparse.Namespace) -> int:
     if a.hlr_reference not in HLR_REFERENCES:
         raise ConfigError("hlr_reference", f"must be one of {', '.join(HLR_REFERENCES)} (got {a.hlr_reference!r})")
     overrides = {f: getattr(a, TABLE_FIELDS[f]) for f in TABLE_OVERRIDES if getattr(a, TABLE_FIELDS[f]) is not None}
+    if "recover.crop_scale" in overrides:
+        overrides["recover.crop_scale"] = parse_scale(a.recover_crop_scale, "recover.crop_scale")
     if not a.num_gpus:
         overrides.pop("num_gpus")
     spec = TableSpec(a.dataset, a.work, methods, _ints(a, "ipcs"), _ints(a, "seeds"), overrides, a.full_epochs, a.hlr,

@@ -67,7 +67,7 @@ class TableSpec:
 
         Recover settings do not touch a random subset: tables that differ only
         in them share their `random` cells."""
-        return "".join(f"-{k.replace('.', '_')}-{v}" for k, v in sorted(self.overrides.items())
+        return "".join(f"-{k.replace('.', '_')}-{_text(v)}" for k, v in sorted(self.overrides.items())
                        if k not in ("data_dir", "num_gpus", "num_workers")
                        and not (method == "random" and k.startswith("recover.")))
 
@@ -78,6 +78,11 @@ class TableSpec:
         given = {k: v for k, v in self.overrides.items() if not (method == "random" and k.startswith("recover."))}
         return build_distill_config(self.dataset, out, {"num_workers": 1, **given, "method": method,
                                                         "ipc": ipc, "seed": seed, **extra})
+
+
+def _text(value) -> str:
+    """A setting as it appears in a cell's directory name (tuples as LO,HI; no spaces)."""
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, (tuple, list)) else str(value)
 
 
 def cells(spec: TableSpec) -> list[tuple[str, int, int]]:

@@ -66,6 +66,10 @@ def prepare(cfg: DistillConfig) -> Prepared:
             if len(spec.params) != n:
                 raise ConfigError("recover.bn_weights", f"lists {len(spec.params)} weights but {cfg.arch} has {n} "
                                                         "BatchNorm2d layers (one weight per layer)")
+        if cfg.recover.augment_per == "batch" and cfg.recover.crop_scale is None and not cfg.recover.flip:
+            # Jitter is one shift per batch either way: the option has nothing to act on.
+            log.warning("recover.augment_per batch changes nothing here: this preset's recover has no crop and "
+                        "no flip (see recover.crop_scale, recover.flip)")
     check_out_dir(cfg.out, RUN_FILE, cfg.fingerprint(), "scdd-ray run",
                   describe_change=lambda prev: _diff(prev.get("config", {}), cfg.to_dict()))
     try:
