@@ -23,14 +23,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _tables import write_table  # noqa: E402
 
 
-def scdd_and_random(path: str) -> tuple[int, float, float, dict]:
-    """(seed, scdd top-1, random top-1, overrides) of a one-seed table JSON."""
+def scdd_and_random(path: str) -> tuple[int, float, float, dict, float | None]:
+    """(seed, scdd top-1, random top-1, overrides, scdd recover seconds) of a one-seed table JSON."""
     with open(path) as f:
         t = json.load(f)
     if len(t["seeds"]) != 1:
         raise SystemExit(f"{path}: expected a one-seed table (got seeds {t['seeds']})")
     rows = {r["method"]: r for r in t["rows"]}
-    return t["seeds"][0], rows["scdd"]["top1"]["mean"], rows["random"]["top1"]["mean"], t["overrides"]
+    secs = rows["scdd"].get("recover_seconds", {}).get("mean")
+    return t["seeds"][0], rows["scdd"]["top1"]["mean"], rows["random"]["top1"]["mean"], t["overrides"], secs
 
 
 def ms(vals: list[float]) -> str:
@@ -38,10 +39,11 @@ def ms(vals: list[float]) -> str:
 
 
 def lever_table(levers: list[tuple[str, list[str]]]) -> tuple[str, list[dict]]:
-    runs = {name: {s: (top, rnd, ov) for s, top, rnd, ov in map(scdd_and_random, paths)} for name, paths in levers}
+    runs = {name: {s: rest for s, *rest in map(scdd_and_random, paths)} for name, paths in levers}
     base_name = levers[0][0]
     base = runs[base_name]
-    head = (f"| lever | seeds | scdd top-1 | gain over {base_name} (paired) | IOR (scdd - random) | per seed |")
+    head = (f"| lever | seeds | scdd top-1 | gain over {base_name} (paired) | IOR (scdd - random) | per seed | "
+            "recover s |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     data = []
     for name, _ in levers:
@@ -51,10 +53,11 @@ def lever_table(levers: list[tuple[str, list[str]]]) -> tuple[str, list[dict]]:
         ior = [r[s][0] - r[s][1] for s in seeds]
         paired = [r[s][0] - base[s][0] for s in seeds if s in base]
         gain = "–" if name == base_name else (ms(paired) if paired else "no common seed")
+        secs = [r[s][3] for s in seeds if r[s][3] is not None]
         lines.append(f"| {name} | {','.join(map(str, seeds))} | {ms(top)} | {gain} | {ms(ior)} | "
-                     f"{', '.join(f'{v:.1f}' for v in top)} |")
+                     f"{', '.join(f'{v:.1f}' for v in top)} | {f'{statistics.fmean(secs):.0f}' if secs else '–'} |")
         data.append({"lever": name, "seeds": seeds, "top1": top, "ior": ior, "gain_over_base": paired,
-                     "overrides": r[seeds[0]][2]})
+                     "overrides": r[seeds[0]][2], "recover_seconds": secs})
     return "\n".join(lines) + "\n", data
 
 

@@ -212,7 +212,8 @@ def summarize(spec: TableSpec) -> dict:
             keys = [(method, ipc, s) for s in spec.seeds]
             row = {"method": method, "ipc": ipc, "top1": _mean_std([top[k]["top1"] for k in keys]),
                    "teacher_top1": _mean_std([top[k]["teacher_top1"] for k in keys]),
-                   "teachers": sorted({top[k]["teacher"] for k in keys})}
+                   "teachers": sorted({top[k]["teacher"] for k in keys}),
+                   "recover_seconds": _mean_std([top[k]["recover_seconds"] for k in keys])}
             if "random" in spec.methods:
                 row["ior"] = _mean_std([top[k]["top1"] - top[("random", ipc, k[2])]["top1"] for k in keys])
             if spec.hlr:

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _table(path, seed, scdd, rnd, **overrides):
-    rows = [{"method": m, "ipc": 10, "top1": {"mean": v}} for m, v in (("random", rnd), ("scdd", scdd))]
+    rows = [{"method": m, "ipc": 10, "top1": {"mean": v}, "recover_seconds": {"mean": 100.0 + seed}}
+            for m, v in (("random", rnd), ("scdd", scdd))]
     path.write_text(json.dumps({"seeds": [seed], "rows": rows, "overrides": overrides}))
     return str(path)
 
@@ -28,4 +29,4 @@ def test_lever_table_pairs_gains_by_seed(tmp_path):
     assert [d["lever"] for d in data] == ["base", "init real"]
     assert data[1]["gain_over_base"] == pytest.approx([1.5, 0.5])
     assert data[1]["ior"] == pytest.approx([-6.5, -6.5])
-    assert "| init real | 0,1 | 27.0 ± 0.7 | 1.0 ± 0.7 | -6.5 ± 0.0 | 26.5, 27.5 |" in md.read_text()
+    assert "| init real | 0,1 | 27.0 ± 0.7 | 1.0 ± 0.7 | -6.5 ± 0.0 | 26.5, 27.5 | 100 |" in md.read_text()
