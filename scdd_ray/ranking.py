@@ -67,17 +67,19 @@ class TableSpec:
 
         Recover settings do not touch a random subset: tables that differ only
         in them share their `random` cells."""
-        return "".join(f"-{k.replace('.', '_')}-{_text(v)}" for k, v in sorted(self.overrides.items())
-                       if k not in ("data_dir", "num_gpus", "num_workers")
-                       and not (method == "random" and k.startswith("recover.")))
+        return "".join(f"-{k.replace('.', '_')}-{_text(v)}" for k, v in sorted(self.overrides_for(method).items())
+                       if k not in ("data_dir", "num_gpus", "num_workers"))
+
+    def overrides_for(self, method: str | None) -> dict:
+        """The overrides that apply to `method`'s cells (a random subset has no recover stage)."""
+        return {k: v for k, v in self.overrides.items() if not (method == "random" and k.startswith("recover."))}
 
     def models_seed(self, seed: int) -> int:
         return seed if self.model_seed is None else self.model_seed
 
     def config(self, method: str, ipc: int, seed: int, out: str, **extra):
-        given = {k: v for k, v in self.overrides.items() if not (method == "random" and k.startswith("recover."))}
-        return build_distill_config(self.dataset, out, {"num_workers": 1, **given, "method": method,
-                                                        "ipc": ipc, "seed": seed, **extra})
+        given = {"num_workers": 1, **self.overrides_for(method), "method": method, "ipc": ipc, "seed": seed}
+        return build_distill_config(self.dataset, out, {**given, **extra})
 
 
 def _text(value) -> str:
@@ -91,7 +93,8 @@ def cells(spec: TableSpec) -> list[tuple[str, int, int]]:
 
 def cell_dir(spec: TableSpec, method: str, ipc: int, seed: int) -> str:
     models = "" if spec.models_seed(seed) == seed else f"-models{spec.models_seed(seed)}"
-    return os.path.join(spec.work, "cells", f"{spec.dataset}-{method}-ipc{ipc}-seed{seed}{models}{spec.suffix(method)}")
+    name = f"{spec.dataset}-{method}-ipc{ipc}-seed{seed}{models}{spec.suffix(method)}"
+    return os.path.join(spec.work, "cells", name)
 
 
 def shared_model(spec: TableSpec, squeeze_method: str, seed: int) -> str:
