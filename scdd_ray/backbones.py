@@ -86,8 +86,12 @@ def check_checkpoint(ckpt: Checkpoint, cfg: DistillConfig, info: DatasetInfo, fi
 def backbone_name(squeeze_method: str, arch: str, width: float, image_size: int, epochs: int, seed: int,
                   split: str = "train") -> str:
     """File name of a cached squeezed backbone; the split is named when it is not the whole train split."""
-    suffix = "" if split == "train" else f"-{split}"
-    return f"{squeeze_method}-{arch}-w{width:g}-s{image_size}-e{epochs}-seed{seed}{suffix}.pt"
+    return f"{squeeze_method}-{arch}-w{width:g}-s{image_size}-e{epochs}-seed{seed}{_split_suffix(split)}.pt"
+
+
+def _split_suffix(split: str) -> str:
+    """What a cached model's file name adds for the split it was trained on (nothing for all of train)."""
+    return "" if split == "train" else f"-{split}"
 
 
 def distill_backbone_name(cfg: DistillConfig, squeeze_method: str | None = None) -> str:
@@ -153,8 +157,8 @@ def probe_and_save(path: str, ckpt: Checkpoint, train: ImageSet, test: ImageSet,
 def probe_backbone(cfg: DistillConfig, info: DatasetInfo, ckpt: Checkpoint, device) -> tuple[Checkpoint, str]:
     """Fit the linear head of an imported SSL backbone; cached under OUT/backbones/."""
     src = os.path.splitext(os.path.basename(ckpt.meta["imported_from"]))[0]
-    name = f"probe-{ckpt.method}-{src}-{ckpt.arch}-s{cfg.image_size}-p{cfg.squeeze.probe_epochs}-seed{cfg.seed}"
-    name += ".pt" if cfg.train_split == "train" else f"-{cfg.train_split}.pt"
+    name = (f"probe-{ckpt.method}-{src}-{ckpt.arch}-s{cfg.image_size}-p{cfg.squeeze.probe_epochs}-seed{cfg.seed}"
+            f"{_split_suffix(cfg.train_split)}.pt")
     path = os.path.join(cfg.out, "backbones", name)
     if os.path.isfile(path):
         log.info("using cached probed backbone %s", path)
