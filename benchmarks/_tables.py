@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from scdd_ray.store import atomic_write_json
+from scdd_ray.store.atomic import atomic_write_json
 
 
 def write_table(md: str, heading: str, table: str, data) -> None:

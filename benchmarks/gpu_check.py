@@ -16,7 +16,7 @@ short still leaves what it measured). Parts:
                FLOPs per image-iteration (torch.utils.flop_counter), achieved TFLOP/s and its share
                of the measured peak
   posttrain    images / s of the post-train step (student + teacher, soft labels, mixing: the
-               production core.training.train_step), fp32 vs bf16, + compile, + the set kept encoded
+               production core.posttrain.train_step), fp32 vs bf16, + compile, + the set kept encoded
   e2e          CIFAR-10 in one process: supervised squeeze at full width, recover IPC 10, post-train,
                top-1 on the real test split, from the Hugging Face Parquet files in --data-dir
                (copy ../shared/data/cifar10/*.parquet to data_cache/cifar10 first); skipped with a
@@ -24,6 +24,9 @@ short still leaves what it measured). Parts:
 
 fp32 here is what torch runs by default: cuDNN may use TF32 for convolutions (recorded in the JSON).
 On CPU, autocast is off in our code (it pays only on GPUs), so bf16 equals fp32 there.
+Recover, post-train and squeeze settings are the CIFAR-10 preset's (its GPU preset on a GPU;
+`--dataset`, `--set KEY=VALUE` override), sizes and budgets the plan's below; on CPU the
+compiled variants use the `eager` backend (Dynamo's capture without code generation).
 """
 from __future__ import annotations
 
@@ -45,21 +48,23 @@ import pyarrow as pa
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from recover_vs_reference import reference_recover  # this script's folder is on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
-from recover_vs_reference import reference_recover  # this script's folder is on sys.path
-from scdd_ray.core import recover as recover_mod
-from scdd_ray.core.bn import BNMatch, bn_layers, batch_stats, parse_bn_weights
-from scdd_ray.core.configs import PosttrainConfig, RecoverConfig, SqueezeConfig
+from scdd_ray.core.bn import BNMatch, batch_stats, bn_layers, parse_bn_weights
 from scdd_ray.core.evaluation import top1
+from scdd_ray.core.posttrain import PostTrainer, epoch_batches, train_step
 from scdd_ray.core.recover import recover_objective, synthesize
 from scdd_ray.core.shards import plan_shards, recover_shard
 from scdd_ray.core.squeeze import squeeze
-from scdd_ray.core.training import EncodedSet, PostTrainer, epoch_batches, train_step
 from scdd_ray.data import DatasetInfo, load_split, sample_per_class
 from scdd_ray.data.parquet import has_parquet_layout
-from scdd_ray.models import create_model, frozen, small_input
-from scdd_ray.store import EncodedImages, encode_png
+from scdd_ray.models.factory import create_model, small_input
+from scdd_ray.models.runtime import frozen
+from scdd_ray.store.encoded import EncodedImages
+from scdd_ray.store.png import encode_png
+
+from _recipe import add_recipe_args, recipe
 
 # Tolerances, stated once. Relative errors are max over channels of |x - x64| / (|x64| + scale).
 BN_STATS_RTOL = 1e-4  # fp32 per-channel mean and variance on the device vs float64
@@ -91,6 +96,7 @@ class Plan:
     e2e_ipc: int
     e2e_posttrain_epochs: int
     compile_models: tuple  # recover models timed with torch.compile too (compiling takes minutes)
+    recipe: object = None  # the DistillConfig whose squeeze, recover and post-train settings every part uses
 
 
 def models(*specs: str) -> tuple:
@@ -207,7 +213,7 @@ def check_losses(p: Plan, device: torch.device) -> dict:
     """BN loss vs float64; recover loss and image gradient in bf16 autocast vs fp32."""
     _, arch, width, size, batch, classes = p.recover_models[0]
     model = bn_model(arch, width, size, classes, device)
-    weights = parse_bn_weights("first:10").resolve(len(bn_layers(model)))
+    weights = parse_bn_weights(p.recipe.recover.bn_weights).resolve(len(bn_layers(model)))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=torch.channels_last)
     targets = (torch.arange(batch) % classes).to(device)
@@ -227,7 +233,7 @@ def check_losses(p: Plan, device: torch.device) -> dict:
         for amp in ("none", "bf16"):
             xi = x.clone().requires_grad_(True)
             ce, bn = recover_objective(model, bnm, device, xi, targets, amp=amp)
-            loss = ce + 0.01 * bn
+            loss = ce + p.recipe.recover.bn_coef * bn
             loss.backward()
             grads[amp], losses[amp] = xi.grad.double().flatten(), float(loss.detach())
     out["recover_loss_bf16_vs_fp32"] = check(abs(losses["bf16"] - losses["none"]) / abs(losses["none"]), AMP_LOSS_RTOL)
@@ -240,12 +246,12 @@ def check_images(p: Plan, device: torch.device) -> dict:
     """`amp_iters` recover iterations from one seed: bf16 vs fp32 images, against the fp32 layout floor."""
     _, arch, width, size, batch, classes = p.recover_models[0]
     targets = torch.arange(batch) % classes
-    cfg = RecoverConfig(iterations=p.amp_iters, lr=0.25, bn_coef=0.01, jitter=4, flip=True)
+    cfg = dataclasses.replace(p.recipe.recover, iterations=p.amp_iters)
     runs = {}
     for name, amp, cl in (("fp32", "none", True), ("fp32_nchw", "none", False), ("bf16", "bf16", True)):
         model = bn_model(arch, width, size, classes, device, channels_last=cl)
         runs[name] = synthesize(model, targets, dataclasses.replace(cfg, amp=amp), (0.5,) * 3, (0.25,) * 3, size,
-                                seed=7, device=device, channels_last=cl)
+                                seed=p.recipe.seed, device=device, channels_last=cl)
 
     def mad(a, b):
         return float((runs[a].images.float() - runs[b].images.float()).abs().mean())
@@ -301,17 +307,17 @@ def time_variants(p: Plan, spec: tuple, names: list[str], device: torch.device) 
     """Median images x iterations / s of each named variant (and "reference"), repeats alternating."""
     name, arch, width, size, batch, classes = spec
     targets = torch.arange(batch) % classes
-    cfg = RecoverConfig(iterations=p.recover_iters, lr=0.25, bn_coef=0.01, jitter=4, flip=True)
+    cfg = dataclasses.replace(p.recipe.recover, iterations=p.recover_iters)
     runs = {}
     for v in names:
         if v == "reference":  # fp32 NCHW, statistics by permute/reshape/var in hooks, loss.item() every step
             model = bn_model(arch, width, size, classes, device, channels_last=False)
-            runs[v] = functools.partial(_reference, model, targets, cfg, size, device)
+            runs[v] = functools.partial(_reference, model, targets, cfg, size, device, p.recipe.seed)
             continue
         cl, amp, comp = VARIANTS[v]
         model = bn_model(arch, width, size, classes, device, channels_last=cl)  # its own copy: compile hooks stay
         runs[v] = functools.partial(_ours, model, targets, dataclasses.replace(cfg, amp=amp, compile=comp), size,
-                                    device, cl)
+                                    device, cl, p.recipe.seed)
     warm = {v: timed(lambda run=run: run(3), device) for v, run in runs.items()}  # compiling happens here
     times = {v: [] for v in runs}
     for _ in range(p.repeats):  # alternate, so a drift in clocks or load hits every variant alike
@@ -321,14 +327,14 @@ def time_variants(p: Plan, spec: tuple, names: list[str], device: torch.device) 
                 "warmup_seconds": round(warm[v], 2)} for v, t in times.items()}
 
 
-def _ours(model, targets, cfg, size, device, channels_last, iterations):
+def _ours(model, targets, cfg, size, device, channels_last, seed, iterations):
     synthesize(model, targets, dataclasses.replace(cfg, iterations=iterations), (0.5,) * 3, (0.25,) * 3, size,
-               seed=0, device=device, channels_last=channels_last, log_every=10 ** 9)
+               seed=seed, device=device, channels_last=channels_last, log_every=10 ** 9)
 
 
-def _reference(model, targets, cfg, size, device, iterations):
+def _reference(model, targets, cfg, size, device, seed, iterations):
     reference_recover(model, targets, dataclasses.replace(cfg, iterations=iterations), (0.5,) * 3, (0.25,) * 3, size,
-                      seed=0, device=device)
+                      seed=seed, device=device)
 
 
 def sig(x: float, digits: int = 4) -> float:
@@ -394,17 +400,17 @@ def time_posttrain(p: Plan, spec: tuple, device: torch.device, variants: dict) -
     g = torch.Generator().manual_seed(0)
     host = torch.randint(0, 256, (batch * (steps + 2), 3, size, size), generator=g, dtype=torch.uint8)
     row: dict = {"image_size": size, "student": f"resnet18 w{width:g}", "teacher": f"resnet18 w{width:g}",
-                 "batch": batch, "mix": "cutmix", "variants": {}}
+                 "batch": batch, "mix": p.recipe.posttrain.mix, "variants": {}}
     for v, (amp, comp, enc) in variants.items():
         if enc and size <= 64:
-            continue  # small sets are decoded up front (dist.train.DECODED_MAX_BYTES)
-        cfg = PosttrainConfig(student="resnet18", student_width=width, epochs=1, batch_size=batch, amp=amp,
-                              temperature=20.0, mix="cutmix", mix_prob=1.0)
-        images = EncodedSet(encoded(host, batch), device) if enc else host.to(device)
+            continue  # small sets are decoded up front (dist.posttrain.DECODED_MAX_BYTES)
+        cfg = dataclasses.replace(p.recipe.posttrain, student_width=width, batch_size=batch, amp=amp)
+        images = encoded(host, batch).to(device) if enc else host.to(device)
         teacher = frozen(create_model("resnet18", classes, width, small_input(size))).to(device)
-        tr = PostTrainer(cfg, images, teacher, info, image_size=size, small_input=small_input(size), seed=0)
-        student = torch.compile(tr.student, backend=recover_mod.COMPILE_BACKEND) if comp else tr.student
-        batches = epoch_batches(len(host), cfg, size, seed=0, epoch=0)
+        tr = PostTrainer(cfg, images, teacher, info, image_size=size, small_input=small_input(size),
+                         seed=p.recipe.seed)
+        student = torch.compile(tr.student, backend=p.recipe.recover.compile_backend) if comp else tr.student
+        batches = epoch_batches(len(host), cfg, size, seed=p.recipe.seed, epoch=0)
 
         def step(sb, student=student, tr=tr, images=images, cfg=cfg):
             train_step(student, teacher, tr.opt, images, sb, tr.rows, tr.weight, cfg, size, info.mean, info.std)
@@ -440,29 +446,28 @@ def run_e2e(p: Plan, a: argparse.Namespace, device: torch.device) -> dict:
     train, test = sets
     info, t = train.info, {}
     t0 = time.perf_counter()
-    sq = SqueezeConfig(method="supervised", epochs=p.e2e_squeeze_epochs, batch_size=256, lr=0.1, weight_decay=5e-4,
-                       crop_scale=(0.2, 1.0), flip=True)
-    model = squeeze(train, "resnet18", p.e2e_width, sq, device=device, seed=0, small_input=True)
+    rc = p.recipe
+    sq = dataclasses.replace(rc.squeeze, method="supervised", epochs=p.e2e_squeeze_epochs)
+    model = squeeze(train, rc.arch, p.e2e_width, sq, device=device, seed=rc.seed, small_input=True)
     sync(device)
     t["squeeze"] = time.perf_counter() - t0
     teacher_top1 = top1(model, test, info.mean, info.std, device)
-    rcfg = RecoverConfig(iterations=p.e2e_recover_iters, lr=0.4, bn_coef=0.005, jitter=4, flip=False,
-                         classes_per_batch=info.num_classes)
+    rcfg = dataclasses.replace(rc.recover, iterations=p.e2e_recover_iters, classes_per_batch=info.num_classes,
+                               ipc_per_shard=p.e2e_ipc)  # the whole set as one batch
     t0 = time.perf_counter()
     frozen(model)
-    shards = [recover_shard(model, s, rcfg, info.mean, info.std, size, 0, device)
-              for s in plan_shards(info.num_classes, p.e2e_ipc, rcfg.classes_per_batch)]
+    shards = [recover_shard(model, s, rcfg, info.mean, info.std, size, rc.seed, device)
+              for s in plan_shards(info.num_classes, p.e2e_ipc, rcfg.classes_per_batch, rcfg.ipc_per_shard)]
     t["recover"] = time.perf_counter() - t0
     synthetic = torch.cat([r.images for r, _, _ in shards])
-    idx, _ = sample_per_class(train, p.e2e_ipc, seed=0)
-    pcfg = PosttrainConfig(student="resnet18", student_width=p.e2e_width, epochs=p.e2e_posttrain_epochs,
-                           batch_size=64, lr=1e-3, weight_decay=0.01, temperature=30.0, mix="mixup", mix_prob=0.8)
+    idx, _ = sample_per_class(train, p.e2e_ipc, seed=rc.seed)
+    pcfg = dataclasses.replace(rc.posttrain, student_width=p.e2e_width, epochs=p.e2e_posttrain_epochs)
     res = {"source": source, "train_images": len(train), "test_images": len(test), "ipc": p.e2e_ipc,
            "squeeze_epochs": p.e2e_squeeze_epochs, "recover_iterations": p.e2e_recover_iters,
            "posttrain_epochs": p.e2e_posttrain_epochs, "width": p.e2e_width, "teacher_top1": round(teacher_top1, 2)}
     for name, images in (("synthetic", synthetic), ("random_real", train.load(idx))):
         t0 = time.perf_counter()
-        tr = PostTrainer(pcfg, images.to(device), model, info, image_size=size, small_input=True, seed=0)
+        tr = PostTrainer(pcfg, images.to(device), model, info, image_size=size, small_input=True, seed=rc.seed)
         tr.fit()
         res[f"{name}_top1"] = round(top1(tr.student, test, info.mean, info.std, device), 2)
         t[f"posttrain_{name}"] = time.perf_counter() - t0
@@ -545,23 +550,22 @@ def main() -> int:
                     help="time these recover models instead of the plan's (repeatable), all with compile")
     ap.add_argument("--iterations", type=int, default=None, help="recover iterations per timed run")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor; eager on CPU)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    add_recipe_args(ap, "cifar10")
     a = ap.parse_args()
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"gpu_check: error: --device cuda but torch {torch.__version__} sees no CUDA device", file=sys.stderr)
         return 2
+    fixed = {}
     if device.type == "cpu":
         torch.set_num_threads(a.threads)  # default 1: two threads on a busy small machine can be far slower
-        recover_mod.COMPILE_BACKEND = "eager"  # Dynamo's capture of our code; code generation takes minutes on a CPU
-    if a.compile_backend:
-        recover_mod.COMPILE_BACKEND = a.compile_backend
-    p, budget = plan(a), Budget(a.budget_s)
+        fixed["recover.compile_backend"] = "eager"  # Dynamo's capture of our code; code generation takes minutes
+    p, budget = dataclasses.replace(plan(a), recipe=recipe(a, fixed)), Budget(a.budget_s)
     parts = a.parts.split(",")
     os.makedirs(a.out, exist_ok=True)
     res: dict = {"env": environment(device, a.quick), "plan": dataclasses.asdict(p), "compile_backend":
-                 str(recover_mod.COMPILE_BACKEND), "correctness": {}, "seconds": 0.0}
+                 p.recipe.recover.compile_backend, "correctness": {}, "seconds": 0.0}
 
     def save():
         res["seconds"] = round(a.budget_s - budget.left(), 1)

@@ -10,13 +10,17 @@
 Both run in one process on the same model, batch, augmentation functions and
 thread count, alternating, and each is timed `--repeats` times after a warm-up;
 the median images x iterations per second is reported. A separate short run
-from the same start and the same random draws compares the images.
+from the same start and the same random draws compares the images. Model and
+recover settings are a preset's (`--dataset`, default cifar10's CPU preset)
+with `--set` overrides; the committed measurement used
 
-    python benchmarks/recover_vs_reference.py --json benchmarks/recover_vs_reference_cpu2.json
+    python benchmarks/recover_vs_reference.py --set recover.bn_coef=0.01 --set recover.flip=true \
+        --json benchmarks/recover_vs_reference_cpu2.json
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,11 +33,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scdd_ray.core.configs import RecoverConfig
 from scdd_ray.core.augment import denormalize, random_flip, random_roll, to_uint8
 from scdd_ray.core.bn import parse_bn_weights
-from scdd_ray.config import RecoverConfig
-from scdd_ray.models import create_model, frozen, small_input
 from scdd_ray.core.recover import synthesize
+from scdd_ray.models.factory import create_model, small_input
+from scdd_ray.models.runtime import frozen
+
+from _recipe import add_recipe_args, recipe
+
+IMAGE_CHECK_ITERATIONS = 10  # the short run that compares the images
 
 
 class RefBNHook:
@@ -95,19 +104,18 @@ def timed(fn) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--width", type=float, default=0.25)
-    ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--iterations", type=int, default=20, help="iterations per timed run")
+    ap.add_argument("--timed-iterations", type=int, default=20, help="iterations per timed run")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", required=True)
+    add_recipe_args(ap, "cifar10")
     a = ap.parse_args()
+    rc = recipe(a, {"recover.iterations": a.timed_iterations})
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     num_classes = min(a.batch, 100)
-    model = frozen(create_model(a.arch, num_classes, a.width, small_input(a.image_size)))
+    model = frozen(create_model(rc.arch, num_classes, rc.width, small_input(rc.image_size)))
     # Non-trivial BN statistics so the BN term and its gradient are realistic.
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -115,19 +123,21 @@ def main() -> int:
             m.running_var.uniform_(0.5, 2.0)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     targets = torch.arange(a.batch) % num_classes
-    cfg = RecoverConfig(iterations=a.iterations, lr=0.25, bn_coef=0.01, bn_weights="first:10", jitter=4,
-                        crop_scale=None, flip=True)
+    cfg = rc.recover
+    if cfg.crop_scale is not None or cfg.augment_per == "batch":
+        raise SystemExit("the reference loop has no random-resized-crop: give --set recover.crop_scale=null")
+    run_seed = rc.seed
 
-    def ours(channels_last=True, iterations=a.iterations):
-        c = RecoverConfig(**{**cfg.__dict__, "iterations": iterations})
+    def ours(channels_last=True, iterations=a.timed_iterations):
+        c = dataclasses.replace(cfg, iterations=iterations)
         model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        return synthesize(model, targets, c, mean, std, a.image_size, seed=1, channels_last=channels_last,
+        return synthesize(model, targets, c, mean, std, rc.image_size, seed=run_seed, channels_last=channels_last,
                           log_every=10 ** 9).images
 
-    def ref(iterations=a.iterations):
-        c = RecoverConfig(**{**cfg.__dict__, "iterations": iterations})
+    def ref(iterations=a.timed_iterations):
+        c = dataclasses.replace(cfg, iterations=iterations)
         model.to(memory_format=torch.contiguous_format)
-        return reference_recover(model, targets, c, mean, std, a.image_size, seed=1)
+        return reference_recover(model, targets, c, mean, std, rc.image_size, seed=run_seed)
 
     variants = {"reference": ref, "ours": ours, "ours_nchw": lambda: ours(channels_last=False)}
     for fn in variants.values():  # warm-up: allocator, kernels, first-call overheads
@@ -136,21 +146,23 @@ def main() -> int:
     for _ in range(a.repeats):  # alternate so drifts in machine load hit every variant alike
         for k, fn in variants.items():
             times[k].append(timed(fn))
-    work = a.batch * a.iterations
+    work = a.batch * a.timed_iterations
     rows = {k: {"median_seconds": round(statistics.median(v), 4), "img_iters_per_s": round(work / statistics.median(v), 1),
                 "all_seconds": [round(t, 4) for t in v]} for k, v in times.items()}
     base = rows["reference"]["img_iters_per_s"]
     for r in rows.values():
         r["speedup_vs_reference"] = round(r["img_iters_per_s"] / base, 3)
     # Same start, same random draws, 10 iterations: how far apart do the images end up?
-    img_ref = ref(iterations=10)
+    img_ref = ref(iterations=IMAGE_CHECK_ITERATIONS)
     diffs = {}
     for k, kw in (("ours", {}), ("ours_nchw", {"channels_last": False})):
-        d = (ours(iterations=10, **kw).int() - img_ref.int()).abs()
+        d = (ours(iterations=IMAGE_CHECK_ITERATIONS, **kw).int() - img_ref.int()).abs()
         diffs[k] = {"max_abs_uint8": int(d.max()), "mean_abs_uint8": round(float(d.float().mean()), 4),
                     "share_pixels_exact": round(float((d == 0).float().mean()), 4)}
-    res = {"benchmark": "recover_vs_reference", "arch": a.arch, "width": a.width, "image_size": a.image_size,
-           "batch": a.batch, "iterations": a.iterations, "repeats": a.repeats, "threads": a.threads,
+    res = {"benchmark": "recover_vs_reference", "command": "python benchmarks/recover_vs_reference.py "
+           + " ".join(sys.argv[1:]), "arch": rc.arch, "width": rc.width, "image_size": rc.image_size,
+           "recover": dataclasses.asdict(cfg), "batch": a.batch, "iterations": a.timed_iterations,
+           "repeats": a.repeats, "threads": a.threads,
            "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "torch": torch.__version__, "results": rows, "image_difference_after_10_iterations": diffs}
     with open(a.json + ".tmp", "w") as f:

@@ -9,7 +9,10 @@ quality and teacher quality can be told apart. It reuses the work directory of
     python benchmarks/digits_grid.py --grid ipc --seeds 0,1,2 --work runs/ipc --md ...
 
 and runs, per (IPC, seed), `scdd-ray posttrain --distilled runs/ipc/<method>_IPC_<k>-s<seed>
---teacher runs/ipc/backbones/<teacher>-s<seed>.pt --seed <seed>`. Finished cells are read, not rerun.
+--teacher T --seed <seed>`, where T is the recovery backbone of that seed's scdd (simclr) or sre2l
+(supervised) cell, as its report.json names it. Finished cells are read, not rerun. Since every method
+of a digits_grid run is relabelled by the supervised teacher, the "own" column is the images' own
+run (for scdd: the supervised teacher, not its SSL backbone).
 
     python benchmarks/teacher_swap.py --images scdd --teacher supervised --ipcs 1,10,50 --work runs/ipc --md OUT.md
 """
@@ -26,6 +29,7 @@ import sys
 from _tables import write_table
 
 OWN_TEACHER = {"scdd": "simclr", "sre2l": "supervised"}
+RECOVERED_BY = {v: k for k, v in OWN_TEACHER.items()}  # teacher kind -> the method whose backbone it is
 
 
 def main() -> int:
@@ -45,7 +49,8 @@ def main() -> int:
         own, swapped = [], []
         for seed in seeds:
             src = os.path.join(a.work, f"{a.images}_IPC_{ipc}-s{seed}")
-            teacher = os.path.join(a.work, "backbones", f"{a.teacher}-s{seed}.pt")
+            with open(os.path.join(a.work, f"{RECOVERED_BY[a.teacher]}_IPC_{ipc}-s{seed}", "report.json")) as f:
+                teacher = json.load(f)["backbone"]
             out = f"{src}-teacher-{a.teacher}"
             result = os.path.join(out, "posttrain.json")
             if not os.path.isfile(result):

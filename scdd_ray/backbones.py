@@ -1,8 +1,13 @@
-"""Backbones and teachers: read the ones users name, squeeze the ones they do not, cache both.
+"""Backbones and teachers: which a run uses, read the ones users name, squeeze the ones they do not, cache both.
 
-One place trains a backbone and saves it with what rebuilding and feeding it
-needs (`squeeze_and_save`), and one names the cached files (`backbone_name`),
-for distill, squeeze and Tune alike.
+`plan_models(cfg)` is the one decision, for every front end (`distill`,
+`bench table`, `bench models`, `tune`), of a run's recovery backbone and
+relabelling teacher: a checkpoint the user named, a cached file, or one to
+squeeze, under which name in which cache (`models_dir`, by default
+OUT/backbones) and on which split. `resolve_models` carries the plan out.
+The teacher is one supervised model of the run's arch for every method
+unless the configuration names one (or `backbone`), so scdd, sre2l and the
+random subset of a table are relabelled alike.
 """
 from __future__ import annotations
 
@@ -10,17 +15,21 @@ import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .config import DistillConfig, SqueezeSetup
-from .core.configs import SqueezeConfig
+from .config import with_squeeze_method
+from .core.configs import SUPERVISED, SqueezeConfig
 from .core.evaluation import top1
 from .core.squeeze import linear_probe, squeeze
 from .data import DatasetInfo, ImageSet
 from .errors import CheckpointError, ConfigError, NotOurCheckpoint
-from .models import Checkpoint, import_backbone, load_checkpoint, model_from_import, save_checkpoint
+from .locks import locked
+from .models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .models.public import import_backbone, model_from_import
+from .schema import TEACHER_BACKBONE, DistillConfig
 
 log = logging.getLogger("scdd_ray")
 
@@ -83,6 +92,8 @@ def check_checkpoint(ckpt: Checkpoint, cfg: DistillConfig, info: DatasetInfo, fi
                                  f"{cfg.image_size} (BN statistics depend on resolution)")
 
 
+# --- cache names -----------------------------------------------------------------------------
+
 def backbone_name(squeeze_method: str, arch: str, width: float, image_size: int, epochs: int, seed: int,
                   split: str = "train") -> str:
     """File name of a cached squeezed backbone; the split is named when it is not the whole train split."""
@@ -94,41 +105,154 @@ def _split_suffix(split: str) -> str:
     return "" if split == "train" else f"-{split}"
 
 
-def distill_backbone_name(cfg: DistillConfig, squeeze_method: str | None = None) -> str:
-    """File name under OUT/backbones/ of the backbone `distill` squeezes for `cfg`."""
-    return backbone_name(squeeze_method or cfg.squeeze.method, cfg.arch, cfg.width, cfg.image_size,
-                         cfg.squeeze.epochs, cfg.seed, cfg.train_split)
+def models_dir(cfg: DistillConfig) -> str:
+    """Where `cfg`'s squeezed models are cached: `models_dir`, or the run's OUT/backbones."""
+    return cfg.models_dir or os.path.join(cfg.out, "backbones")
 
 
-def squeeze_and_save(path: str, setup: SqueezeSetup, train: ImageSet, device, seed: int,
-                     test: ImageSet | None = None, meta: dict | None = None) -> Checkpoint:
-    """Train `setup`'s backbone on `train`, measure it on `test` (if given) and save it at `path`."""
+def squeezed_path(cfg: DistillConfig) -> str:
+    """The cache file of the model `cfg` squeezes (its `squeeze.method`, arch, width, size, epochs, seed, split)."""
+    return os.path.join(models_dir(cfg), backbone_name(cfg.squeeze.method, cfg.arch, cfg.width, cfg.image_size,
+                                                       cfg.squeeze.epochs, cfg.seed, cfg.train_split))
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one model of a run comes from: `path`, named by the user (`given`) or squeezed by `squeeze`
+    (the configuration that trains it) when that file does not exist yet."""
+
+    path: str
+    given: bool
+    squeeze: DistillConfig | None = None
+
+    @property
+    def missing(self) -> bool:
+        return not self.given and not os.path.isfile(self.path)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    backbone: ModelSource | None  # None: the random subset recovers nothing
+    teacher: ModelSource  # the backbone's own source when the backbone relabels
+
+
+def plan_models(cfg: DistillConfig) -> ModelPlan:
+    """Which recovery backbone and relabelling teacher `cfg` uses, and where they are (or will be) on disk."""
+    backbone = None
+    if cfg.backbone:
+        backbone = ModelSource(cfg.backbone, True)
+    elif cfg.method != "random":
+        backbone = ModelSource(squeezed_path(cfg), False, cfg)
+    if cfg.teacher and cfg.teacher != TEACHER_BACKBONE:
+        return ModelPlan(backbone, ModelSource(cfg.teacher, True))
+    if cfg.teacher == TEACHER_BACKBONE or _relabels_itself(cfg, backbone):
+        return ModelPlan(backbone, backbone)
+    supervised = with_squeeze_method(cfg, SUPERVISED)
+    return ModelPlan(backbone, ModelSource(squeezed_path(supervised), False, supervised))
+
+
+def _relabels_itself(cfg: DistillConfig, src: ModelSource | None) -> bool:
+    """A supervised recovery backbone of the run's arch (sre2l's) is the teacher already."""
+    if src is None:
+        return False
+    if not src.given:
+        return cfg.squeeze.method == SUPERVISED
+    try:
+        ckpt = load_checkpoint(src.path)
+    except CheckpointError:  # a public checkpoint (or an unreadable file, refused when it is loaded)
+        return False
+    return ckpt.method == SUPERVISED and ckpt.arch == cfg.arch
+
+
+@dataclass
+class Models:
+    backbone: Checkpoint | None
+    backbone_path: str | None
+    teacher: Checkpoint
+    teacher_path: str
+
+
+def resolve_models(cfg: DistillConfig, info: DatasetInfo, device, given: dict | None = None) -> Models:
+    """Carry out `plan_models(cfg)`: load what exists, squeeze (and cache) what does not.
+
+    `given`: checkpoints already loaded from the paths the user named (by
+    path). A named backbone without a classifier (a public SSL checkpoint) is
+    linear-probed here and the result cached beside the squeezed models.
+    """
+    plan, given = plan_models(cfg), dict(given or {})
+    backbone = path = None
+    if plan.backbone is not None:
+        backbone, path = _materialize(plan.backbone, "backbone", cfg, info, device, given)
+        if backbone.meta.get("needs_probe"):
+            backbone, path = probe_backbone(cfg, info, backbone, device)
+    if plan.teacher is plan.backbone:
+        return Models(backbone, path, backbone, path)
+    teacher, teacher_path = _materialize(plan.teacher, "teacher", cfg, info, device, given)
+    return Models(backbone, path, teacher, teacher_path)
+
+
+def _materialize(src: ModelSource, field: str, cfg: DistillConfig, info: DatasetInfo, device, given: dict
+                 ) -> tuple[Checkpoint, str]:
+    if src.given:
+        if src.path not in given:
+            given[src.path] = load_checkpoint_arg(src.path, field, info, cfg.image_size,
+                                                  allow_probe=field == "backbone")
+        return given[src.path], src.path
+    return squeeze_cached(src, device), src.path
+
+
+def squeeze_cached(src: ModelSource, device) -> Checkpoint:
+    """The cached model of `src`, squeezed first if it is missing; one process squeezes it when several
+    (bench parts, sweeps) need it at once. A cached file squeezed with other settings is refused."""
+    locks = os.path.join(os.path.dirname(os.path.abspath(src.path)), ".locks")  # lock files out of sight
+    os.makedirs(locks, exist_ok=True)
+    with locked(os.path.join(locks, os.path.basename(src.path) + ".lock")):
+        if os.path.isfile(src.path):
+            log.info("using cached %s model %s", src.squeeze.squeeze.method, src.path)
+            ckpt = load_checkpoint(src.path)
+            check_cached(ckpt, src)
+            return ckpt
+        cfg = src.squeeze
+        return squeeze_and_save(src.path, cfg, cfg.split("train"), device, cfg.split("test"))
+
+
+def check_cached(ckpt: Checkpoint, src: ModelSource) -> None:
+    """A cached model is used only for the settings that squeezed it (what its metadata records)."""
+    cfg, meta = src.squeeze, ckpt.meta
+    want = {"dataset": cfg.dataset, "split": cfg.train_split, "seed": cfg.seed,
+            "squeeze": _squeeze_record(cfg.squeeze)}
+    for k, v in want.items():
+        if k in meta and meta[k] != v and not (k == "split" and meta[k] is None):
+            raise ConfigError("models_dir", f"{src.path} was squeezed with {k} {meta[k]!r}, this run needs {v!r}; "
+                                            "use another `models_dir` or remove the file")
+
+
+def _squeeze_record(s: SqueezeConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s).items()}
+
+
+# --- squeezing -----------------------------------------------------------------------------------
+
+def squeeze_and_save(path: str, cfg: DistillConfig, train: ImageSet, device, test: ImageSet | None = None,
+                     meta: dict | None = None) -> Checkpoint:
+    """Train `cfg`'s backbone (its arch, width, image size and squeeze settings, seed `cfg.seed`) on `train`,
+    measure it on `test` (if given) and save it at `path` with the settings that made it."""
     t0 = time.perf_counter()
-    model = squeeze(train, setup.arch, setup.width, setup.cfg, device=device, seed=seed,
-                    small_input=setup.small_input)
+    model = squeeze(train, cfg.arch, cfg.width, cfg.squeeze, device=device, seed=cfg.seed,
+                    small_input=cfg.small_input)
     info = train.info
-    extra = {"dataset": setup.dataset, "epochs": setup.cfg.epochs, "seed": seed}
+    extra = {"dataset": cfg.dataset, "epochs": cfg.squeeze.epochs, "seed": cfg.seed, "split": cfg.train_split,
+             "squeeze": _squeeze_record(cfg.squeeze)}
     if test is not None:
         acc = top1(model, test, info.mean, info.std, device)
         extra.update(test_top1=acc, seconds=time.perf_counter() - t0)
-        log.info("squeeze %s: %.0fs, held-out top-1 %.2f%%", setup.cfg.method, extra["seconds"], acc)
-    save_checkpoint(path, model, arch=setup.arch, width=setup.width, num_classes=info.num_classes,
-                    image_size=setup.image_size, small_input=setup.small_input, mean=info.mean, std=info.std,
-                    method=setup.cfg.method, meta={**extra, **(meta or {})})
+        log.info("squeeze %s: %.0fs, held-out top-1 %.2f%%", cfg.squeeze.method, extra["seconds"], acc)
+    save_checkpoint(path, model, arch=cfg.arch, width=cfg.width, num_classes=info.num_classes,
+                    image_size=cfg.image_size, small_input=cfg.small_input, mean=info.mean, std=info.std,
+                    method=cfg.squeeze.method, meta={**extra, **(meta or {})})
     return load_checkpoint(path)
-
-
-def get_backbone(cfg: DistillConfig, info: DatasetInfo, squeeze_method: str, device) -> tuple[Checkpoint, str]:
-    """Load the cached backbone for `squeeze_method`, or train and cache it under OUT/backbones/."""
-    path = os.path.join(cfg.out, "backbones", distill_backbone_name(cfg, squeeze_method))
-    if os.path.isfile(path):
-        log.info("using cached backbone %s", path)
-        return load_checkpoint(path), path
-    setup = SqueezeSetup(cfg.dataset, cfg.arch, cfg.width, cfg.image_size,
-                         dataclasses.replace(cfg.squeeze, method=squeeze_method))
-    train = cfg.split("train")
-    test = cfg.split("test")
-    return squeeze_and_save(path, setup, train, device, cfg.seed, test), path
 
 
 def probe(ckpt: Checkpoint, train: ImageSet, cfg: SqueezeConfig, device, seed: int) -> nn.Module:
@@ -155,11 +279,11 @@ def probe_and_save(path: str, ckpt: Checkpoint, train: ImageSet, test: ImageSet,
 
 
 def probe_backbone(cfg: DistillConfig, info: DatasetInfo, ckpt: Checkpoint, device) -> tuple[Checkpoint, str]:
-    """Fit the linear head of an imported SSL backbone; cached under OUT/backbones/."""
+    """Fit the linear head of an imported SSL backbone; cached beside the run's squeezed models."""
     src = os.path.splitext(os.path.basename(ckpt.meta["imported_from"]))[0]
     name = (f"probe-{ckpt.method}-{src}-{ckpt.arch}-s{cfg.image_size}-p{cfg.squeeze.probe_epochs}-seed{cfg.seed}"
             f"{_split_suffix(cfg.train_split)}.pt")
-    path = os.path.join(cfg.out, "backbones", name)
+    path = os.path.join(models_dir(cfg), name)
     if os.path.isfile(path):
         log.info("using cached probed backbone %s", path)
         return load_checkpoint(path), path

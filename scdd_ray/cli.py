@@ -1,9 +1,11 @@
-"""`scdd-ray` command line: parse flags into configs, run, and name flags in errors.
+"""`scdd-ray` command line: flags generated from the schema, parsed into configurations, run.
 
-The only module that knows flag names. Each command maps the configuration
-fields it sets to the argparse destinations that hold them (`fields`); the
-same table builds the configs and turns an error about a field into
-`scdd-ray: error: --flag: ...` (exit 2), so the two cannot drift apart.
+The only module that knows flag names. Every flag is a schema field
+(scdd_ray.schema): a recipe field `x` is `--x`, a stage field `recover.lr` is
+`--recover-lr`, and a stage field whose name no other field has is also
+`--name` (`--bn-coef` for `recover.bn_coef`). So one flag means one field in
+every command, and the same table names the flag of a field in errors
+(`scdd-ray: error: --flag: ...`, exit 2).
 """
 from __future__ import annotations
 
@@ -17,31 +19,39 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
-from . import data
-from .bench import bench_models, bench_recover, bench_scaling
-from .config import (METHODS, OPTIMIZERS, build_distill_config, parse_scale, squeeze_methods, validate_arch,
-                     validate_recovery_grid)
-from .core.relabel import MIX_CODES
+from . import schema
+from .bench.models import bench_models
+from .bench.recover import bench_recover
+from .bench.scaling import bench_scaling
+from .bench.table import HLR_REFERENCES, METHODS, TableSpec, cells, markdown, run_table, write_table
+from .config import (
+    build_config,
+    check_run,
+    field_types,
+    flatten,
+    parse_scale,
+    read_config_file,
+    recipe_fields,
+    to_yaml,
+    validate_recovery_grid,
+)
 from .dist.tune import run_sweep
 from .errors import ConfigError, ScddError
-from .models import ARCHS
 from .pipeline import distill
 from .pipeline.inspect import inspect_bn
 from .pipeline.outdir import check_only_holds
 from .pipeline.posttrain import PosttrainRequest, prepare_posttrain
-from .pipeline.posttrain import run as run_posttrain_command
+from .pipeline.posttrain import run as run_posttrain
 from .pipeline.squeeze import run_squeeze
-from .ranking import METHODS as RANKED_METHODS
-from .ranking import HLR_REFERENCES, TableSpec, cells, markdown, run_table, write_table
-from .store import atomic_write_json
+from .schema import SECTIONS
+from .store.atomic import atomic_write_json
 from .tune_config import read_tune_config
 
 log = logging.getLogger("scdd_ray")
 # The environment, not the program, is at fault: one line naming the path, not a traceback.
 ANTICIPATED_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
                          errno.EROFS}
+GROUPS = ("data", "run", "squeeze", "recover", "posttrain", "ray")
 
 
 class UsageError(Exception):
@@ -53,259 +63,176 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# --- fields and their flags -------------------------------------------------------------------
+
+def _meta(key: str) -> dict:
+    section, _, name = key.rpartition(".")
+    cls = {"": schema.DistillConfig, **{s: type(getattr(schema.DistillConfig(), s)) for s in SECTIONS}}[section]
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata
+
+
+def group_of(key: str) -> str:
+    section, _, _ = key.rpartition(".")
+    return section or _meta(key)["group"]
+
+
+def recipe(*groups: str, but: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The recipe fields of `groups`, less `but`, plus `add`, in schema order."""
+    return tuple(k for k in recipe_fields() if (group_of(k) in groups and k not in but) or k in add)
+
+
+def _flag_names() -> dict[str, tuple[str, ...]]:
+    """Recipe field -> its flags: the canonical one, then the short alias of a stage field whose name is unique."""
+    keys = list(recipe_fields())
+    bare = [k.rpartition(".")[2] for k in keys]
+    out = {}
+    for k, b in zip(keys, bare):
+        canonical = "--" + k.replace(".", "-").replace("_", "-")
+        unique = "." in k and bare.count(b) == 1
+        out[k] = (canonical, "--" + b.replace("_", "-")) if unique else (canonical,)
+    return out
+
+
+FLAGS = _flag_names()
+
+
+def shown_flag(key: str) -> str:
+    """The flag a message names for recipe field `key`: its short alias when it has one."""
+    return FLAGS[key][-1]
+
+
+class _ListOf:
+    """argparse type: comma-separated values of `kind`."""
+
+    def __init__(self, kind: type):
+        self.kind, self.__name__ = kind, f"comma-separated {kind.__name__} list"
+
+    def __call__(self, text: str) -> tuple:
+        try:
+            vals = tuple(self.kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {self.kind.__name__}s (got {text!r})") from None
+        if not vals:
+            raise argparse.ArgumentTypeError(f"expected at least one value (got {text!r})")
+        return vals
+
+
+def _scale(text: str):
+    try:
+        return parse_scale(text, "")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _add(group, flags: tuple[str, ...], dest: str, typ, meta: dict, shown) -> None:
+    """One flag of type `typ` (a schema type), shown with the value it has unless given."""
+    text = meta.get("help", "").replace("%", "%%")
+    if shown is not dataclasses.MISSING and not meta.get("required"):
+        text += f" [{_text(shown)}]"
+    kw: dict = {"dest": dest, "default": argparse.SUPPRESS, "help": text, "required": bool(meta.get("required"))}
+    inner = [a for a in getattr(typ, "__args__", ()) if a is not type(None)]
+    base = inner[0] if len(inner) == 1 and getattr(typ, "__origin__", None) is not tuple else typ
+    if meta.get("action"):
+        kw["action"] = meta["action"]
+    elif base is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif getattr(base, "__origin__", None) is tuple:
+        args = base.__args__
+        if meta.get("nargs"):
+            kw.update(nargs=meta["nargs"], metavar="PATH")
+        elif args == (float, float):
+            kw.update(type=_scale, metavar="LO,HI|none")
+        else:
+            kw.update(type=_ListOf(args[0]), metavar="A,B,...")
+    else:
+        kw.update(type=base, metavar=dest.rpartition(".")[2].removeprefix("opt:").upper())
+    group.add_argument(*flags, **kw)
+
+
+def _text(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+    return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its flags, what it runs, and which config field each flag sets."""
+    """A subcommand: the recipe fields it takes as flags, its option dataclasses, and what it runs."""
 
     name: str
     help: str
-    add_args: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-    fields: dict[str, str]  # configuration field -> argparse dest
+    recipe: tuple[str, ...]
+    options: tuple[type, ...]
+    run: Callable[["Args"], int]
 
 
-def _same(*dests: str) -> dict[str, str]:
-    return {d: d for d in dests}
+@dataclass
+class Args:
+    """What a command was given: recipe fields set by flags, its options, and its config file (if any)."""
+
+    given: dict
+    options: dict
+    file: dict | None = None
+
+    def opts(self, cls: type):
+        return cls(**{f.name: self.options[f.name] for f in dataclasses.fields(cls) if f.name in self.options})
+
+    def config(self, **fixed) -> schema.DistillConfig:
+        """The configuration of a run (preset, file, flags, then `fixed`), field checks only."""
+        return build_config({**self.given, **fixed}, self.file, run=False)
 
 
-def _positive(a: argparse.Namespace, *dests: str) -> None:
-    for d in dests:
-        v = getattr(a, d)
-        if not v > 0:
-            raise ConfigError(d, f"must be positive (got {v!r})")
-
-
-def _common_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help=f"one of {', '.join(data.names())}")
-    p.add_argument("--data-dir", default=None,
-                   help="local dataset directory (Hugging Face Parquet, CIFAR python layout, or ImageFolder)")
-    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (preset if omitted)")
-    p.add_argument("--image-column", default=None, help="Parquet datasets: the image column (default: img or image)")
-    p.add_argument("--label-column", default=None,
-                   help="Parquet datasets: the label column (default: label, labels or fine_label)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-# --- distill -------------------------------------------------------------------------
-
-DISTILL_FIELDS = {
-    **_same("dataset", "out", "data_dir", "image_size", "arch", "width", "ipc", "method", "seed", "backbone",
-            "teacher", "num_gpus", "num_workers", "address", "posttrain_workers", "image_column", "label_column",
-            "holdout"),
-    "squeeze.method": "ssl", "squeeze.epochs": "squeeze_epochs",
-    **{f"recover.{d}": d for d in ("iterations", "lr", "bn_coef", "bn_weights", "jitter", "init",
-                                   "classes_per_batch", "grayscale", "bn_normalize", "augment_per", "ipc_per_shard",
-                                   "compile")},
-    "recover.crop_scale": "recover_crop_scale", "recover.flip": "recover_flip",
-    **{f"posttrain.{d}": d for d in ("student", "student_width", "temperature", "mix", "eval_every",
-                                     "checkpoint_every")},
-    "posttrain.epochs": "posttrain_epochs", "posttrain.batch_size": "posttrain_batch_size",
-    "posttrain.lr": "posttrain_lr", "posttrain.batch_per_worker": "posttrain_batch_per_worker",
-}
-
-
-def _distill_args(d: argparse.ArgumentParser) -> None:
-    _common_data(d)
-    d.add_argument("--out", required=True)
-    d.add_argument("--arch", default=None, help=f"recovery backbone: {', '.join(ARCHS)} or timm:<name>")
-    d.add_argument("--width", type=float, default=None, help="channel width multiplier (1.0 = paper's model)")
-    d.add_argument("--ipc", type=int, default=None, help="images per class")
-    d.add_argument("--method", default="scdd", help=f"one of {', '.join(METHODS)}")
-    d.add_argument("--backbone", default=None, help="checkpoint to recover from (default: squeeze one, cached)")
-    d.add_argument("--teacher", default=None,
-                   help="checkpoint that relabels crops (default: a supervised model of --arch, the same for "
-                        "every method; 'backbone': the recovery backbone)")
-    d.add_argument("--holdout", action="store_true", default=None,
-                   help="choose settings without the test split: train on train less its validation share, report "
-                        "top-1 on that share (the test split is never read)")
-    d.add_argument("--ssl", default=None, help=f"SSL objective for scdd backbones: {', '.join(squeeze_methods()[:-1])}")
-    d.add_argument("--squeeze-epochs", type=int, default=None)
-    d.add_argument("--iterations", type=int, default=None, help="recover iterations")
-    d.add_argument("--lr", type=float, default=None, help="recover learning rate")
-    d.add_argument("--bn-coef", type=float, default=None, help="BN-matching coefficient alpha")
-    d.add_argument("--bn-weights", default=None, help="first:M | linear:A,B | exp:G | w1,w2,...")
-    d.add_argument("--jitter", type=int, default=None, help="max random roll in pixels")
-    d.add_argument("--recover-crop-scale", default=None, help="LO,HI random-resized-crop area, or none")
-    d.add_argument("--recover-flip", default=None, action=argparse.BooleanOptionalAction,
-                   help="random horizontal flips in recover (with --augment-per, per image or per batch)")
-    d.add_argument("--init", default=None, help="noise | real (start from a random real image of the class)")
-    d.add_argument("--grayscale", default=None, action=argparse.BooleanOptionalAction,
-                   help="optimise one channel repeated to three (for grayscale datasets such as digits)")
-    d.add_argument("--bn-normalize", default=None,
-                   help="none (paper: sum over BN layers) | mean (over layers) | channel (per-channel, over layers)")
-    d.add_argument("--classes-per-batch", type=int, default=None, help="classes optimised together in one shard")
-    d.add_argument("--ipc-per-shard", type=int, default=None,
-                   help="consecutive IPC indices optimised together in one shard (a bigger batch; default 1)")
-    d.add_argument("--augment-per", default=None,
-                   help="image (default): a crop box and flip per image | batch: one for the whole batch (authors')")
-    d.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                   help="torch.compile the recover step (off by default; see benchmarks/RESULTS.md)")
-    d.add_argument("--student", default=None)
-    d.add_argument("--student-width", type=float, default=None)
-    d.add_argument("--posttrain-epochs", type=int, default=None)
-    d.add_argument("--posttrain-batch-size", type=int, default=None)
-    d.add_argument("--posttrain-lr", type=float, default=None)
-    d.add_argument("--posttrain-batch-per-worker", default=None, action=argparse.BooleanOptionalAction,
-                   help="--posttrain-batch-size images per post-train worker (lr scaled), not per step")
-    d.add_argument("--temperature", type=float, default=None, help="KD temperature")
-    d.add_argument("--mix", default=None, help=f"one of {', '.join(MIX_CODES)}")
-    d.add_argument("--eval-every", type=int, default=None)
-    d.add_argument("--num-gpus", type=int, default=0, help="one synthesis actor per GPU; 0 for CPU actors")
-    d.add_argument("--num-workers", type=int, default=None, help="CPU synthesis actors (default: one per core)")
-    d.add_argument("--address", default=None, help="join an existing Ray cluster (auto, host:port or ray://host:port)")
-    d.add_argument("--posttrain-workers", type=int, default=None,
-                   help="Ray Train workers for the post-train stage (default 1; one GPU each with --num-gpus)")
-    d.add_argument("--checkpoint-every", type=int, default=None, help="post-train epochs between checkpoints")
-
-
-def _distill(a: argparse.Namespace) -> int:
-    given = {f: getattr(a, d) for f, d in DISTILL_FIELDS.items() if f not in ("dataset", "out")}
-    given = {f: v for f, v in given.items() if v is not None}
-    if a.recover_crop_scale is not None:  # "none" is a real value here: no random-resized-crop
-        given["recover.crop_scale"] = parse_scale(a.recover_crop_scale, "recover.crop_scale")
-    cfg = build_distill_config(a.dataset, a.out, given)
+def _distill(a: Args) -> int:
+    cfg = a.config()
+    check_run(cfg)
     report = distill.run(distill.prepare(cfg))
     print(json.dumps({k: report[k] for k in ("method", "dataset", "ipc", "num_images", "top1", "teacher_top1",
                                              "recover_seconds", "posttrain_seconds")}))
     return 0
 
 
-# --- squeeze -------------------------------------------------------------------------
-
-SQUEEZE_FIELDS = {**_same("dataset", "data_dir", "image_size", "seed", "arch", "width", "epochs", "from_checkpoint",
-                          "split", "num_gpus", "out", "image_column", "label_column"),
-                  "squeeze.method": "method", "squeeze.epochs": "epochs"}
-
-
-def _squeeze_args(s: argparse.ArgumentParser) -> None:
-    _common_data(s)
-    s.add_argument("--arch", default=None)
-    s.add_argument("--width", type=float, default=None)
-    s.add_argument("--method", default="simclr", help=f"one of {', '.join(squeeze_methods())}")
-    s.add_argument("--epochs", type=int, default=None)
-    s.add_argument("--from", dest="from_checkpoint", default=None,
-                   help="public SSL checkpoint (torchvision, MoCo-v2/v3, DINO, SwAV): only fit the linear head")
-    s.add_argument("--split", default="train", help="train, or train-noval to keep the validation split unseen")
-    s.add_argument("--num-gpus", type=int, default=0)
-    s.add_argument("--out", required=True, help="checkpoint path (.pt)")
-
-
-def _squeeze(a: argparse.Namespace) -> int:
-    overrides = {"arch": a.arch, "width": a.width, "image_size": a.image_size, "epochs": a.epochs}
-    res = run_squeeze(a.dataset, a.method, a.out, overrides=overrides, data_dir=a.data_dir, split=a.split,
-                      seed=a.seed, from_checkpoint=a.from_checkpoint, use_gpu=a.num_gpus > 0,
-                      data_options={"image_column": a.image_column, "label_column": a.label_column})
-    print(json.dumps(res))
+def _squeeze(a: Args) -> int:
+    opts = a.opts(schema.SqueezeOptions)
+    print(json.dumps(run_squeeze(a.config(), opts.out, opts.from_checkpoint)))
     return 0
 
 
-# --- posttrain -----------------------------------------------------------------------
-
-POSTTRAIN_FIELDS = {
-    **_same("distilled", "teacher", "out", "dataset", "data_dir", "seed", "num_workers", "num_gpus",
-            "threads_per_worker", "address", "store_soft_labels", "topk", "soft_labels"),
-    **{f"posttrain.{d}": d for d in ("student", "student_width", "epochs", "batch_size", "lr", "optimizer",
-                                     "temperature", "mix", "eval_every", "checkpoint_every", "amp", "labels", "crop",
-                                     "batch_per_worker")},
-}
-
-
-def _posttrain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--distilled", required=True, help="a distill output dir, its distilled/ dir, or an images/ folder")
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--student", default=None)
-    p.add_argument("--student-width", type=float, default=None)
-    p.add_argument("--dataset", default=None, help="dataset of the real test split (default: from the distill run)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--optimizer", default=None, help=f"one of {', '.join(OPTIMIZERS)}")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--mix", default=None)
-    p.add_argument("--crop", default=None, help="resized (random-resized-crop) | padded (RandomCrop with 4 px padding)")
-    p.add_argument("--eval-every", type=int, default=None, help="also evaluate every E epochs")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="epochs between checkpoints (default: ~20 per run)")
-    p.add_argument("--amp", default=None, help="autocast on GPU: bf16 (default), fp16 or none")
-    p.add_argument("--labels", default=None,
-                   help="soft (default): the teacher's on every crop; hard: the images' classes by cross entropy, "
-                        "no teacher (DD-Ranking's hard-label protocol)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=1,
-                   help="Ray Train workers (DDP); the global batch stays the same unless --batch-per-worker")
-    p.add_argument("--batch-per-worker", default=None, action=argparse.BooleanOptionalAction,
-                   help="--batch-size images per worker (global batch x workers, lr scaled: README)")
-    p.add_argument("--num-gpus", type=int, default=0, help="> 0: one GPU per worker")
-    p.add_argument("--threads-per-worker", type=int, default=1, help="CPUs (torch threads) each CPU worker reserves")
-    p.add_argument("--address", default=None, help="join an existing Ray cluster (auto, host:port or ray://host:port)")
-    p.add_argument("--store-soft-labels", action="store_true",
-                   help="also write the teacher's top-k probabilities on every crop to OUT/soft_labels/")
-    p.add_argument("--topk", type=int, default=10, help="probabilities kept per crop with --store-soft-labels")
-    p.add_argument("--soft-labels", default=None, help="train from soft labels stored by --store-soft-labels "
-                                                       "(the teacher is not run)")
-    p.add_argument("--out", required=True)
-
-
-def _posttrain(a: argparse.Namespace) -> int:
-    overrides = {f.split(".", 1)[1]: getattr(a, d) for f, d in POSTTRAIN_FIELDS.items() if f.startswith("posttrain.")}
-    req = PosttrainRequest(distilled=a.distilled, teacher=a.teacher, out=a.out, dataset=a.dataset,
-                           data_dir=a.data_dir, overrides=overrides, seed=a.seed, num_workers=a.num_workers,
-                           num_gpus=a.num_gpus, threads_per_worker=a.threads_per_worker, address=a.address,
-                           store_soft_labels=a.store_soft_labels, topk=a.topk, soft_labels=a.soft_labels)
-    result = run_posttrain_command(req, *prepare_posttrain(req))
+def _posttrain(a: Args) -> int:
+    if "teacher" not in a.given and not (a.file or {}).get("teacher"):
+        raise ConfigError("teacher", "is required: the checkpoint that relabels the crops")
+    req = PosttrainRequest(a.opts(schema.PosttrainOptions), a.given, a.file)
+    result = run_posttrain(req, *prepare_posttrain(req))
     print(json.dumps({k: result[k] for k in ("dataset", "num_images", "num_workers", "top1", "posttrain_seconds")}))
     return 0
 
 
-# --- tune, inspect-bn ----------------------------------------------------------------
-
-TUNE_FIELDS = _same("config", "num_samples", "data_dir", "address", "out")
-
-
-def _tune_args(t: argparse.ArgumentParser) -> None:
-    t.add_argument("--config", required=True, help="tune_configs/NAME.yaml")
-    t.add_argument("--num-samples", type=int, default=None, help="samples per arch x method (default: the YAML's)")
-    t.add_argument("--data-dir", default=None, help="overrides the YAML's data_dir")
-    t.add_argument("--address", default=None, help="join an existing Ray cluster")
-    t.add_argument("--out", required=True, help="sweep directory; rerun the same command to resume")
-
-
-def _tune(a: argparse.Namespace) -> int:
-    cfg = read_tune_config(a.config)
-    if a.data_dir:
-        cfg = dataclasses.replace(cfg, data_dir=a.data_dir)
-    if a.num_samples is not None and a.num_samples < 1:
-        raise ConfigError("num_samples", f"must be a positive integer (got {a.num_samples})")
-    # the dataset must be there before Ray starts or anything is written (val: the sweep's objective)
-    data.load_split(cfg.dataset, "val", cfg.data_dir, cfg.image_size)
-    check_only_holds(a.out, {"backbones", "tune", "best.json", "summary.md"}, "sweep")
-    try:
-        res = run_sweep(cfg, a.out, num_samples=a.num_samples, address=a.address)
-    except ConnectionError as e:
-        raise ConfigError("address", str(e)) from None
+def _tune(a: Args) -> int:
+    opts = a.opts(schema.TuneOptions)
+    cfg = read_tune_config(opts.config, a.given)
+    if opts.num_samples is not None and opts.num_samples < 1:
+        raise ConfigError("num_samples", f"must be a positive integer (got {opts.num_samples})")
+    cfg.base.split("val")  # the data must be there before Ray starts or anything is written (the objective)
+    check_only_holds(opts.out, {"backbones", "tune", "best.json", "summary.md"}, "sweep")
+    res = run_sweep(cfg, opts.out, num_samples=opts.num_samples)
+    if res is None:
+        print("scdd-ray: the sweep stopped before every trial finished; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     print(json.dumps({k: {"val_top1": v["val_top1"], "test_top1": v["test_top1"], **v["config"]}
                       for k, v in res["best"].items()}))
-    print(f"wrote {os.path.join(a.out, 'best.json')} and {os.path.join(a.out, 'summary.md')}", file=sys.stderr)
+    print(f"wrote {os.path.join(opts.out, 'best.json')} and {os.path.join(opts.out, 'summary.md')}", file=sys.stderr)
     return 0
 
 
-INSPECT_FIELDS = _same("backbone", "compare", "label", "compare_label", "json", "plot")
-
-
-def _inspect_args(ib: argparse.ArgumentParser) -> None:
-    ib.add_argument("--backbone", nargs="+", required=True, help="checkpoint(s), e.g. one per seed")
-    ib.add_argument("--compare", nargs="+", default=None, help="a second group, e.g. supervised backbones")
-    ib.add_argument("--label", default=None, help="name of the --backbone group (default: its method)")
-    ib.add_argument("--compare-label", default=None, help="name of the --compare group (default: its method)")
-    ib.add_argument("--json", required=True)
-    ib.add_argument("--plot", default=None, help="PNG: the groups side by side, per layer")
-
-
-def _inspect_bn(a: argparse.Namespace) -> int:
-    for field, p in (("json", a.json), ("plot", a.plot)):
+def _inspect_bn(a: Args) -> int:
+    o = a.opts(schema.InspectOptions)
+    for field, p in (("json", o.json), ("plot", o.plot)):
         if p and os.path.isdir(p):
             raise ConfigError(field, f"{p} is a directory; give a file path")
-    groups = inspect_bn([("backbone", a.backbone, a.label), ("compare", a.compare, a.compare_label)], a.json, a.plot)
+    groups = inspect_bn([("backbone", list(o.backbone), o.label), ("compare", list(o.compare or ()), o.compare_label)],
+                        o.json, o.plot)
     for g in groups:
         s = g["summary"]
         print(json.dumps({"label": g["label"], "n": len(g["checkpoints"]),
@@ -314,245 +241,137 @@ def _inspect_bn(a: argparse.Namespace) -> int:
     return 0
 
 
-# --- bench ---------------------------------------------------------------------------
-
-SCALING_FIELDS = _same("workers", "arch", "width", "image_size", "num_classes", "shards", "iterations", "address",
-                       "json")
-
-
-def _scaling_args(sc: argparse.ArgumentParser) -> None:
-    sc.add_argument("--workers", default="1,2", help="comma-separated actor counts; the first is the baseline")
-    sc.add_argument("--arch", default="resnet18")
-    sc.add_argument("--width", type=float, default=0.25)
-    sc.add_argument("--image-size", type=int, default=16)
-    sc.add_argument("--num-classes", type=int, default=10, help="images per shard (one per class)")
-    sc.add_argument("--shards", type=int, default=8)
-    sc.add_argument("--iterations", type=int, default=100)
-    sc.add_argument("--address", default=None)
-    sc.add_argument("--json", required=True)
-
-
-def _bench_scaling(a: argparse.Namespace) -> int:
-    try:
-        workers = [int(w) for w in a.workers.split(",")]
-    except ValueError:
-        raise ConfigError("workers", f"expected comma-separated integers (got {a.workers!r})") from None
-    if not workers or min(workers) < 1:
-        raise ConfigError("workers", f"each count must be >= 1 (got {a.workers!r})")
-    validate_arch(a.arch, "arch")
-    _positive(a, "width", "image_size", "num_classes", "shards", "iterations")
-    try:
-        res = bench_scaling(workers, arch=a.arch, width=a.width, image_size=a.image_size,
-                            num_classes=a.num_classes, shards=a.shards, iterations=a.iterations, address=a.address)
-    except ConnectionError as e:
-        raise ConfigError("address", str(e)) from None
-    atomic_write_json(a.json, res)
+def _bench_scaling(a: Args) -> int:
+    o = a.opts(schema.ScalingOptions)
+    if min(o.workers) < 1:
+        raise ConfigError("workers", f"each count must be >= 1 (got {_text(o.workers)})")
+    _positive(o, "shards")
+    res = bench_scaling(a.config(), list(o.workers), o.shards)
+    atomic_write_json(o.json, res)
     print(json.dumps(res["results"]))
     return 0
 
 
-RECOVER_FIELDS = _same("arch", "width", "image_size", "num_classes", "batch", "iterations", "threads", "repeats",
-                       "num_gpus", "compile", "json")
-
-
-def _recover_args(rc: argparse.ArgumentParser) -> None:
-    rc.add_argument("--arch", default="resnet18")
-    rc.add_argument("--width", type=float, default=0.25)
-    rc.add_argument("--image-size", type=int, default=32)
-    rc.add_argument("--num-classes", type=int, default=100)
-    rc.add_argument("--batch", type=int, default=100)
-    rc.add_argument("--iterations", type=int, default=20)
-    rc.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    rc.add_argument("--repeats", type=int, default=3)
-    rc.add_argument("--num-gpus", type=int, default=0, help="1: time on the GPU")
-    rc.add_argument("--compile", action="store_true", help="torch.compile the step (compilation is in the warm-up)")
-    rc.add_argument("--json", required=True)
-
-
-def _bench_recover(a: argparse.Namespace) -> int:
-    validate_arch(a.arch, "arch")
-    _positive(a, "width", "image_size", "num_classes", "batch", "iterations", "threads", "repeats")
-    if a.num_gpus > torch.cuda.device_count():
-        raise ConfigError("num_gpus", f"asked for {a.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
-    res = bench_recover(arch=a.arch, width=a.width, image_size=a.image_size, num_classes=a.num_classes,
-                        batch=a.batch, iterations=a.iterations, threads=a.threads, repeats=a.repeats,
-                        device="cuda" if a.num_gpus else "cpu", compile=a.compile)
-    atomic_write_json(a.json, res)
+def _bench_recover(a: Args) -> int:
+    o = a.opts(schema.RecoverBenchOptions)
+    _positive(o, "num_classes", "batch", "timed_iterations", "repeats")
+    res = bench_recover(a.config(), num_classes=o.num_classes, batch=o.batch, iterations=o.timed_iterations,
+                        threads=o.threads or os.cpu_count() or 1, repeats=o.repeats)
+    atomic_write_json(o.json, res)
     print(json.dumps({k: res[k] for k in ("arch", "width", "image_size", "batch", "threads", "img_iters_per_s")}))
     return 0
 
 
-MODELS_FIELDS = {**_same("dataset", "data_dir", "archs", "methods", "width", "ipc", "seed", "threads", "image_size",
-                         "num_gpus", "work", "json"),
-                 "recover.iterations": "iterations", "squeeze.epochs": "squeeze_epochs",
-                 "posttrain.epochs": "posttrain_epochs", "recover.bn_normalize": "bn_normalize"}
-
-
-def _models_args(mo: argparse.ArgumentParser) -> None:
-    mo.add_argument("--dataset", default="digits", help=f"one of {', '.join(data.names())}")
-    mo.add_argument("--data-dir", default=None)
-    mo.add_argument("--archs", default="resnet18,resnet50,resnet101", help="comma-separated recovery archs")
-    mo.add_argument("--methods", default="scdd,sre2l", help="comma-separated: scdd and/or sre2l")
-    mo.add_argument("--width", type=float, default=0.25)
-    mo.add_argument("--ipc", type=int, default=10)
-    mo.add_argument("--seed", type=int, default=0)
-    mo.add_argument("--threads", type=int, default=1, help="torch threads of the in-process job")
-    mo.add_argument("--image-size", type=int, default=None, help="(digits preset if omitted)")
-    mo.add_argument("--iterations", type=int, default=None, help="recover iterations (preset if omitted)")
-    mo.add_argument("--squeeze-epochs", type=int, default=None)
-    mo.add_argument("--posttrain-epochs", type=int, default=None)
-    mo.add_argument("--bn-normalize", default=None, help="none | mean | channel (preset: none, as the paper)")
-    mo.add_argument("--num-gpus", type=int, default=0, help="1: recover and post-train on one GPU")
-    mo.add_argument("--work", required=True, help="one distill run per cell; rerun the command to resume")
-    mo.add_argument("--json", required=True)
-
-
-def _bench_models(a: argparse.Namespace) -> int:
-    archs = [x.strip() for x in a.archs.split(",") if x.strip()]
-    methods = [x.strip() for x in a.methods.split(",") if x.strip()]
-    validate_recovery_grid(archs, methods)
-    _positive(a, "width", "ipc", "threads")
-    cell_fields = ("data_dir", "image_size", "recover.iterations", "squeeze.epochs", "posttrain.epochs",
-                   "recover.bn_normalize")
-    overrides = {f: getattr(a, MODELS_FIELDS[f]) for f in cell_fields if getattr(a, MODELS_FIELDS[f]) is not None}
-    if a.num_gpus:
-        overrides["num_gpus"] = a.num_gpus
+def _bench_models(a: Args) -> int:
+    o = a.opts(schema.ModelsOptions)
+    validate_recovery_grid(o.archs, o.methods)
+    _positive(o, "threads")
+    overrides = {**flatten(a.file or {}), **a.given}
     # Every cell's settings are checked before the first one starts (hours of work on a CPU).
-    for arch in archs:
-        for method in methods:
-            build_distill_config(a.dataset, os.path.join(a.work, "check"), {"arch": arch, "width": a.width,
-                                                                            "method": method, "ipc": a.ipc, **overrides})
-    res = bench_models(archs, methods, dataset=a.dataset, work=a.work, width=a.width, ipc=a.ipc, seed=a.seed,
-                       threads=a.threads, overrides=overrides)
-    atomic_write_json(a.json, res)
+    for arch in o.archs:
+        for method in o.methods:
+            check_run(build_config({**overrides, "arch": arch, "method": method, "out": o.work}))
+    res = bench_models(list(o.archs), list(o.methods), work=o.work, threads=o.threads, overrides=overrides)
+    atomic_write_json(o.json, res)
     print(json.dumps([{k: r[k] for k in ("arch", "method", "step_img_iters_per_s", "teacher_top1", "top1")}
                       for r in res["results"]]))
     return 0
 
 
-TABLE_FIELDS = {**_same("dataset", "data_dir", "methods", "ipcs", "seeds", "work", "json", "md", "part",
-                        "full_epochs", "hlr", "hlr_reference", "model_seed", "width", "image_size", "num_gpus",
-                        "holdout"),
-                "recover.augment_per": "augment_per", "recover.ipc_per_shard": "ipc_per_shard",
-                "recover.crop_scale": "recover_crop_scale", "recover.flip": "recover_flip",
-                "recover.iterations": "iterations", "recover.bn_coef": "bn_coef", "recover.bn_weights": "bn_weights",
-                "recover.bn_normalize": "bn_normalize", "recover.init": "init", "squeeze.epochs": "squeeze_epochs",
-                "posttrain.epochs": "posttrain_epochs"}
-TABLE_OVERRIDES = ("data_dir", "width", "image_size", "num_gpus", "holdout", "recover.augment_per",
-                   "recover.crop_scale", "recover.flip",
-                   "recover.ipc_per_shard", "recover.iterations", "recover.bn_coef",
-                   "recover.bn_weights", "recover.bn_normalize", "recover.init", "squeeze.epochs", "posttrain.epochs")
-
-
-def _table_args(tb: argparse.ArgumentParser) -> None:
-    tb.add_argument("--dataset", default="digits", help=f"one of {', '.join(data.names())}")
-    tb.add_argument("--data-dir", default=None)
-    tb.add_argument("--methods", default=",".join(RANKED_METHODS), help="comma-separated, random first")
-    tb.add_argument("--ipcs", default="1,10", help="comma-separated images per class")
-    tb.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (mean and std over them)")
-    tb.add_argument("--width", type=float, default=None)
-    tb.add_argument("--image-size", type=int, default=None)
-    tb.add_argument("--iterations", type=int, default=None, help="recover iterations")
-    tb.add_argument("--bn-coef", type=float, default=None)
-    tb.add_argument("--bn-weights", default=None)
-    tb.add_argument("--bn-normalize", default=None)
-    tb.add_argument("--init", default=None, help="noise | real")
-    tb.add_argument("--augment-per", default=None, help="image | batch: a recover crop box per image or per batch")
-    tb.add_argument("--ipc-per-shard", type=int, default=None, help="IPC indices optimised together in one shard")
-    tb.add_argument("--recover-crop-scale", default=None, help="LO,HI random-resized-crop area in recover, or none")
-    tb.add_argument("--recover-flip", default=None, action=argparse.BooleanOptionalAction,
-                    help="random horizontal flips in recover")
-    tb.add_argument("--holdout", action="store_true", default=None,
-                    help="choose settings without the test split: train on train less its validation share, report "
-                         "top-1 on that share (the test split is never read)")
-    tb.add_argument("--squeeze-epochs", type=int, default=None)
-    tb.add_argument("--posttrain-epochs", type=int, default=None)
-    tb.add_argument("--full-epochs", type=int, default=30,
-                    help="epochs of the hard-label student on the whole training split (for HLR)")
-    tb.add_argument("--model-seed", type=int, default=None,
-                    help="squeeze the teacher and backbones once with this seed and share them across --seeds "
-                         "(default: one set per seed)")
-    tb.add_argument("--hlr-reference", default="student",
-                    help="HLR's whole-data hard-label model: student (trained for --full-epochs with the cells' "
-                         "post-train settings) | teacher (the seed's supervised teacher, already trained on the "
-                         "whole training split with hard labels)")
-    tb.add_argument("--no-hlr", dest="hlr", action="store_false", help="skip the hard-label students (no HLR)")
-    tb.add_argument("--num-gpus", type=int, default=0)
-    tb.add_argument("--part", default="1/1",
-                    help="i/n: run every n-th cell, starting at the i-th (parallel processes; on one CPU "
-                         "machine give each OMP_NUM_THREADS=cores/n)")
-    tb.add_argument("--work", required=True, help="one distill run per cell; rerun the command to resume")
-    tb.add_argument("--json", required=True)
-    tb.add_argument("--md", default=None, help="also write the table as Markdown")
-
-
-def _ints(a: argparse.Namespace, dest: str) -> tuple[int, ...]:
+def _bench_table(a: Args) -> int:
+    o = a.opts(schema.TableOptions)
+    if any(m not in METHODS for m in o.methods) or len(set(o.methods)) != len(o.methods):
+        raise ConfigError("methods", f"must name some of {', '.join(METHODS)}, once each (got {_text(o.methods)})")
+    if min(o.ipcs) < 1 or min(o.seeds) < 0:
+        raise ConfigError("ipcs" if min(o.ipcs) < 1 else "seeds", "expected positive IPCs and non-negative seeds")
     try:
-        vals = tuple(int(v) for v in getattr(a, dest).split(","))
-    except ValueError:
-        raise ConfigError(dest, f"expected comma-separated integers (got {getattr(a, dest)!r})") from None
-    if not vals or min(vals) < 0 or (dest == "ipcs" and min(vals) < 1):
-        raise ConfigError(dest, f"expected {'positive' if dest == 'ipcs' else 'non-negative'} integers "
-                                f"(got {getattr(a, dest)!r})")
-    return vals
-
-
-def _bench_table(a: argparse.Namespace) -> int:
-    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
-    if not methods or any(m not in RANKED_METHODS for m in methods) or len(set(methods)) != len(methods):
-        raise ConfigError("methods", f"must name some of {', '.join(RANKED_METHODS)}, once each (got {a.methods!r})")
-    try:
-        i, n = (int(v) for v in a.part.split("/"))
+        i, n = (int(v) for v in o.part.split("/"))
     except ValueError:
         i, n = 0, 0
     if not 1 <= i <= n:
-        raise ConfigError("part", f"expected i/n with 1 <= i <= n (got {a.part!r})")
-    _positive(a, "full_epochs")
-    if a.model_seed is not None and a.model_seed < 0:
-        raise ConfigError("model_seed", f"must be a non-negative integer (got {a.model_seed})")
-    if a.hlr_reference not in HLR_REFERENCES:
-        raise ConfigError("hlr_reference", f"must be one of {', '.join(HLR_REFERENCES)} (got {a.hlr_reference!r})")
-    overrides = {f: getattr(a, TABLE_FIELDS[f]) for f in TABLE_OVERRIDES if getattr(a, TABLE_FIELDS[f]) is not None}
-    if "recover.crop_scale" in overrides:
-        overrides["recover.crop_scale"] = parse_scale(a.recover_crop_scale, "recover.crop_scale")
-    if not a.num_gpus:
-        overrides.pop("num_gpus")
-    spec = TableSpec(a.dataset, a.work, methods, _ints(a, "ipcs"), _ints(a, "seeds"), overrides, a.full_epochs, a.hlr,
-                     a.hlr_reference, a.model_seed)
+        raise ConfigError("part", f"expected i/n with 1 <= i <= n (got {o.part!r})")
+    _positive(o, "full_epochs")
+    if o.model_seed is not None and o.model_seed < 0:
+        raise ConfigError("model_seed", f"must be a non-negative integer (got {o.model_seed})")
+    if o.hlr_reference not in HLR_REFERENCES:
+        raise ConfigError("hlr_reference", f"must be one of {', '.join(HLR_REFERENCES)} (got {o.hlr_reference!r})")
+    overrides = {**flatten(a.file or {}), **a.given}
+    spec = TableSpec(overrides.pop("dataset", schema.DistillConfig.dataset), o.work, o.methods, o.ipcs, o.seeds,
+                     overrides, o.full_epochs, o.hlr, o.hlr_reference, o.model_seed)
     for method, ipc, seed in cells(spec):  # every cell's settings, before hours of work start
-        spec.config(method, ipc, seed, os.path.join(a.work, "check"))
+        spec.config(method, ipc, seed, os.path.join(o.work, "check"))
     table = run_table(spec, (i, n))
     if table is None:
-        print(json.dumps({"part": a.part, "complete": False}))
+        print(json.dumps({"part": o.part, "complete": False}))
         return 0
-    write_table(table, a.json, a.md)
+    write_table(table, o.json, o.md)
     print(markdown(table), end="")
     return 0
 
 
+def _positive(opts, *names: str) -> None:
+    for n in names:
+        v = getattr(opts, n)
+        if not (isinstance(v, (int, float)) and v > 0):
+            raise ConfigError(n, f"must be positive (got {v!r})")
+
+
+_ALL = tuple(recipe_fields())
+_FILE = (schema.ConfigFileOptions,)
+_CELLS = ("out", "method", "ipc", "seed", "backbone", "num_workers", "posttrain_workers", "address")
 COMMANDS = {c.name: c for c in (
-    Command("distill", "squeeze, recover, relabel and post-train; writes OUT/report.json", _distill_args, _distill,
-            DISTILL_FIELDS),
-    Command("squeeze", "train a backbone (SSL + linear probe, or supervised)", _squeeze_args, _squeeze,
-            SQUEEZE_FIELDS),
-    Command("posttrain", "train a student on a distilled set with the teacher's soft labels", _posttrain_args,
-            _posttrain, POSTTRAIN_FIELDS),
-    Command("tune", "Ray Tune sweep of recover settings across recovery-model sizes", _tune_args, _tune, TUNE_FIELDS),
-    Command("inspect-bn", "how much each BN layer's running statistics vary across channels", _inspect_args,
-            _inspect_bn, INSPECT_FIELDS),
-    Command("bench scaling", "the same synthesis job on 1, 2, ... single-thread CPU actors", _scaling_args,
-            _bench_scaling, SCALING_FIELDS),
-    Command("bench recover", "images x iterations per second of the production recover step", _recover_args,
-            _bench_recover, RECOVER_FIELDS),
-    Command("bench models", "recover throughput and student top-1 per recovery-model size", _models_args,
-            _bench_models, MODELS_FIELDS),
+    Command("distill", "squeeze, recover, relabel and post-train; writes OUT/report.json", _ALL, _FILE, _distill),
+    Command("squeeze", "train a backbone (SSL + linear probe, or supervised)",
+            recipe("data", "squeeze", add=("arch", "width", "seed", "num_gpus")), _FILE + (schema.SqueezeOptions,),
+            _squeeze),
+    Command("posttrain", "train a student on a distilled set with the teacher's soft labels",
+            recipe("posttrain", add=("dataset", "data_dir", "seed", "teacher", "num_gpus", "posttrain_workers",
+                                     "address")), (schema.ConfigFileOptions, schema.PosttrainOptions), _posttrain),
+    Command("tune", "Ray Tune sweep of recover settings across recovery-model sizes", ("data_dir", "address"),
+            (schema.TuneOptions,), _tune),
+    Command("inspect-bn", "how much each BN layer's running statistics vary across channels", (),
+            (schema.InspectOptions,), _inspect_bn),
+    Command("bench scaling", "the same synthesis job on 1, 2, ... single-thread CPU actors",
+            recipe("recover", add=("dataset", "data_dir", "image_size", "arch", "width", "address")),
+            (schema.ScalingOptions,), _bench_scaling),
+    Command("bench recover", "images x iterations per second of the production recover step",
+            recipe("recover", but=("recover.iterations",), add=("dataset", "image_size", "arch", "width", "seed",
+                                                                 "num_gpus")),
+            (schema.RecoverBenchOptions,), _bench_recover),
+    Command("bench models", "recover throughput and student top-1 per recovery-model size",
+            recipe(*GROUPS, but=_CELLS + ("arch",), add=("seed", "ipc")), _FILE + (schema.ModelsOptions,),
+            _bench_models),
     Command("bench table", "random vs sre2l vs scdd over IPCs and seeds under one teacher, with IOR and HLR",
-            _table_args, _bench_table, TABLE_FIELDS),
+            recipe(*GROUPS, but=_CELLS), (schema.ConfigFileOptions, schema.TableOptions), _bench_table),
 )}
 
 
-def build_parser() -> tuple[Parser, dict[str, argparse.ArgumentParser]]:
-    """The parser, and the subparser of each command (by its COMMANDS name)."""
+# --- the parser -------------------------------------------------------------------------------
+
+def _option_flag(f: dataclasses.Field) -> tuple[str, ...]:
+    return (f.metadata.get("flag") or "--" + f.name.replace("_", "-"),)
+
+
+def add_command_args(p: argparse.ArgumentParser, cmd: Command, shown: dict | None) -> None:
+    types = recipe_fields()
+    groups = {}
+    for key in cmd.recipe:
+        g = group_of(key)
+        if g not in groups:
+            groups[g] = p.add_argument_group(g)
+        _add(groups[g], FLAGS[key], key, types[key], _meta(key),
+             (shown or {}).get(key, dataclasses.MISSING))
+    for cls in cmd.options:
+        g = p.add_argument_group(cmd.name.split(" ")[-1] + " options")
+        hints = field_types(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+            _add(g, _option_flag(f), "opt:" + f.name, hints[f.name], f.metadata, default)
+
+
+def build_parser(shown: dict | None = None) -> tuple[Parser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and the subparser of each command (by its COMMANDS name). `shown`: the recipe values
+    `--help` shows (a dataset's preset); the schema's defaults otherwise."""
     ap = Parser(prog="scdd-ray", description="SC-DD dataset distillation, from a laptop CPU to a Ray cluster.")
     ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -561,37 +380,89 @@ def build_parser() -> tuple[Parser, dict[str, argparse.ArgumentParser]]:
     for name, cmd in COMMANDS.items():
         if name.startswith("bench "):
             if bench is None:
-                bench = sub.add_parser("bench", help="time production code paths").add_subparsers(
-                    dest="bench", required=True, parser_class=Parser)
-            p = bench.add_parser(name.split(" ", 1)[1], help=cmd.help)
+                bench = sub.add_parser("bench", help="measure production code paths and rank methods"
+                                       ).add_subparsers(dest="bench", required=True, parser_class=Parser)
+            p = bench.add_parser(name.split(" ", 1)[1], help=cmd.help, description=cmd.help)
         else:
-            p = sub.add_parser(name, help=cmd.help)
-        cmd.add_args(p)
+            p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        add_command_args(p, cmd, shown if shown is not None else _schema_values())
         parsers[name] = p
     return ap, parsers
 
 
-def flag_namer(parser: argparse.ArgumentParser, fields: dict[str, str]) -> Callable[[str], str | None]:
-    """field -> the flag that sets it in this command (None: no flag sets it)."""
-    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
-    return lambda field: flags.get(fields.get(field, ""))
+def _schema_values() -> dict:
+    return {k: v for k, v in flatten(schema.DistillConfig().to_dict()).items()}
+
+
+def _preset_values(argv: list[str]) -> dict | None:
+    """For `--help`: the recipe values of the dataset (and scale, and config file) named before it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    for flag in ("--dataset", "--data-dir", "--config"):
+        pre.add_argument(flag)
+    pre.add_argument("--num-gpus", type=int)
+    try:
+        known, _ = pre.parse_known_args(argv)
+        given = {k: v for k, v in (("dataset", known.dataset), ("data_dir", known.data_dir),
+                                   ("num_gpus", known.num_gpus)) if v is not None}
+        file = read_config_file(known.config) if known.config else None
+        return flatten(build_config(given, file, run=False).to_dict())
+    except (ScddError, SystemExit):
+        return None
+
+
+def _args(ns: argparse.Namespace, cmd: Command) -> Args:
+    values = vars(ns)
+    given = {k: values[k] for k in cmd.recipe if k in values}
+    options = {k[4:]: v for k, v in values.items() if k.startswith("opt:")}
+    for cls in cmd.options:  # option values arrive as strings/tuples; their dataclass defaults fill the rest
+        for f in dataclasses.fields(cls):
+            if f.name in options and isinstance(options[f.name], list):
+                options[f.name] = tuple(options[f.name])
+    file = read_config_file(options["config"]) if options.get("config") and cmd.name != "tune" else None
+    return Args(given, options, file)
+
+
+def _keys(file: dict) -> set[str]:
+    """The dotted keys a config file sets (sections that are not mappings count as their own key)."""
+    return {f"{k}.{j}" for k, v in file.items() if isinstance(v, dict) for j in v} | set(file)
+
+
+def flag_namer(parser: argparse.ArgumentParser, cmd: Command, args: Args | None = None) -> Callable[[str], str | None]:
+    """field -> the flag that sets it in this command (None: no flag; a key set only by the config file is
+    named as that file's key)."""
+    from_file = _keys(args.file or {}) - set(args.given) if args else set()
+    options = {f.name: _option_flag(f)[0] for cls in cmd.options for f in dataclasses.fields(cls)}
+
+    def name(field: str) -> str | None:
+        if field in from_file:
+            return f"{args.options.get('config')}: {field}"
+        if field in cmd.recipe:
+            return shown_flag(field)
+        return options.get(field)
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, parsers = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    shown = _preset_values(argv) if any(h in argv for h in ("-h", "--help")) else None
+    parser, parsers = build_parser(shown)
     try:
-        args = parser.parse_args(argv)
+        ns = parser.parse_args(argv)
     except UsageError as e:
         print(f"scdd-ray: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    name = f"bench {args.bench}" if args.command == "bench" else args.command
-    cmd = COMMANDS[name]
+    name = f"bench {ns.bench}" if ns.command == "bench" else ns.command
+    cmd, args = COMMANDS[name], None
     try:
+        args = _args(ns, cmd)
+        if args.options.get("print_config"):  # the resolved configuration, and nothing written
+            sys.stdout.write(to_yaml(args.config()))
+            return 0
         return cmd.run(args)
     except ScddError as e:
-        print(f"scdd-ray: error: {e.render(flag_namer(parsers[name], cmd.fields))}", file=sys.stderr)
+        print(f"scdd-ray: error: {e.render(flag_namer(parsers[name], cmd, args))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("scdd-ray: interrupted; rerun the same command to resume", file=sys.stderr)

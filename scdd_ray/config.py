@@ -1,27 +1,33 @@
-"""The configuration of a run: typed, frozen, filled from a dataset's preset
-and the user's overrides, and validated at the boundary.
+"""Building a run's configuration: schema defaults, then the dataset's preset, then a config file, then the
+user's flags; typed and validated once, at the boundary.
 
 Everything a user can get wrong is checked here, before any output is
 written, and reported as a ConfigError naming the configuration field
 (`recover.bn_coef`) and the value; front ends name fields their own way
-(the CLI as flags, a Tune YAML as keys).
+(the CLI as flags, a YAML file as keys). Every front end (`distill`,
+`squeeze`, `posttrain`, `bench`, `tune`) builds its configuration through
+`build_config`, so they all start from the same preset.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
+import os
 import re
-from dataclasses import dataclass, field
+import types
+import typing
 
-from . import data
+import yaml
+
+from . import data, presets
 from .core import ssl
 from .core.bn import NORMALIZE, parse_bn_weights
 from .core.configs import SUPERVISED, PosttrainConfig, RecoverConfig, SqueezeConfig
 from .core.relabel import CROPS, MIX_CODES
 from .errors import ConfigError
-from .models import ARCHS, TIMM_PREFIX, small_input, timm_model_exists
+from .models.factory import ARCHS, TIMM_PREFIX, timm_model_exists
+from .schema import SECTIONS, TEACHER_BACKBONE, DistillConfig
 
 METHODS = ("scdd", "sre2l", "random")
 RECOVERY_METHODS = ("scdd", "sre2l")  # the methods that recover images from a backbone
@@ -29,8 +35,9 @@ INITS = ("noise", "real")
 OPTIMIZERS = ("adamw", "sgd")
 AMPS = ("bf16", "fp16", "none")
 LABELS = ("soft", "hard")
-SECTIONS = ("squeeze", "recover", "posttrain")
-TEACHER_BACKBONE = "backbone"  # `teacher` value: relabel with the recovery backbone instead of the shared teacher
+AUGMENT_PER = ("image", "batch")
+COMPILE_BACKENDS = ("inductor", "eager", "aot_eager")
+RUN_FILE = "run.json"  # what every distill run writes: {"fingerprint": ..., "config": <a valid config file>}
 
 
 def ssl_methods() -> tuple[str, ...]:
@@ -41,89 +48,157 @@ def squeeze_methods() -> tuple[str, ...]:
     return ssl.names() + (SUPERVISED,)
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    dataset: str
-    out: str
-    data_dir: str | None = None
-    image_size: int = 32
-    arch: str = "resnet18"
-    width: float = 1.0
-    ipc: int = 10
-    method: str = "scdd"
-    seed: int = 0
-    backbone: str | None = None
-    teacher: str | None = None
-    num_gpus: int = 0
-    num_workers: int | None = None
-    address: str | None = None
-    posttrain_workers: int = 1  # Ray Train workers of the post-train stage
-    image_column: str | None = None  # Parquet datasets: the columns, when they are not the usual ones
-    label_column: str | None = None
-    # Choose settings without reading the test split: everything trains on the train split less its
-    # validation share (`train-noval`), and top-1 is measured on that validation share.
-    holdout: bool = False
-    squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
-    recover: RecoverConfig = field(default_factory=RecoverConfig)
-    posttrain: PosttrainConfig = field(default_factory=PosttrainConfig)
+# --- the schema's fields and types ---------------------------------------------------------
 
-    @property
-    def small_input(self) -> bool:
-        return small_input(self.image_size)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def data_options(self) -> dict:
-        """The dataset's own options that are set (see data.DatasetSpec.options)."""
-        return {k: v for k, v in (("image_column", self.image_column), ("label_column", self.label_column))
-                if v is not None}
-
-    def split(self, name: str):
-        """One split of this run's dataset (data.ImageSet); under `holdout`, "train" is train-noval and
-        "test" the validation split."""
-        if self.holdout:
-            name = HOLDOUT_SPLITS.get(name, name)
-        return data.load_split(self.dataset, name, self.data_dir, self.image_size, **self.data_options())
-
-    @property
-    def train_split(self) -> str:
-        """The split name models of this run are squeezed on (names cached backbones)."""
-        return HOLDOUT_SPLITS["train"] if self.holdout else "train"
-
-    @property
-    def eval_split(self) -> str:
-        return HOLDOUT_SPLITS["test"] if self.holdout else "test"
-
-    def fingerprint(self) -> str:
-        """Hash of everything that decides the synthetic images.
-
-        Placement (workers, GPUs, address), the output path and post-training
-        settings do not change which images a shard holds, so a run may be
-        resumed with other resources or re-evaluated with another student.
-        Settings added after the first release are left out while they hold
-        their default, so runs made before them keep their fingerprint.
-        """
-        d = self.to_dict()
-        # Compiling and autocast change how the maths runs, not what it is (like the thread count): left out.
-        d["recover"].pop("compile")
-        d["recover"].pop("amp")
-        keep = {k: d[k] for k in ("dataset", "data_dir", "image_size", "arch", "width", "ipc", "method", "seed",
-                                  "backbone", "holdout", "squeeze", "recover")}
-        keep.update(self.data_options())
-        for key, default in LATER_DEFAULTS.items():
-            section, _, name = key.rpartition(".")
-            where = keep[section] if section else keep
-            if where.get(name) == default:
-                del where[name]
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def section_class(name: str) -> type:
+    return {"squeeze": SqueezeConfig, "recover": RecoverConfig, "posttrain": PosttrainConfig}[name]
 
 
-# Recover settings added after the first release, at the value that reproduces earlier runs.
-LATER_DEFAULTS: dict[str, object] = {"recover.augment_per": "image", "recover.ipc_per_shard": 1, "holdout": False}
-HOLDOUT_SPLITS = {"train": "train-noval", "test": "val"}
-AUGMENT_PER = ("image", "batch")
+def field_types(cls: type) -> dict[str, object]:
+    """Field name -> its type, for a schema dataclass."""
+    return typing.get_type_hints(cls)
 
+
+def recipe_fields() -> dict[str, object]:
+    """Every settable field of a run's recipe ('arch', 'recover.lr', ...) -> its type."""
+    out = {k: t for k, t in field_types(DistillConfig).items() if k not in SECTIONS}
+    for s in SECTIONS:
+        out.update({f"{s}.{k}": t for k, t in field_types(section_class(s)).items()})
+    return out
+
+
+def schema_default(key: str):
+    """The schema's default of recipe field `key`."""
+    section, _, name = key.rpartition(".")
+    obj = section_class(section)() if section else DistillConfig()
+    return getattr(obj, name)
+
+
+def flatten(mapping: dict, where: str = "") -> dict:
+    """A nested configuration mapping (a YAML file, `to_dict()`) as dotted keys: {'recover.lr': 0.4}."""
+    out = {}
+    for k, v in mapping.items():
+        key = f"{where}{k}"
+        if k in SECTIONS and not where:
+            if not isinstance(v, dict):
+                raise ConfigError(key, f"must be a mapping of {k} settings (got {v!r})")
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def coerce(value, typ, key: str):
+    """`value` as schema type `typ` (YAML lists become tuples, integers become floats where a float is
+    expected); a value of another type is a ConfigError naming `key`."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        typ = next(a for a in args if a is not type(None))
+        args = typing.get_args(typ)
+    if typing.get_origin(typ) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be a list (got {value!r})")
+        inner = args[0]
+        return tuple(coerce(v, inner, key) for v in value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number (got {value!r})")
+        return float(value)
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer (got {value!r})")
+        return value
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false (got {value!r})")
+        return value
+    if typ is str and not isinstance(value, str):
+        raise ConfigError(key, f"must be a string (got {value!r})")
+    return value
+
+
+# --- configuration files ---------------------------------------------------------------------
+
+def read_config_file(path: str, field: str = "config") -> dict:
+    """A configuration file as a mapping: YAML (JSON is YAML), or a run record (run.json), whose `config`
+    is the configuration of that run."""
+    if not os.path.isfile(path):
+        raise ConfigError(field, f"{path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(field, f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(field, f"{path} must hold a mapping of settings at its top level")
+    if set(raw) == {"fingerprint", "config"} and isinstance(raw["config"], dict):  # a run record
+        return raw["config"]
+    return raw
+
+
+def to_yaml(cfg: DistillConfig) -> str:
+    """The configuration as YAML, a valid config file (tuples as lists)."""
+    return yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False, default_flow_style=None)
+
+
+# --- building ------------------------------------------------------------------------------
+
+def build_config(overrides: dict | None = None, file: dict | None = None, *, gpu: bool | None = None,
+                 run: bool = True) -> DistillConfig:
+    """The validated configuration: schema defaults < the dataset's preset < `file` < `overrides`.
+
+    `overrides` are what the user set, flat ('dataset', 'recover.lr'); a None
+    value is taken as given (e.g. no random-resized-crop). `file` is a parsed
+    config file (nested sections). The preset is the dataset's GPU one when
+    `gpu` (default: when `num_gpus` is set), else its CPU one. With `run`,
+    the settings must also make a distill run (e.g. scdd needs an SSL backbone).
+    """
+    known = recipe_fields()
+    given = {**flatten(file or {}), **(overrides or {})}
+    for k in given:
+        if k not in known:
+            raise ConfigError(k, "is not a known setting")
+    dataset = given.get("dataset", schema_default("dataset"))
+    data.get(dataset)  # an unknown dataset is named before its preset is looked for
+    if gpu is None:
+        gpu = bool(given.get("num_gpus"))
+    values = flatten(presets.load(dataset, gpu))
+    for k in values:
+        if k not in known:
+            raise ConfigError(k, f"is not a known setting (in preset {presets.file_name(dataset, gpu)})")
+    if "image_size" not in given:
+        values["image_size"] = data.preset_image_size(dataset, given.get("data_dir"),
+                                                      values.get("image_size", schema_default("image_size")))
+    # The backbone objective follows the method unless the user chose one.
+    if given.get("method") in ("sre2l", "random") and "squeeze.method" not in given:
+        values["squeeze.method"] = SUPERVISED
+    values.update(given)
+    cfg = _construct({k: coerce(v, known[k], k) for k, v in values.items()})
+    validate(cfg)
+    if run:
+        check_run(cfg)
+    data.check_options(dataset, cfg.data_options())
+    return cfg
+
+
+def _construct(values: dict) -> DistillConfig:
+    nested = {s: {} for s in SECTIONS}
+    top = {}
+    for k, v in values.items():
+        section, _, name = k.rpartition(".")
+        (nested[section] if section else top)[name] = v
+    return DistillConfig(**top, **{s: section_class(s)(**nested[s]) for s in SECTIONS})
+
+
+def build_distill_config(dataset: str, out: str, overrides: dict | None = None, file: dict | None = None,
+                         gpu: bool | None = None) -> DistillConfig:
+    """`build_config` of a run of `dataset` writing to `out`."""
+    return build_config({"dataset": dataset, "out": out, **(overrides or {})}, file, gpu=gpu)
+
+
+# --- validation ------------------------------------------------------------------------------
 
 def _check(cond: bool, key: str, message: str) -> None:
     if not cond:
@@ -133,6 +208,11 @@ def _check(cond: bool, key: str, message: str) -> None:
 def _positive_int(value, key: str) -> None:
     _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key,
            f"must be a positive integer (got {value!r})")
+
+
+def _nonneg_int(value, key: str) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key,
+           f"must be a non-negative integer (got {value!r})")
 
 
 def _positive_float(value, key: str) -> None:
@@ -171,14 +251,14 @@ def _timm_width(arch: str, width: float, key: str) -> None:
 
 def validate_recovery_grid(archs, methods) -> None:
     """Lists of recovery archs (field `archs`) and methods (`methods`), as a Tune YAML or `bench models` give."""
-    _check(isinstance(archs, list) and bool(archs), "archs", f"must name at least one arch (got {archs!r})")
+    _check(isinstance(archs, (list, tuple)) and bool(archs), "archs", f"must name at least one arch (got {archs!r})")
     for name in archs:
         try:
             validate_arch(name, "archs")
         except ConfigError as e:
             raise ConfigError("archs", e.message) from None
-    _check(isinstance(methods, list) and bool(methods) and all(m in RECOVERY_METHODS for m in methods), "methods",
-           f"must name one or more of {', '.join(RECOVERY_METHODS)} (got {methods!r})")
+    _check(isinstance(methods, (list, tuple)) and bool(methods) and all(m in RECOVERY_METHODS for m in methods),
+           "methods", f"must name one or more of {', '.join(RECOVERY_METHODS)} (got {list(methods)!r})")
 
 
 def validate_squeeze(s: SqueezeConfig) -> None:
@@ -199,16 +279,14 @@ def validate_recover(r: RecoverConfig) -> None:
         parse_bn_weights(r.bn_weights)
     except ValueError as e:
         raise ConfigError("recover.bn_weights", str(e)) from None
-    _check(isinstance(r.jitter, int) and r.jitter >= 0, "recover.jitter",
-           f"must be a non-negative integer (got {r.jitter!r})")
+    _nonneg_int(r.jitter, "recover.jitter")
     _scale(r.crop_scale, "recover.crop_scale", allow_none=True)
     _choice(r.init, INITS, "recover.init")
     _positive_int(r.classes_per_batch, "recover.classes_per_batch")
     _choice(r.bn_normalize, NORMALIZE, "recover.bn_normalize")
     _choice(r.augment_per, AUGMENT_PER, "recover.augment_per")
     _positive_int(r.ipc_per_shard, "recover.ipc_per_shard")
-    _check(isinstance(r.grayscale, bool), "recover.grayscale", f"must be true or false (got {r.grayscale!r})")
-    _check(isinstance(r.compile, bool), "recover.compile", f"must be true or false (got {r.compile!r})")
+    _choice(r.compile_backend, COMPILE_BACKENDS, "recover.compile_backend")
     _choice(r.amp, ("bf16", "none"), "recover.amp")
 
 
@@ -225,20 +303,16 @@ def validate_posttrain(p: PosttrainConfig) -> None:
     _choice(p.mix, tuple(MIX_CODES), "posttrain.mix")
     _check(0 <= p.mix_prob <= 1, "posttrain.mix_prob", f"must be in [0, 1] (got {p.mix_prob!r})")
     _scale(p.crop_scale, "posttrain.crop_scale")
-    _check(isinstance(p.eval_every, int) and p.eval_every >= 0, "posttrain.eval_every",
-           f"must be a non-negative integer (got {p.eval_every!r})")
-    _check(isinstance(p.checkpoint_every, int) and p.checkpoint_every >= 0, "posttrain.checkpoint_every",
-           f"must be a non-negative integer (got {p.checkpoint_every!r})")
+    _nonneg_int(p.eval_every, "posttrain.eval_every")
+    _nonneg_int(p.checkpoint_every, "posttrain.checkpoint_every")
     _choice(p.amp, AMPS, "posttrain.amp")
     _choice(p.labels, LABELS, "posttrain.labels")
     _choice(p.crop, CROPS, "posttrain.crop")
-    _check(isinstance(p.batch_per_worker, bool), "posttrain.batch_per_worker",
-           f"must be true or false (got {p.batch_per_worker!r})")
 
 
 def validate(cfg: DistillConfig) -> None:
+    """Every field on its own (types were checked when the configuration was built)."""
     data.get(cfg.dataset)
-    _check(bool(cfg.out), "out", "is required")
     _positive_int(cfg.image_size, "image_size")
     _check(cfg.image_size >= 8, "image_size", f"must be at least 8 (got {cfg.image_size})")
     validate_arch(cfg.arch, "arch")
@@ -246,72 +320,24 @@ def validate(cfg: DistillConfig) -> None:
     _timm_width(cfg.arch, cfg.width, "width")
     _positive_int(cfg.ipc, "ipc")
     _choice(cfg.method, METHODS, "method")
-    _check(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", f"must be a non-negative integer (got {cfg.seed!r})")
-    _check(isinstance(cfg.num_gpus, int) and cfg.num_gpus >= 0, "num_gpus",
-           f"must be a non-negative integer (got {cfg.num_gpus!r})")
+    _nonneg_int(cfg.seed, "seed")
+    _nonneg_int(cfg.num_gpus, "num_gpus")
     if cfg.num_workers is not None:
         _positive_int(cfg.num_workers, "num_workers")
     _positive_int(cfg.posttrain_workers, "posttrain_workers")
-    _check(not (cfg.teacher == TEACHER_BACKBONE and cfg.method == "random"), "teacher",
-           "`method` random recovers nothing: it has no backbone to relabel with")
-    if cfg.method == "scdd":
-        _check(cfg.squeeze.method in ssl_methods(), "squeeze.method",
-               f"`method` scdd needs a self-supervised backbone (got {cfg.squeeze.method!r})")
     validate_squeeze(cfg.squeeze)
     validate_recover(cfg.recover)
     validate_posttrain(cfg.posttrain)
 
 
-def _merge(base, overrides: dict, prefix: str):
-    known = {f.name for f in dataclasses.fields(base)}
-    for k in overrides:
-        if k not in known:
-            raise ConfigError(f"{prefix}{k}", "is not a known setting")
-    return dataclasses.replace(base, **overrides)
-
-
-def build_distill_config(dataset: str, out: str, overrides: dict | None = None) -> DistillConfig:
-    """Preset of `dataset`, then the user's overrides (None values ignored), validated.
-
-    `overrides` holds only what the user set (a None value is taken as given,
-    e.g. no random-resized-crop); it is flat for top-level fields and uses
-    'squeeze.x', 'recover.x', 'posttrain.x' keys for the nested ones.
-    """
-    preset = data.get(dataset).preset_for(gpu=bool((overrides or {}).get("num_gpus")))
-    top = {k: v for k, v in preset.items() if k not in SECTIONS}
-    if "image_size" not in (overrides or {}):
-        top["image_size"] = data.preset_image_size(dataset, (overrides or {}).get("data_dir"))
-    nested = {s: dict(preset.get(s, {})) for s in SECTIONS}
-    for k, v in (overrides or {}).items():
-        if "." in k:
-            section, name = k.split(".", 1)
-            if section not in nested:
-                raise ConfigError(k, "is not a known setting")
-            nested[section][name] = v
-        else:
-            top[k] = v
-    method = top.get("method", "scdd")
-    # The backbone objective follows the method unless the user chose one.
-    if method in ("sre2l", "random") and "squeeze.method" not in (overrides or {}):
-        nested["squeeze"]["method"] = SUPERVISED
-    cfg = DistillConfig(
-        dataset=dataset, out=out,
-        squeeze=_merge(SqueezeConfig(), nested["squeeze"], "squeeze."),
-        recover=_merge(RecoverConfig(), nested["recover"], "recover."),
-        posttrain=_merge(PosttrainConfig(), nested["posttrain"], "posttrain."),
-        **_known_top(top),
-    )
-    validate(cfg)
-    data.check_options(dataset, cfg.data_options())
-    return cfg
-
-
-def _known_top(top: dict) -> dict:
-    known = {f.name for f in dataclasses.fields(DistillConfig)} - {"dataset", "out", *SECTIONS}
-    for k in top:
-        if k not in known:
-            raise ConfigError(k, "is not a known setting")
-    return top
+def check_run(cfg: DistillConfig) -> None:
+    """What a distill run needs beyond valid fields: settings that fit together."""
+    _check(bool(cfg.out), "out", "is required")
+    _check(not (cfg.teacher == TEACHER_BACKBONE and cfg.method == "random"), "teacher",
+           "`method` random recovers nothing: it has no backbone to relabel with")
+    if cfg.method == "scdd":
+        _check(cfg.squeeze.method in ssl_methods(), "squeeze.method",
+               f"`method` scdd needs a self-supervised backbone (got {cfg.squeeze.method!r})")
 
 
 def parse_scale(text: str, field: str) -> tuple[float, float] | None:
@@ -324,47 +350,6 @@ def parse_scale(text: str, field: str) -> tuple[float, float] | None:
     return float(m.group(1)), float(m.group(2))
 
 
-def build_posttrain_config(dataset: str, overrides: dict, gpu: bool = False) -> PosttrainConfig:
-    """`dataset`'s post-train preset (its CPU one unless `gpu`), then the user's overrides (PosttrainConfig
-    fields; None ignored), validated."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    preset = data.get(dataset).preset_for(gpu).get("posttrain", {})
-    cfg = _merge(PosttrainConfig(), {**preset, **given}, "posttrain.")
-    validate_posttrain(cfg)
-    return cfg
-
-
-@dataclass(frozen=True)
-class SqueezeSetup:
-    """What `squeeze` trains: the model and its input size, and how."""
-
-    dataset: str
-    arch: str
-    width: float
-    image_size: int
-    cfg: SqueezeConfig
-
-    @property
-    def small_input(self) -> bool:
-        return small_input(self.image_size)
-
-
-def build_squeeze_setup(dataset: str, method: str, overrides: dict, data_dir: str | None = None,
-                        gpu: bool = False) -> SqueezeSetup:
-    """`dataset`'s preset model and squeeze settings (its CPU preset unless `gpu`) with `method` and the
-    overrides (arch, width, image_size, epochs; None ignored), validated; `data_dir` for the data's own size."""
-    preset = data.get(dataset).preset_for(gpu)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    for k in given:
-        _check(k in ("arch", "width", "image_size", "epochs"), k, "is not a known setting")
-    arch, width = given.get("arch", preset["arch"]), given.get("width", preset["width"])
-    size = given["image_size"] if "image_size" in given else data.preset_image_size(dataset, data_dir)
-    validate_arch(arch, "arch")
-    _positive_float(width, "width")
-    _positive_int(size, "image_size")
-    sq = {**preset.get("squeeze", {}), "method": method}
-    if "epochs" in given:
-        sq["epochs"] = given["epochs"]
-    cfg = _merge(SqueezeConfig(), sq, "squeeze.")
-    validate_squeeze(cfg)
-    return SqueezeSetup(dataset, arch, width, size, cfg)
+def with_squeeze_method(cfg: DistillConfig, method: str) -> DistillConfig:
+    """`cfg` squeezing a `method` backbone (the recovery backbone's objective, or the supervised teacher's)."""
+    return dataclasses.replace(cfg, squeeze=dataclasses.replace(cfg.squeeze, method=method))

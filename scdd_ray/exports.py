@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .report import save_grid
-from .store import atomic_write_bytes, encode_png, export_imagefolder
+from .plots import save_grid
+from .store.atomic import atomic_write_bytes
+from .store.png import encode_png
 
 Exporter = Callable[[str, torch.Tensor, np.ndarray, np.ndarray, tuple], None]
 EXPORTERS: dict[str, Exporter] = {}
@@ -29,6 +30,13 @@ def exporter(name: str) -> Callable[[Exporter], Exporter]:
         EXPORTERS[name] = fn
         return fn
     return add
+
+
+def export_imagefolder(root: str, images: torch.Tensor, class_ids, ipc_indices) -> None:
+    """images/new{class:03d}/class{class:03d}_id{ipc:03d}.png, as the reference code lays out."""
+    for img, c, i in zip(images, class_ids, ipc_indices):
+        path = os.path.join(root, f"new{int(c):03d}", f"class{int(c):03d}_id{int(i):03d}.png")
+        atomic_write_bytes(path, encode_png(img))
 
 
 @exporter("imagefolder")

@@ -1,33 +1,34 @@
 """Sweep definitions read from `tune_configs/*.yaml`, validated before Ray starts.
 
-A sweep is a grid over recovery architectures x methods, and within each cell
-`num_samples` draws from a search space over recover settings. Every key is
-checked here: an unknown key or a bad range is a ConfigError naming the key,
-so a typo never silently becomes a default.
+A sweep file is a base configuration in the schema of every run (top-level
+fields such as `dataset`, `width`, `teacher`, and the `squeeze`, `recover`,
+`posttrain` sections), resolved through the same preset logic as `distill`
+(the dataset's GPU preset when trials ask for a GPU, else its CPU preset),
+plus what only a sweep has: a grid over recovery architectures x methods,
+and within each cell `num_samples` draws from a search space over recover
+settings. Every key is checked here: an unknown key or a bad range is a
+ConfigError naming the key, so a typo never silently becomes a default.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from . import data
-from .config import (PosttrainConfig, RecoverConfig, SqueezeConfig, validate_posttrain, validate_recover,
-                     validate_recovery_grid, validate_squeeze)
+from .config import build_config, flatten, read_config_file, recipe_fields, validate_recover, validate_recovery_grid
+from .core.configs import RecoverConfig
 from .errors import ConfigError
+from .schema import SECTIONS, DistillConfig
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 # Recover settings a sweep may search; `first_multiplier` is shorthand for bn_weights "first:M".
 SEARCHABLE = ("bn_coef", "bn_weights", "first_multiplier", "lr", "iterations", "jitter", "bn_normalize", "init",
               "grayscale")
 SCHEDULERS = ("asha", "fifo")
-TOP_KEYS = ("name", "dataset", "data_dir", "image_size", "width", "ipc", "seed", "archs", "methods", "squeeze",
-            "recover", "posttrain", "search", "scheduler", "resources", "num_samples", "max_concurrent",
-            "eval_every", "backbones")
+# What a sweep file holds beyond a base configuration.
+SWEEP_KEYS = ("name", "archs", "methods", "search", "scheduler", "resources", "num_samples", "max_concurrent",
+              "eval_every", "backbones")
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,11 @@ class Resources:
 @dataclass(frozen=True)
 class TuneConfig:
     name: str
-    dataset: str
     archs: tuple[str, ...]
     methods: tuple[str, ...]
     search: dict[str, Param]
-    squeeze: SqueezeConfig
-    recover: RecoverConfig
-    posttrain: PosttrainConfig
-    data_dir: str | None = None
-    image_size: int = 32
-    width: float = 1.0
-    ipc: int = 10
-    seed: int = 0
+    overrides: dict  # the base configuration the file (and the command line) sets, as flat schema keys
+    base: DistillConfig  # that base resolved, on the validation share (`holdout`): every cell shares it
     scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
     num_samples: int = 4
@@ -71,8 +65,20 @@ class TuneConfig:
     eval_every: int = 1  # post-train epochs between validation reports (ASHA decides at these)
     backbones: dict[str, str] = field(default_factory=dict)  # "method/arch" -> checkpoint; others are squeezed
 
+    @property
+    def gpu(self) -> bool:
+        return self.resources.gpu > 0
+
+    def cell(self, arch: str, method: str, out: str) -> DistillConfig:
+        """The configuration of one (arch, method) cell of the sweep in `out`: the base with that recovery
+        model, built as `distill` builds a run (its models cached in `out`/backbones unless `models_dir`)."""
+        given = {**self.overrides, "arch": arch, "method": method, "holdout": True, "out": out}
+        if f"{method}/{arch}" in self.backbones:
+            given["backbone"] = self.backbones[f"{method}/{arch}"]
+        return build_config(given, gpu=self.gpu)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "base": self.base.to_dict()}
 
 
 def _err(key: str, msg: str) -> ConfigError:
@@ -125,21 +131,6 @@ def recover_for(base: RecoverConfig, sample: dict) -> RecoverConfig:
     return dataclasses.replace(base, **sample)
 
 
-def _section(raw: dict, key: str, cls: type, preset: dict) -> Any:
-    given = raw.get(key) or {}
-    if not isinstance(given, dict):
-        raise _err(key, f"must be a mapping of {cls.__name__} fields (got {given!r})")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in given:
-        if k not in names:
-            raise _err(f"{key}.{k}", f"unknown key (valid: {', '.join(sorted(names))})")
-    vals = {**preset, **given}
-    for k in ("crop_scale",):
-        if isinstance(vals.get(k), list):
-            vals[k] = tuple(vals[k])
-    return cls(**vals)
-
-
 def _search(raw: dict, recover: RecoverConfig) -> dict[str, Param]:
     search_raw = raw.get("search") or {}
     if not isinstance(search_raw, dict) or not search_raw:
@@ -171,7 +162,7 @@ def _mapping(raw: dict, key: str, keys: tuple[str, ...]) -> dict:
     return given
 
 
-def _scheduler(raw: dict, posttrain: PosttrainConfig) -> Scheduler:
+def _scheduler(raw: dict, posttrain) -> Scheduler:
     sched = Scheduler(**_mapping(raw, "scheduler", ("name", "grace_period", "reduction_factor")))
     if sched.name not in SCHEDULERS:
         raise _err("scheduler.name", f"must be one of {', '.join(SCHEDULERS)} (got {sched.name!r})")
@@ -206,45 +197,34 @@ def _backbones(raw: dict, methods: list, archs: list) -> dict[str, str]:
 
 
 def _check_scalars(cfg: TuneConfig) -> None:
-    for k in ("image_size", "ipc", "num_samples", "eval_every"):
+    for k in ("num_samples", "eval_every"):
         v = getattr(cfg, k)
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             raise _err(k, f"must be a positive integer (got {v!r})")
     if not (isinstance(cfg.max_concurrent, int) and cfg.max_concurrent >= 0):
         raise _err("max_concurrent", f"must be a non-negative integer (got {cfg.max_concurrent!r})")
-    if not (_number(cfg.width) and cfg.width > 0):
-        raise _err("width", f"must be a positive number (got {cfg.width!r})")
-    if not isinstance(cfg.seed, int):
-        raise _err("seed", f"must be an integer (got {cfg.seed!r})")
 
 
-def load_tune_config(raw: dict) -> TuneConfig:
-    """Validate a parsed YAML mapping; raises ConfigError naming the offending key."""
+def load_tune_config(raw: dict, given: dict | None = None) -> TuneConfig:
+    """Validate a parsed sweep file; `given`: schema fields set on the command line (over the file's).
+    Raises ConfigError naming the offending key."""
     if not isinstance(raw, dict):
         raise _err("config", "the YAML file must hold a mapping at its top level")
+    known = {k.split(".")[0] for k in recipe_fields()} | set(SECTIONS)
     for k in raw:
-        if k not in TOP_KEYS:
-            raise _err(k, f"unknown key (valid: {', '.join(TOP_KEYS)})")
-    dataset = raw.get("dataset")
-    if dataset not in data.names():
-        raise _err("dataset", f"must be one of {', '.join(data.names())} (got {dataset!r})")
-    preset = data.get(dataset).preset
-    archs = raw.get("archs", [preset["arch"]])
+        if k not in SWEEP_KEYS and k not in known:
+            raise _err(k, f"unknown key (valid: {', '.join(sorted(known | set(SWEEP_KEYS)))})")
+    res = _resources(raw)
+    overrides = {**flatten({k: v for k, v in raw.items() if k not in SWEEP_KEYS}), **(given or {})}
+    overrides.pop("holdout", None)  # a sweep chooses on the validation share, always
+    base = build_config({**overrides, "holdout": True}, gpu=res.gpu > 0, run=False)
+    archs = raw.get("archs", [base.arch])
     methods = raw.get("methods", ["scdd"])
     validate_recovery_grid(archs, methods)
-    squeeze = _section(raw, "squeeze", SqueezeConfig, preset.get("squeeze", {}))
-    recover = _section(raw, "recover", RecoverConfig, preset.get("recover", {}))
-    posttrain = _section(raw, "posttrain", PosttrainConfig, preset.get("posttrain", {}))
-    # Their errors name the field, which is the YAML key (recover.iterations).
-    validate_squeeze(squeeze)
-    validate_recover(recover)
-    validate_posttrain(posttrain)
     cfg = TuneConfig(
-        name=str(raw.get("name", "sweep")), dataset=dataset, archs=tuple(archs), methods=tuple(methods),
-        search=_search(raw, recover), squeeze=squeeze, recover=recover, posttrain=posttrain,
-        data_dir=raw.get("data_dir"), image_size=raw.get("image_size", preset["image_size"]),
-        width=raw.get("width", preset["width"]), ipc=raw.get("ipc", preset["ipc"]), seed=raw.get("seed", 0),
-        scheduler=_scheduler(raw, posttrain), resources=_resources(raw), num_samples=raw.get("num_samples", 4),
+        name=str(raw.get("name", "sweep")), archs=tuple(archs), methods=tuple(methods),
+        search=_search(raw, base.recover), overrides=overrides, base=base,
+        scheduler=_scheduler(raw, base.posttrain), resources=res, num_samples=raw.get("num_samples", 4),
         max_concurrent=raw.get("max_concurrent", 0), eval_every=raw.get("eval_every", 1),
         backbones=_backbones(raw, methods, archs),
     )
@@ -252,15 +232,8 @@ def load_tune_config(raw: dict) -> TuneConfig:
     return cfg
 
 
-def read_tune_config(path: str) -> TuneConfig:
-    if not os.path.isfile(path):
-        raise _err("config", f"{path} does not exist")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise _err("config", f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    return load_tune_config(raw)
+def read_tune_config(path: str, given: dict | None = None) -> TuneConfig:
+    return load_tune_config(read_config_file(path), given)
 
 
 __all__ = ["TuneConfig", "Param", "Scheduler", "Resources", "load_tune_config", "read_tune_config", "recover_for",

@@ -15,7 +15,7 @@ import pytest
 
 @pytest.fixture
 def tiny_model():
-    from scdd_ray.models import create_model
+    from scdd_ray.models.factory import create_model
 
     torch.manual_seed(0)
     return create_model("resnet18", 4, width=0.125)

@@ -1,7 +1,6 @@
 """The package's shape: a core that runs without Ray, Ray only in dist/, no import
 cycles, short functions, and CLI flag tables that cannot drift from the parser."""
 import ast
-import dataclasses
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(__file__), "..", "scdd_ray")
 # Modules that put the core on Ray, and the front ends above them; everything else must import without Ray.
 NEEDS_RAY = {"scdd_ray.dist", "scdd_ray.pipeline.distill", "scdd_ray.pipeline.posttrain", "scdd_ray.bench",
-             "scdd_ray.ranking", "scdd_ray.cli", "scdd_ray.__main__"}
+             "scdd_ray.cli", "scdd_ray.__main__"}
 
 
 def modules() -> dict[str, ast.Module]:
@@ -49,7 +48,7 @@ def is_ray_free(name: str) -> bool:
 
 def test_core_imports_without_ray():
     free = sorted(m for m in modules() if is_ray_free(m))
-    assert "scdd_ray.core.training" in free and "scdd_ray.data.digits" in free
+    assert "scdd_ray.core.posttrain" in free and "scdd_ray.data.digits" in free
     code = ("import sys\n"
             "class NoRay:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
@@ -98,7 +97,7 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m)
-    assert graph["scdd_ray.core.training"] and "scdd_ray.dist.train" not in graph["scdd_ray.core.training"]
+    assert graph["scdd_ray.core.posttrain"] and "scdd_ray.dist.posttrain" not in graph["scdd_ray.core.posttrain"]
 
 
 def test_no_function_longer_than_80_lines():
@@ -106,40 +105,6 @@ def test_no_function_longer_than_80_lines():
             for n in ast.walk(t) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
             and n.end_lineno - n.lineno + 1 > 80]
     assert not long, long
-
-
-def _config_fields() -> set[str]:
-    from scdd_ray.config import DistillConfig
-
-    out = set()
-    for f in dataclasses.fields(DistillConfig):
-        if f.name in ("squeeze", "recover", "posttrain"):
-            out |= {f"{f.name}.{g.name}" for g in dataclasses.fields(getattr(DistillConfig(dataset="x", out="y"),
-                                                                            f.name))}
-        else:
-            out.add(f.name)
-    return out
-
-
-def test_every_field_the_cli_maps_is_a_flag_of_its_command():
-    from scdd_ray.cli import COMMANDS, build_parser, flag_namer
-
-    _, parsers = build_parser()
-    assert set(parsers) == set(COMMANDS)
-    for name, cmd in COMMANDS.items():
-        dests = {a.dest for a in parsers[name]._actions if a.option_strings}
-        missing = sorted(d for d in cmd.fields.values() if d not in dests)
-        assert not missing, f"{name}: no flag for {missing}"
-        namer = flag_namer(parsers[name], cmd.fields)
-        assert all(namer(f).startswith("--") for f in cmd.fields)
-    # distill's config fields are real DistillConfig fields, and a stage field gets its own flag.
-    known = _config_fields()
-    assert set(COMMANDS["distill"].fields) <= known
-    distill = flag_namer(parsers["distill"], COMMANDS["distill"].fields)
-    posttrain = flag_namer(parsers["posttrain"], COMMANDS["posttrain"].fields)
-    assert distill("posttrain.epochs") == "--posttrain-epochs" and posttrain("posttrain.epochs") == "--epochs"
-    assert distill("recover.crop_scale") == "--recover-crop-scale" and distill("squeeze.method") == "--ssl"
-    assert distill("squeeze.weight_decay") is None  # no flag sets it: errors show the field itself
 
 
 def test_library_errors_name_fields_not_flags():
@@ -150,3 +115,64 @@ def test_library_errors_name_fields_not_flags():
         build_distill_config("digits", "out", {"recover.iterations": 0})
     assert e.value.field == "recover.iterations" and "--" not in str(e.value)
     assert e.value.render({"recover.iterations": "--iterations"}.get).startswith("--iterations: ")
+
+
+# --- one recipe: every numeric default in the schema or a preset file -------------------------------
+
+REPO = os.path.join(ROOT, "..")
+# Where a run's settings are decided for the user: none may hold a numeric default of its own.
+FRONT_ENDS = ("scdd_ray/cli.py", "scdd_ray/tune_config.py", "scdd_ray/dist/tune.py", "scdd_ray/bench",
+              "scdd_ray/pipeline", "benchmarks")
+PLACEMENT = {"num_gpus", "num_workers", "posttrain_workers"}  # where a run runs, not what it computes
+SECTIONS = ("squeeze", "recover", "posttrain")
+
+
+def _number(node) -> bool:
+    if isinstance(node, ast.UnaryOp):
+        node = node.operand
+    return isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+
+
+def hyperparameter_literals(tree: ast.Module, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every number bound to a name of the recipe's settings: a keyword argument, a dict
+    entry, a parameter default, an argparse default."""
+    hits = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.keyword) and n.arg in names and _number(n.value):
+            hits.append((n.lineno, n.arg))
+        elif isinstance(n, ast.Dict):
+            hits += [(n.lineno, k.value) for k, v in zip(n.keys, n.values)
+                     if isinstance(k, ast.Constant) and k.value in names and _number(v)]
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = n.args.posonlyargs + n.args.args
+            pairs = list(zip(args[len(args) - len(n.args.defaults):], n.args.defaults))
+            pairs += [(a, d) for a, d in zip(n.args.kwonlyargs, n.args.kw_defaults) if d is not None]
+            hits += [(n.lineno, a.arg) for a, d in pairs if a.arg in names and _number(d)]
+        elif isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "add_argument":
+            flag = next((c.value for c in n.args if isinstance(c, ast.Constant)), "").lstrip("-").replace("-", "_")
+            section, _, name = flag.partition("_")
+            if (flag in names or (section in SECTIONS and name in names)) and any(
+                    k.arg == "default" and _number(k.value) for k in n.keywords):
+                hits.append((n.lineno, flag))
+    return hits
+
+
+def test_no_numeric_hyperparameter_default_outside_the_schema_and_presets():
+    from scdd_ray.config import recipe_fields
+
+    names = {k.rpartition(".")[2] for k in recipe_fields()} - PLACEMENT
+    found = []
+    for place in FRONT_ENDS:
+        path = os.path.join(REPO, place)
+        files = [path] if path.endswith(".py") else [os.path.join(path, f) for f in sorted(os.listdir(path))
+                                                     if f.endswith(".py")]
+        for f in files:
+            with open(f) as fh:
+                found += [f"{os.path.relpath(f, REPO)}:{line} {name}" for line, name in
+                          hyperparameter_literals(ast.parse(fh.read()), names)]
+    assert not found, found
+    # the check itself sees what it must refuse
+    bad = ast.parse("f(lr=0.1)\nd = {'bn_coef': 1}\ndef g(epochs=3): pass\np.add_argument('--jitter', default=4)\n"
+                    "p.add_argument('--posttrain-epochs', default=9)\np.add_argument('--timed-iterations', default=9)")
+    assert sorted(n for _, n in hyperparameter_literals(bad, names)) == ["bn_coef", "epochs", "jitter", "lr",
+                                                                          "posttrain_epochs"]

@@ -1,10 +1,19 @@
 import math
+
 import pytest
 import torch
 import torch.nn as nn
 
-from scdd_ray.core.bn import (BNMatch, batch_stats, bn_layers, bn_loss, bn_statistics, histogram_entropy, parse_bn_weights,
-                         summarize_bn)
+from scdd_ray.core.bn import (
+    BNMatch,
+    batch_stats,
+    bn_layers,
+    bn_loss,
+    bn_statistics,
+    histogram_entropy,
+    parse_bn_weights,
+    summarize_bn,
+)
 
 
 class TwoBN(nn.Module):
@@ -194,7 +203,8 @@ def test_inspect_bn_cli_writes_groups_and_plot(tmp_path, capsys):
     import json
 
     from scdd_ray.cli import main
-    from scdd_ray.models import create_model, save_checkpoint
+    from scdd_ray.models.checkpoint import save_checkpoint
+    from scdd_ray.models.factory import create_model
 
     paths = []
     for i, scale in enumerate((1.0, 1.0, 3.0)):

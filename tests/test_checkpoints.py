@@ -4,12 +4,13 @@ import os
 
 import pytest
 import torch
+from test_cli_errors import run_err
 
 from scdd_ray.cli import main
-from scdd_ray.models import (CheckpointError, create_model, import_backbone, infer_resnet, load_checkpoint,
-                             model_from_import)
-
-from test_cli_errors import run_err
+from scdd_ray.errors import CheckpointError
+from scdd_ray.models.checkpoint import load_checkpoint
+from scdd_ray.models.factory import create_model
+from scdd_ray.models.public import import_backbone, infer_resnet, model_from_import
 
 
 def backbone_state(arch="resnet18", width=0.125, small_input=False, seed=0):

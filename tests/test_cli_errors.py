@@ -4,11 +4,11 @@ import os
 
 import pytest
 import torch
+from helpers import make_cifar
 
 from scdd_ray.cli import main
-from scdd_ray.models import create_model, save_checkpoint
-
-from helpers import make_cifar
+from scdd_ray.models.checkpoint import save_checkpoint
+from scdd_ray.models.factory import create_model
 
 
 def run_err(capsys, argv):
@@ -88,8 +88,8 @@ def test_usage_errors_are_one_line(capsys):
 
 
 def test_squeeze_errors(tmp_path, capsys):
-    line = run_err(capsys, ["squeeze", "--dataset", "digits", "--method", "byol", "--out", str(tmp_path / "b.pt")])
-    assert "--method" in line
+    line = run_err(capsys, ["squeeze", "--dataset", "digits", "--squeeze-method", "byol", "--out", str(tmp_path / "b.pt")])
+    assert "--squeeze-method" in line
     make_cifar(tmp_path / "c", "cifar10")
     line = run_err(capsys, ["squeeze", "--dataset", "cifar100", "--data-dir", str(tmp_path / "c"), "--out", "x.pt"])
     assert "cifar-100-python" in line
@@ -121,7 +121,7 @@ def distilled(tmp_path):
     """A tiny distilled set for the synthetic dataset (4 classes, 16x16) and a matching teacher."""
     import torch
 
-    from scdd_ray.store import ShardStore
+    from scdd_ray.store.shards import ShardStore
 
     store = ShardStore(str(tmp_path / "set"))
     store.open("fp")
@@ -169,10 +169,10 @@ def test_posttrain_teacher_with_another_class_count(tmp_path, capsys, distilled)
 def test_more_workers_than_the_cluster_can_place(ray_session, tmp_path, capsys, distilled):
     src, teacher = distilled
     out = tmp_path / "out"
-    line = run_err(capsys, _posttrain(src, teacher, out, "--num-workers", "3"))  # the session has 2 CPUs
-    assert "--num-workers" in line and "3 workers need 3 CPUs" in line and "has 2" in line
-    line = run_err(capsys, _posttrain(src, teacher, out, "--num-workers", "2", "--batch-size", "1"))
-    assert "--num-workers" in line and "cannot share a batch of 1" in line
+    line = run_err(capsys, _posttrain(src, teacher, out, "--posttrain-workers", "3"))  # the session has 2 CPUs
+    assert "--posttrain-workers" in line and "3 workers need 3 CPUs" in line and "has 2" in line
+    line = run_err(capsys, _posttrain(src, teacher, out, "--posttrain-workers", "2", "--posttrain-batch-size", "1"))
+    assert "--posttrain-workers" in line and "cannot share a batch of 1" in line
     line = run_err(capsys, ["distill", "--dataset", "synthetic", "--posttrain-workers", "3", "--out", str(out)])
     assert "--posttrain-workers" in line and "has 2" in line
     assert not out.exists()

@@ -3,10 +3,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import make_cifar, make_imagefolder
 
 from scdd_ray.data import DataError, dataset_info, iterate, load_split, sample_per_class
-
-from helpers import make_cifar, make_imagefolder
 
 
 def test_digits_splits_are_fixed_disjoint_and_stratified():
@@ -80,18 +79,27 @@ def test_sample_per_class_is_seeded_and_distinct():
     assert pos.tolist()[:5] == [0, 1, 2, 3, 4]
 
 
-def test_a_registered_dataset_works_everywhere_by_name(monkeypatch):
-    """Adding a dataset is one registered spec: configs, splits and presets follow from its name."""
+def test_a_registered_dataset_works_everywhere_by_name(monkeypatch, tmp_path):
+    """Adding a dataset is one registered spec and its preset file: configs, splits and presets follow from its
+    name."""
+    import yaml
+
+    from scdd_ray import presets
     from scdd_ray.config import build_distill_config
     from scdd_ray.data import registry
-    from scdd_ray.data.synthetic import PRESET, load_synthetic_sets
+    from scdd_ray.data.synthetic import load_synthetic_sets
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     registry.register(registry.DatasetSpec("toy", lambda d, size: load_synthetic_sets(size, num_classes=3),
-                                           {**PRESET, "ipc": 5}, "three colour blobs", val_fraction=0.5))
+                                           "three colour blobs", val_fraction=0.5))
+    for f in os.listdir(presets.DIR):  # the package's presets, and the new dataset's beside them
+        if f.endswith(".yaml"):
+            (tmp_path / f).write_text(open(os.path.join(presets.DIR, f)).read())
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump({"extends": "synthetic", "ipc": 5}))
+    monkeypatch.setattr(presets, "DIR", str(tmp_path))
     assert "toy" in registry.names()
     cfg = build_distill_config("toy", "out", {})
-    assert cfg.ipc == 5 and cfg.image_size == PRESET["image_size"]
+    assert cfg.ipc == 5 and cfg.image_size == presets.load("synthetic", False)["image_size"]
     train, val = load_split("toy", "train", None, 16), load_split("toy", "val", None, 16)
     assert train.info.num_classes == 3 and len(val) == len(train) // 2
     with pytest.raises(registry.ConfigError, match="unknown value 'nope'"):

@@ -12,10 +12,13 @@ import torch
 
 from scdd_ray.config import RecoverConfig
 from scdd_ray.core.shards import plan_shards, recover_shard, run_local
+from scdd_ray.dist import synthesis
 from scdd_ray.dist.synthesis import SynthesisWorker, run_ray
 from scdd_ray.errors import EngineError
-from scdd_ray.models import create_model, frozen, save_checkpoint, load_checkpoint
-from scdd_ray.store import ShardStore
+from scdd_ray.models.checkpoint import load_checkpoint, save_checkpoint
+from scdd_ray.models.factory import create_model
+from scdd_ray.models.runtime import frozen
+from scdd_ray.store.shards import ShardStore
 
 CFG = RecoverConfig(iterations=4, lr=0.1, bn_coef=0.1, jitter=2, crop_scale=(0.5, 1.0), flip=True,
                     classes_per_batch=2)
@@ -49,28 +52,46 @@ def _pairs(store):
 
 
 class DiesOnce(SynthesisWorker):
-    """Dies (os._exit, as an OOM kill or a lost node would) at iteration 2 of its first attempt at `victim`."""
+    """Dies (os._exit, as an OOM kill or a lost node would) at iteration 2 of its first attempt at `victim`;
+    `marker` (a file) remembers the attempt across the restart."""
 
-    victim = ""
+    victim = marker = ""
 
-    def run(self, shard, attempt):
-        if shard.id == self.victim and attempt == 0:
+    def run(self, shard):
+        if shard.id == self.victim and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+
             def die(it):
                 if it == 2:
                     os._exit(1)
 
             recover_shard(self.model, shard, self.cfg, self.mean, self.std, self.image_size, self.run_seed,
                           self.device, on_step=die)
-        return SynthesisWorker.run(self, shard, attempt)  # no super(): its __class__ cell does not pickle by value
+        return SynthesisWorker.run(self, shard)  # no super(): its __class__ cell does not pickle by value
 
 
-def test_killed_actor_is_replaced_and_output_is_complete_and_identical(ray_session, ckpt, reference, tmp_path):
+class Hooked(ShardStore):
+    """A store that calls `hook(shard_id)` after each shard it writes (what Ctrl-C or a kill is timed by)."""
+
+    def __init__(self, root, hook):
+        super().__init__(root)
+        self.hook = hook
+
+    def write_shard(self, shard_id, *args, **kwargs):
+        written = super().write_shard(shard_id, *args, **kwargs)
+        self.hook(shard_id)
+        return written
+
+
+def test_killed_actor_is_replaced_and_output_is_complete_and_identical(ray_session, ckpt, reference, tmp_path,
+                                                                      monkeypatch):
     ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
-    store = ShardStore(str(tmp_path))
+    store = ShardStore(str(tmp_path / "out"))
     store.open("fp")
     shards = plan_shards(4, 3, 2)
-    victim = type("DiesOnceAt", (DiesOnce,), {"victim": shards[2].id})
-    stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False, worker_cls=victim)
+    victim = type("DiesOnceAt", (DiesOnce,), {"victim": shards[2].id, "marker": str(tmp_path / "died")})
+    monkeypatch.setattr(synthesis, "SynthesisWorker", victim)
+    stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False)
     assert stats["restarts"] == 1 and stats["shards_computed"] == len(shards)
     pairs = _pairs(store)
     assert pairs == [(c, i) for c in range(4) for i in range(3)]  # every pair exactly once
@@ -79,9 +100,6 @@ def test_killed_actor_is_replaced_and_output_is_complete_and_identical(ray_sessi
 
 
 def test_interrupted_run_resumes_with_only_missing_shards(ray_session, ckpt, reference, tmp_path):
-    store = ShardStore(str(tmp_path))
-    store.open("fp")
-    shards = plan_shards(4, 3, 2)
     finished = []
 
     def interrupt(sid):
@@ -89,8 +107,11 @@ def test_interrupted_run_resumes_with_only_missing_shards(ray_session, ckpt, ref
         if len(finished) == 2:
             raise KeyboardInterrupt  # what Ctrl-C in the driver does
 
+    store = Hooked(str(tmp_path), interrupt)
+    store.open("fp")
+    shards = plan_shards(4, 3, 2)
     with pytest.raises(KeyboardInterrupt):
-        run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=1, use_gpu=False, on_result=interrupt)
+        run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=1, use_gpu=False)
     assert store.done() == set(finished)
     stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False)
     assert stats["shards_computed"] == len(shards) - 2
@@ -99,16 +120,17 @@ def test_interrupted_run_resumes_with_only_missing_shards(ray_session, ckpt, ref
     assert again["shards_computed"] == 0
 
 
-def test_a_shard_failing_every_time_stops_the_run_naming_it(ray_session, ckpt, tmp_path):
+def test_a_shard_failing_every_time_stops_the_run_naming_it(ray_session, ckpt, tmp_path, monkeypatch):
     store = ShardStore(str(tmp_path))
     store.open("fp")
     shards = plan_shards(4, 1, 2)
     bad = dataclasses.replace(CFG, bn_weights="1,2,3")  # wrong length: fails inside the worker every time
+    monkeypatch.setattr(synthesis, "MAX_TRIES", 2)
     with pytest.raises(EngineError, match=f"shard {shards[0].id}|shard {shards[1].id}") as e:
-        run_ray(ckpt, shards, store, bad, SIZE, 5, num_workers=1, use_gpu=False, max_tries=2)
+        run_ray(ckpt, shards, store, bad, SIZE, 5, num_workers=1, use_gpu=False)
     # the worker's own error, not just its type: actor logs do not reach the driver
     assert "ValueError: `recover.bn_weights` lists 3 weights but the model has" in str(e.value)
-    assert len(str(e.value).splitlines()) == 1
+    assert "(2 attempts)" in str(e.value) and len(str(e.value).splitlines()) == 1
 
 
 def test_bench_scaling_reports_throughput_and_efficiency(ray_session, tmp_path):
@@ -118,7 +140,7 @@ def test_bench_scaling_reports_throughput_and_efficiency(ray_session, tmp_path):
 
     out = tmp_path / "scaling.json"
     assert main(["-q", "bench", "scaling", "--workers", "1,2", "--width", "0.0625", "--image-size", "8",
-                 "--num-classes", "2", "--shards", "2", "--iterations", "2", "--json", str(out)]) == 0
+                 "--classes-per-batch", "2", "--shards", "2", "--iterations", "2", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [r["workers"] for r in res["results"]] == [1, 2]
     assert all(r["img_iters_per_s"] > 0 for r in res["results"])
@@ -132,7 +154,7 @@ def test_bench_recover_writes_throughput(tmp_path, capsys):
 
     out = tmp_path / "r.json"
     assert main(["-q", "bench", "recover", "--width", "0.125", "--image-size", "16", "--num-classes", "4",
-                 "--batch", "8", "--iterations", "3", "--threads", "1", "--repeats", "1", "--json", str(out)]) == 0
+                 "--batch", "8", "--timed-iterations", "3", "--threads", "1", "--repeats", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["benchmark"] == "recover" and res["img_iters_per_s"] > 0 and res["batch"] == 8
     assert main(["bench", "recover", "--batch", "0", "--json", str(out)]) == 2
@@ -141,7 +163,8 @@ def test_bench_recover_writes_throughput(tmp_path, capsys):
 
 # --- issue 15: a cluster that cannot place workers, and chaos --------------------------------------
 
-def test_workers_the_cluster_cannot_place_are_refused_or_not_waited_for(ray_session, ckpt, tmp_path, caplog):
+def test_workers_the_cluster_cannot_place_are_refused_or_not_waited_for(ray_session, ckpt, tmp_path, caplog,
+                                                                        monkeypatch):
     from ray.util.placement_group import placement_group, remove_placement_group
 
     from scdd_ray.errors import ConfigError
@@ -167,10 +190,12 @@ def test_workers_the_cluster_cannot_place_are_refused_or_not_waited_for(ray_sess
         other = ShardStore(str(tmp_path / "b"))
         other.open("fp")
         t0 = time.perf_counter()
+        monkeypatch.setattr(synthesis, "STARTUP_TIMEOUT", 2)
+        monkeypatch.setattr(synthesis, "POLL", 1)
         with caplog.at_level("INFO", logger="scdd_ray"):
             with pytest.raises(EngineError, match="no synthesis worker could start within 2s; the Ray cluster "
                                                   "reports 0 of 2 CPUs free"):
-                run_ray(ckpt, shards, other, CFG, SIZE, 5, num_workers=1, use_gpu=False, startup_timeout=2, poll=1)
+                run_ray(ckpt, shards, other, CFG, SIZE, 5, num_workers=1, use_gpu=False)
         assert time.perf_counter() - t0 < 30 and other.done() == set()
         assert "0 of 1 workers started after 1s; waiting for the cluster" in caplog.text
     finally:
@@ -189,7 +214,8 @@ class PidFile(SynthesisWorker):
             pass
 
 
-def test_chaos_kills_and_ctrl_c_then_resume_give_every_shard_once_and_the_same_images(ray_session, ckpt, tmp_path):
+def test_chaos_kills_and_ctrl_c_then_resume_give_every_shard_once_and_the_same_images(ray_session, ckpt, tmp_path,
+                                                                                      monkeypatch):
     ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     shards = plan_shards(4, 3, 1)  # 12 shards of one image
     ref = ShardStore(str(tmp_path / "ref"))
@@ -215,11 +241,11 @@ def test_chaos_kills_and_ctrl_c_then_resume_give_every_shard_once_and_the_same_i
         if len(finished) == 6:
             raise KeyboardInterrupt  # what Ctrl-C in the driver does
 
-    store = ShardStore(str(tmp_path / "out"))
+    store = Hooked(str(tmp_path / "out"), chaos)
     store.open("fp")
+    monkeypatch.setattr(synthesis, "SynthesisWorker", worker_cls("run1"))
     with pytest.raises(KeyboardInterrupt):
-        run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False, worker_cls=worker_cls("run1"),
-                on_result=chaos)
+        run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False)
     assert len(killed) == 1 and store.done() == set(finished)
     finished.clear()
 
@@ -228,8 +254,9 @@ def test_chaos_kills_and_ctrl_c_then_resume_give_every_shard_once_and_the_same_i
         if len(finished) == 2:
             kill_a_random_worker()
 
-    stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False, worker_cls=worker_cls("run2"),
-                    on_result=kill_once)
+    store.hook = kill_once
+    monkeypatch.setattr(synthesis, "SynthesisWorker", worker_cls("run2"))
+    stats = run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False)
     # the killed worker had a shard, or gets the next one: its death is seen, and it is replaced, before the end
     assert len(killed) == 2 and stats["restarts"] == 1 and stats["shards_computed"] == 6
     assert _pairs(store) == [(c, i) for c in range(4) for i in range(3)]  # every pair exactly once

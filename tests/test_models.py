@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from scdd_ray.core.bn import bn_layers
-from scdd_ray.models import CheckpointError, create_model, load_checkpoint, save_checkpoint
+from scdd_ray.errors import CheckpointError
+from scdd_ray.models.checkpoint import load_checkpoint, save_checkpoint
+from scdd_ray.models.factory import create_model
 
 
 @pytest.mark.parametrize("arch,n_bn", [("resnet18", 20), ("resnet50", 53), ("resnet101", 104)])

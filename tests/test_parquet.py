@@ -10,12 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_cli_errors import run_err
 
 from scdd_ray.data import load_split
 from scdd_ray.errors import DataError
 from scdd_ray.exports import HF_FILE, hf_parquet
-
-from test_cli_errors import run_err
 
 SHARED_CIFAR10 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
 STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

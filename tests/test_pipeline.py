@@ -8,7 +8,7 @@ import torch
 
 from scdd_ray.cli import main
 from scdd_ray.report import REQUIRED
-from scdd_ray.store import ShardStore
+from scdd_ray.store.shards import ShardStore
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ def test_rerun_resumes_without_recomputing(scdd_run, capsys):
     for f, t in shard_files.items():
         assert os.path.getmtime(scdd_run / "distilled" / f) == t
     # both cached models were reused: the SSL backbone and the supervised teacher every method shares
-    assert sorted(f.split("-")[0] for f in os.listdir(scdd_run / "backbones")) == ["simclr", "supervised"]
+    assert sorted(f.split("-")[0] for f in os.listdir(scdd_run / "backbones") if not f.startswith(".")) == [
+        "simclr", "supervised"]
 
 
 def test_a_truncated_and_a_deleted_shard_are_computed_again_with_the_same_images(scdd_run):
@@ -79,9 +80,9 @@ def test_baselines_run_on_the_same_budget(tmp_path, method, backbone):
 
 def test_posttrain_standalone_on_a_distill_dir_and_on_an_imagefolder(scdd_run, tmp_path):
     """1 worker storing soft labels on the distill dir, then 2 workers training from them on images/."""
-    teacher = next((scdd_run / "backbones").iterdir())
+    teacher = next((scdd_run / "backbones").glob("*.pt"))
     first = tmp_path / "distill-dir"
-    argv = ["-q", "posttrain", "--distilled", str(scdd_run), "--teacher", str(teacher), "--epochs", "2",
+    argv = ["-q", "posttrain", "--distilled", str(scdd_run), "--teacher", str(teacher), "--posttrain-epochs", "2",
             "--store-soft-labels", "--out", str(first)]
     assert main(argv) == 0
     stored = first / "soft_labels"
@@ -90,7 +91,8 @@ def test_posttrain_standalone_on_a_distill_dir_and_on_an_imagefolder(scdd_run, t
     assert json.loads((stored / "soft_labels.json").read_text())["complete"] is True
     second = tmp_path / "imagefolder"
     argv = ["-q", "posttrain", "--distilled", str(scdd_run / "images"), "--dataset", "synthetic", "--teacher",
-            str(teacher), "--epochs", "2", "--num-workers", "2", "--soft-labels", str(stored), "--out", str(second)]
+            str(teacher), "--posttrain-epochs", "2", "--posttrain-workers", "2", "--soft-labels", str(stored), "--out",
+            str(second)]
     assert main(argv) == 0
     a, b = (json.loads((d / "posttrain.json").read_text()) for d in (first, second))
     for res in (a, b):
@@ -103,7 +105,7 @@ def test_posttrain_standalone_on_a_distill_dir_and_on_an_imagefolder(scdd_run, t
 
 def test_the_hf_export_reads_back_as_a_parquet_dataset(scdd_run):
     from scdd_ray.data import load_split
-    from scdd_ray.store import ShardStore
+    from scdd_ray.store.shards import ShardStore
 
     images, cls, _ = ShardStore(str(scdd_run / "distilled")).read()
     back = load_split("parquet", "train", str(scdd_run / "hf"), 16)

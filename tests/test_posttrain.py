@@ -1,6 +1,8 @@
 """Post-train: crops shared by every worker count, the teacher labels the student's very crop,
 stored soft labels equal online ones, and an interrupted Ray Train run resumes to exactly its epochs."""
 import dataclasses
+import os
+import shutil
 import sys
 
 import numpy as np
@@ -8,19 +10,33 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scdd_ray.core.augment import normalize, to_float
 from scdd_ray.config import PosttrainConfig
-from scdd_ray.data import load_split
-from scdd_ray.errors import EngineError
-from scdd_ray.models import create_model, frozen, load_checkpoint, save_checkpoint
-from scdd_ray.core.schedules import cosine_lr
-from scdd_ray.core.training import (EncodedSet, PosttrainJob, PostTrainer, epoch_batches, global_batch, make_optimizer,
-                                    rank_rows, run_epoch, scaled_lr, soft_label_rows, steps_per_epoch, stored_batches,
-                                    train_step)
-from scdd_ray.dist import train as dist_train
-from scdd_ray.dist.train import run_posttrain
+from scdd_ray.core.augment import normalize, to_float
+from scdd_ray.core.posttrain import (
+    PostTrainer,
+    epoch_batches,
+    global_batch,
+    make_optimizer,
+    rank_rows,
+    run_epoch,
+    scaled_lr,
+    steps_per_epoch,
+    train_step,
+)
+from scdd_ray.core.posttrain_job import PosttrainJob
 from scdd_ray.core.relabel import make_crops, plan_crops
-from scdd_ray.store import ShardStore, images_digest, write_soft_labels
+from scdd_ray.core.schedules import cosine_lr
+from scdd_ray.core.soft_labels import soft_label_rows, stored_batches
+from scdd_ray.data import load_split
+from scdd_ray.dist import posttrain as dist_train
+from scdd_ray.dist.posttrain import run_posttrain
+from scdd_ray.errors import EngineError
+from scdd_ray.models.checkpoint import load_checkpoint, save_checkpoint
+from scdd_ray.models.factory import create_model
+from scdd_ray.models.runtime import frozen
+from scdd_ray.store.encoded import EncodedImages, images_digest
+from scdd_ray.store.shards import ShardStore
+from scdd_ray.store.soft_labels import write_soft_labels
 
 SIZE = 16
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
@@ -145,11 +161,9 @@ def test_a_set_kept_encoded_trains_exactly_as_the_decoded_set(tmp_path, mix):
     store.write_shard("a", [i % 4 for i in range(12)], [i // 4 for i in range(12)], _images(12))
     cfg = dataclasses.replace(CFG, mix=mix, epochs=2)
     info = load_split("synthetic", "test", None, SIZE).info
-    decoded, labels = dist_train._read_images({"source": store.root,
-                                               "images_digest": images_digest(store.read()[0])}, 0, "cpu")
-    encoded, encoded_labels = dist_train._read_images({"source": store.root, "images_digest": images_digest(decoded),
-                                                       "decoded_max_bytes": 0}, 0, "cpu")
-    assert isinstance(decoded, torch.Tensor) and isinstance(encoded, EncodedSet)
+    decoded, labels = dist_train.read_images(store.root, images_digest(store.read()[0]), 0, "cpu")
+    encoded, encoded_labels = dist_train.read_images(store.root, images_digest(decoded), 0, "cpu", keep_encoded=True)
+    assert isinstance(decoded, torch.Tensor) and isinstance(encoded, EncodedImages)
     assert labels.tolist() == encoded_labels.tolist() == store.read()[1].tolist()
     for world in (1, 2):
         students = []
@@ -162,7 +176,7 @@ def test_a_set_kept_encoded_trains_exactly_as_the_decoded_set(tmp_path, mix):
             students.append(torch.cat([p.flatten() for p in tr.student.state_dict().values()]))
         assert torch.equal(students[0], students[1])
     with pytest.raises(RuntimeError, match="other images"):
-        dist_train._read_images({"source": store.root, "images_digest": "0" * 16, "decoded_max_bytes": 0}, 1, "cpu")
+        dist_train.read_images(store.root, "0" * 16, 1, "cpu", keep_encoded=True)
 
 
 # --- Ray Train ---------------------------------------------------------------------
@@ -202,10 +216,22 @@ def crash_after_epoch_2(config):
     dist_train.train_loop_per_worker(config)
 
 
-def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(ray_session, job, tmp_path):
+@pytest.fixture(scope="module")
+def crashed_run(ray_session, job, tmp_path_factory):
+    """A real Ray Train run of `job` whose worker died right after epoch 2's checkpoint (copy before changing it)."""
     ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on the workers' path
-    with pytest.raises(EngineError, match="injected failure after epoch 2"):
-        run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1, loop=crash_after_epoch_2)
+    root = tmp_path_factory.mktemp("crashed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dist_train, "train_loop_per_worker", crash_after_epoch_2)
+        with pytest.raises(EngineError, match="injected failure after epoch 2"):
+            run_posttrain(job, storage_path=str(root), name="run", num_workers=1)
+    assert sorted(p.name for p in (root / "run").iterdir() if p.name.startswith("epoch-")) == [
+        "epoch-00001", "epoch-00002"]
+    return root / "run"
+
+
+def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(job, crashed_run, tmp_path):
+    shutil.copytree(crashed_run, tmp_path / "run")
     res = run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1)
     per_epoch = steps_per_epoch(12, 5)
     assert res.resumed_from == 2
@@ -218,6 +244,29 @@ def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(ray_sessi
     assert kept == ["epoch-00003", "epoch-00004"]  # the last two checkpoints
     again = run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1)  # finished: nothing to do
     assert again.trained_epochs == [1, 2, 3, 4] and again.top1 == res.top1 and again.seconds == 0.0
+
+
+def test_a_posttrain_run_ray_train_cannot_resume_is_cleaned_or_started_over(crashed_run, tmp_path):
+    """What Ray Train registered (read through its public Result API) is kept; a checkpoint it never registered
+    is removed; a damaged or planted registered state, or an unreadable record, starts the student over."""
+    from test_reliability import plant
+
+    run, marker = tmp_path / "run", tmp_path / "code-ran"
+    shutil.copytree(crashed_run, run)
+    (run / "epoch-00003").mkdir()  # a checkpoint a kill interrupted before Ray Train registered it
+    (run / "epoch-00003" / dist_train.STATE_FILE).write_bytes(b"cut short")
+    before = sorted(os.listdir(run))
+    dist_train.clean_run_dir(str(run))
+    assert sorted(os.listdir(run)) == [f for f in before if f != "epoch-00003"]  # what Ray Train resumes from
+    plant(run / "epoch-00002" / dist_train.STATE_FILE, marker)  # the checkpoint it would resume from, replaced
+    dist_train.clean_run_dir(str(run))
+    assert not run.exists() and not marker.exists()  # never loaded: the student trains from the start
+    shutil.copytree(crashed_run, run)
+    for f in run.iterdir():  # Ray Train's own record of its checkpoints, cut short by a full disk
+        if f.is_file() and f.suffix == ".json":
+            f.write_text(f.read_text()[:10])
+    dist_train.clean_run_dir(str(run))
+    assert not run.exists()
 
 
 def test_hard_label_loss_is_the_mixed_cross_entropy():
@@ -235,7 +284,7 @@ def test_hard_label_loss_is_the_mixed_cross_entropy():
 
 
 def test_hard_label_posttrain_needs_no_teacher_and_learns_the_labels():
-    from scdd_ray.core.training import PostTrainer
+    from scdd_ray.core.posttrain import PostTrainer
 
     test = load_split("synthetic", "train", None, SIZE)  # learn and check on the same images: it must fit them
     cfg = dataclasses.replace(CFG, labels="hard", epochs=12, batch_size=24, lr=5e-3, mix="none")

@@ -3,10 +3,9 @@ import json
 import os
 
 import pytest
+from test_cli_errors import run_err
 
 from scdd_ray.cli import main
-
-from test_cli_errors import run_err
 
 
 @pytest.mark.slow
@@ -67,8 +66,7 @@ def test_holdout_tables_never_read_test_and_share_random_cells(tmp_path, capsys,
     assert set(asked) == {"train-noval", "val"}
     a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
     assert sorted(p.name for p in (work / "models").glob("*.pt")) == [
-        "synthetic-simclr-resnet18-w0.125-s16-e6-seed0-train-noval.pt",
-        "synthetic-supervised-resnet18-w0.125-s16-e6-seed0-train-noval.pt"]
+        "simclr-resnet18-w0.125-s16-e6-seed0-train-noval.pt", "supervised-resnet18-w0.125-s16-e6-seed0-train-noval.pt"]
     scdd = {t: json.loads((work / "cells" / f"synthetic-scdd-ipc1-seed0-holdout-True-recover_init-{t}"
                                 / "report.json").read_text()) for t in ("real", "noise")}
     assert all(r["evaluated_on"] == "val" for r in scdd.values())
@@ -84,7 +82,7 @@ def test_holdout_tables_never_read_test_and_share_random_cells(tmp_path, capsys,
 def test_shared_models_seed_names_cells_apart(tmp_path):
     """With --model-seed the cells of other seeds name the models they share; the model seed's own cells
     are the same runs as in a per-seed table, and random cells ignore recover settings."""
-    from scdd_ray.ranking import TableSpec, cell_dir
+    from scdd_ray.bench.table import TableSpec, cell_dir
 
     per_seed = TableSpec("synthetic", str(tmp_path))
     shared = TableSpec("synthetic", str(tmp_path), model_seed=0, overrides={"recover.init": "real", "width": 0.5})

@@ -3,9 +3,10 @@ import dataclasses
 import torch
 
 from scdd_ray.config import RecoverConfig
-from scdd_ray.core.shards import plan_shards, recover_shard, shard_seed
-from scdd_ray.models import create_model, frozen
 from scdd_ray.core.recover import synthesize
+from scdd_ray.core.shards import plan_shards, recover_shard, shard_seed
+from scdd_ray.models.factory import create_model
+from scdd_ray.models.runtime import frozen
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 CFG = RecoverConfig(iterations=6, lr=0.1, bn_coef=0.1, bn_weights="first:10", jitter=2, crop_scale=(0.5, 1.0),
@@ -117,16 +118,21 @@ def test_new_recover_settings_at_their_defaults_keep_earlier_fingerprints():
 def test_compiled_objective_is_captured_once_and_gives_the_eager_images(tiny_model, monkeypatch):
     """`recover.compile`: one graph, no break, reused by every shard of the model; same images as eager
     (captured with a counting backend that runs the graph as is: code generation is torch's part)."""
-    from scdd_ray.core import recover
-
-    graphs = []
+    graphs, backends = [], []
 
     def counting(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    monkeypatch.setattr(recover, "COMPILE_BACKEND", counting)
-    cfg = RecoverConfig(iterations=4, lr=0.1, bn_coef=0.1, jitter=2, crop_scale=(0.5, 1.0), flip=True)
+    real = torch.compile
+
+    def compile_counting(fn, backend):  # the configured backend reaches torch.compile; the test counts graphs
+        backends.append(backend)
+        return real(fn, backend=counting)
+
+    monkeypatch.setattr(torch, "compile", compile_counting)
+    cfg = RecoverConfig(iterations=4, lr=0.1, bn_coef=0.1, jitter=2, crop_scale=(0.5, 1.0), flip=True,
+                        compile_backend="eager")
     model = frozen(tiny_model)
     eager = [synthesize(model, torch.tensor(t), cfg, MEAN, STD, 16, seed=s).images for t, s in (([0, 1], 1), ([2, 3], 2))]
     twin = frozen(create_model("resnet18", 4, width=0.125))
@@ -135,4 +141,4 @@ def test_compiled_objective_is_captured_once_and_gives_the_eager_images(tiny_mod
     for (t, s), want in zip((([0, 1], 1), ([2, 3], 2)), eager):
         got = synthesize(twin, torch.tensor(t), compiled, MEAN, STD, 16, seed=s).images
         assert torch.equal(got, want)
-    assert len(graphs) == 1  # two shards, one capture, no graph break
+    assert len(graphs) == 1 and backends == ["eager"]  # two shards, one capture, no graph break

@@ -13,14 +13,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from test_cli_errors import run_err
 
 import scdd_ray
 from scdd_ray.errors import CheckpointError, StoreError
-from scdd_ray.models import create_model, save_checkpoint
+from scdd_ray.models.checkpoint import save_checkpoint
+from scdd_ray.models.factory import create_model
 from scdd_ray.pipeline.outdir import LOCK_FILE, lock_out_dir
-from scdd_ray.store import ShardStore, atomic_write_bytes
-
-from test_cli_errors import run_err
+from scdd_ray.store.atomic import atomic_write_bytes
+from scdd_ray.store.shards import ShardStore
 
 REPO = os.path.dirname(os.path.dirname(scdd_ray.__file__))  # the code under test, for child processes
 ENV = {**os.environ, "PYTHONPATH": REPO}
@@ -75,7 +76,7 @@ def plant(path, marker):
 def test_a_planted_posttrain_state_is_refused_and_never_runs(tmp_path):
     import ray.train
 
-    from scdd_ray.dist.train import STATE_FILE, checkpoint_state, finished_state
+    from scdd_ray.dist.posttrain import STATE_FILE, checkpoint_state, finished_state
 
     marker = tmp_path / "code-ran"
     state = tmp_path / "posttrain" / "student-abc" / "epoch-00002" / STATE_FILE
@@ -90,45 +91,23 @@ def test_a_planted_posttrain_state_is_refused_and_never_runs(tmp_path):
     assert marker.exists()
 
 
-def test_a_posttrain_run_ray_train_cannot_resume_is_cleaned_or_started_over(tmp_path):
-    from scdd_ray.dist.train import RAY_SNAPSHOT, STATE_FILE, clean_run_dir
-
-    run, marker = tmp_path / "student-abc", tmp_path / "code-ran"
-
-    def checkpoints(snapshot):
-        for e in (1, 2):
-            (run / f"epoch-0000{e}").mkdir(parents=True, exist_ok=True)
-            torch.save({"epoch": e, "step": 2 * e, "history": []}, str(run / f"epoch-0000{e}" / STATE_FILE))
-        (run / RAY_SNAPSHOT).write_text(snapshot)  # Ray Train's record, in its own format
-
-    checkpoints(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "epoch-00001"}]}))
-    state2 = run / "epoch-00002" / STATE_FILE
-    state2.write_bytes(state2.read_bytes()[:100])  # a copy cut short by a full disk, never registered
-    clean_run_dir(str(run))
-    assert sorted(os.listdir(run)) == [RAY_SNAPSHOT, "epoch-00001"]  # what Ray Train resumes from is kept
-    plant(run / "epoch-00001" / STATE_FILE, marker)  # the checkpoint it would resume from, replaced
-    clean_run_dir(str(run))
-    assert not run.exists() and not marker.exists()  # never loaded: the student trains from the start
-    checkpoints("")  # a snapshot the full disk truncated: Ray Train cannot resume this run
-    clean_run_dir(str(run))
-    assert not run.exists()
-
-
 def test_a_planted_tune_trial_state_is_refused_and_never_runs(tmp_path):
     from ray import tune
+    from test_tune import TINY
 
     from scdd_ray.dist.tune import STATE_FILE, summarize
     from scdd_ray.tune_config import load_tune_config
-    from test_tune import TINY
 
     cfg = load_tune_config(TINY)
     marker, trial = tmp_path / "code-ran", tmp_path / "trial"
     plant(trial / STATE_FILE, marker)
-    result = SimpleNamespace(metrics={"val_top1": 50.0, "epoch": cfg.posttrain.epochs}, path=str(trial),
-                             config={"arch": "resnet18", "method": "scdd", "bn_coef": 0.1, "first_multiplier": 1},
+    result = SimpleNamespace(metrics={"val_top1": 50.0, "epoch": cfg.base.posttrain.epochs}, path=str(trial),
+                             config={"bn_coef": 0.1, "first_multiplier": 1},
                              checkpoint=tune.Checkpoint.from_directory(str(trial)))
+    cell = ("resnet18", "scdd")
+    models = {cell: (cfg.cell(*cell, str(tmp_path / "sweep")), SimpleNamespace(backbone_path=None, teacher_path=None))}
     with pytest.raises(CheckpointError, match=STATE_FILE):
-        summarize([result], cfg, str(tmp_path / "sweep"), 1.0)
+        summarize({cell: [result]}, models, cfg, str(tmp_path / "sweep"), 1.0)
     assert not marker.exists() and not (tmp_path / "sweep" / "best.json").exists()
 
 
@@ -218,7 +197,7 @@ def test_posttrain_on_a_folder_of_mixed_size_images_is_one_line(tmp_path, capsys
 
 WRITER = """
 import os, sys, time, torch
-from scdd_ray.store import ShardStore
+from scdd_ray.store.shards import ShardStore
 st = ShardStore(sys.argv[1])
 st.open("fp")
 while not os.path.exists(sys.argv[3]):  # start together, so the writes interleave
@@ -292,8 +271,9 @@ def test_an_unknown_timm_architecture_is_refused_before_anything_is_written(tmp_
 FULL_DISK = """
 import json, os, resource, signal, sys, torch
 from scdd_ray.errors import StoreError
-from scdd_ray.models import create_model, save_checkpoint
-from scdd_ray.report import save_grid
+from scdd_ray.models.checkpoint import save_checkpoint
+from scdd_ray.models.factory import create_model
+from scdd_ray.plots import save_grid
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
 errors = []

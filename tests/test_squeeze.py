@@ -4,10 +4,10 @@ import dataclasses
 import torch
 
 from scdd_ray.config import SqueezeConfig
-from scdd_ray.data import load_split
-from scdd_ray.models import create_model
 from scdd_ray.core.squeeze import linear_probe, pretrain_ssl, squeeze
 from scdd_ray.core.ssl import NTXentLoss
+from scdd_ray.data import load_split
+from scdd_ray.models.factory import create_model
 
 CFG = SqueezeConfig(method="simclr", epochs=1, batch_size=16, lr=0.05, crop_scale=(0.5, 1.0), flip=False,
                     probe_epochs=30)

@@ -4,8 +4,11 @@ import pandas as pd
 import pytest
 import torch
 
-from scdd_ray.store import (ShardStore, StoreError, export_imagefolder, images_digest, read_distilled, read_encoded,
-                            read_imagefolder)
+from scdd_ray.errors import StoreError
+from scdd_ray.exports import export_imagefolder
+from scdd_ray.store.distilled import read_distilled, read_encoded
+from scdd_ray.store.encoded import images_digest
+from scdd_ray.store.shards import ShardStore
 
 
 def _imgs(n, seed=0):
@@ -60,7 +63,7 @@ def test_imagefolder_export_uses_reference_layout(tmp_path):
     export_imagefolder(str(tmp_path), imgs, [0, 0, 12], [0, 1, 0])
     assert sorted(os.listdir(tmp_path)) == ["new000", "new012"]
     assert sorted(os.listdir(tmp_path / "new000")) == ["class000_id000.png", "class000_id001.png"]
-    back, cls, ipc = read_imagefolder(str(tmp_path))
+    back, cls, ipc = read_distilled(str(tmp_path))
     assert cls.tolist() == [0, 0, 12] and torch.equal(back, imgs)
 
 

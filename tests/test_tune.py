@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 import yaml
-
-from scdd_ray.config import ConfigError
-from scdd_ray.tune_config import load_tune_config, read_tune_config
-
 from test_cli_errors import run_err
+
+from scdd_ray.errors import ConfigError
+from scdd_ray.models.checkpoint import load_checkpoint
+from scdd_ray.tune_config import load_tune_config, read_tune_config
 
 TINY = {
     "name": "tiny", "dataset": "synthetic", "image_size": 16, "width": 0.125, "ipc": 1, "seed": 0,
@@ -81,15 +81,18 @@ def test_objective_never_reads_the_test_split(monkeypatch, tmp_path):
     # Every module that reads data is imported before the patch: a first import under it would bind the guard
     # for good.
     from scdd_ray import data
+    from scdd_ray.backbones import resolve_models
     from scdd_ray.core.evaluation import top1
     from scdd_ray.dist import tune
-    from scdd_ray.models import create_model
+    from scdd_ray.models.factory import create_model
 
     cfg = load_tune_config(TINY)
-    val = data.load_split("synthetic", "val", None, 16)
-    train = data.load_split("synthetic", "train-noval", None, 16)
+    cell = cfg.cell("resnet18", "scdd", str(tmp_path))
+    val, train = cell.split("test"), cell.split("train")  # a sweep holds out: these are val and train-noval
     seen = {x.numpy().tobytes() for x in train.images}
     assert len(val) > 0 and not any(x.numpy().tobytes() in seen for x in val.images)  # val is held out
+    models = resolve_models(cell, val.info, torch.device("cpu"))  # the cell's SSL backbone and supervised teacher
+    assert models.teacher.method == "supervised" and models.backbone.method == "simclr"
 
     def guarded(name, split, *a, **k):
         assert split != "test", "a trial read the test split"
@@ -97,41 +100,32 @@ def test_objective_never_reads_the_test_split(monkeypatch, tmp_path):
 
     real = data.load_split
     monkeypatch.setattr(data, "load_split", guarded)
-    monkeypatch.setattr(tune, "load_split", guarded)
-    backbones = {}
-    for method in cfg.methods:
-        path = tune.backbone_path(str(tmp_path), cfg, method, "resnet18")
-        tune._squeeze_one(cfg, method, "resnet18", path, 1)
-        backbones[(method, "resnet18")] = tune.load_checkpoint(path)
     reports = []
-
-    class Ckpt:
-        @staticmethod
-        def from_directory(d):
-            return torch.load(os.path.join(d, tune.STATE_FILE), weights_only=False)
-
-    tune.run_trial({"arch": "resnet18", "method": "scdd", "bn_coef": 0.1, "first_multiplier": 10}, cfg, backbones,
-                   val, train, lambda m, checkpoint=None: reports.append((m, checkpoint)), Ckpt)
+    monkeypatch.setattr(tune.tune, "report", lambda m, checkpoint=None: reports.append((m, checkpoint)))
+    monkeypatch.setattr(tune.tune.Checkpoint, "from_directory",
+                        staticmethod(lambda d: torch.load(os.path.join(d, tune.STATE_FILE), weights_only=False)))
+    tune.trial({"bn_coef": 0.1, "first_multiplier": 10}, cfg, cell, models.backbone, models.teacher, val, train)
     assert [m["epoch"] for m, _ in reports] == [2, 4]
     final, state = reports[-1]
-    student = create_model("resnet18", val.info.num_classes, cfg.posttrain.student_width)
+    student = create_model("resnet18", val.info.num_classes, cell.posttrain.student_width)
     student.load_state_dict(state["student"])
     # The reported score is the final student's top-1 on exactly the validation images.
     assert final["val_top1"] == pytest.approx(top1(student, val, val.info.mean, val.info.std))
     assert state["recover"]["bn_weights"] == "first:10" and state["recover"]["bn_coef"] == 0.1
 
 
-def _finished(exp_dir, epochs):
-    """trial dir -> number of final-epoch results recorded in its result.json."""
+def _finished(tune_dir, epochs):
+    """cell/trial dir -> number of final-epoch results recorded in its result.json (one Tuner per cell)."""
     out = {}
-    if not os.path.isdir(exp_dir):
+    if not os.path.isdir(tune_dir):
         return out
-    for d in os.listdir(exp_dir):
-        f = os.path.join(exp_dir, d, "result.json")
-        if os.path.isfile(f):
-            with open(f) as fh:
-                rows = [json.loads(x) for x in fh if x.strip()]
-            out[d] = sum(r.get("epoch") == epochs for r in rows)
+    for cell in os.listdir(tune_dir):
+        for d in os.listdir(os.path.join(tune_dir, cell)) if os.path.isdir(os.path.join(tune_dir, cell)) else ():
+            f = os.path.join(tune_dir, cell, d, "result.json")
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    rows = [json.loads(x) for x in fh if x.strip()]
+                out[f"{cell}/{d}"] = sum(r.get("epoch") == epochs for r in rows)
     return out
 
 
@@ -166,28 +160,8 @@ def test_interrupted_sweep_resumes_instead_of_starting_over(tmp_path):
     best = json.loads((out / "best.json").read_text())
     assert set(best["best"]) == {"resnet18/scdd", "resnet18/sre2l"}
     assert (out / "summary.md").read_text().count("| resnet18 |") == 2
-
-
-def test_asha_ranks_trials_only_within_their_cell():
-    from types import SimpleNamespace
-
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-
-    from scdd_ray.dist.tune import PerCellASHA
-
-    def trials():
-        return [SimpleNamespace(trial_id=f"t{i}", config={"arch": arch, "method": "scdd"}, status="RUNNING")
-                for i, arch in enumerate(("resnet18", "resnet18", "resnet50"))]
-
-    def decisions(sched):
-        sched.set_search_properties("val_top1", "max")
-        ts = trials()
-        for t in ts:
-            sched.on_trial_add(None, t)
-        return [sched.on_trial_result(None, t, {"epoch": 10, "val_top1": v}) for t, v in zip(ts, (90, 95, 50))]
-
-    # One ASHA for the whole sweep stops the only ResNet-50 trial for being worse than ResNet-18 ones...
-    assert decisions(ASHAScheduler(time_attr="epoch", max_t=40, grace_period=10, reduction_factor=2))[2] == \
-        TrialScheduler.STOP
-    # ...per-cell ASHA compares it with its own cell only: it goes on.
-    assert decisions(PerCellASHA(40, 10, 2))[2] == TrialScheduler.CONTINUE
+    # one Tuner (and scheduler) per cell, and one supervised teacher relabels both cells, as in `distill`
+    assert sorted(os.listdir(out / "tune")) == ["resnet18-scdd", "resnet18-sre2l"]
+    scdd, sre2l = best["best"]["resnet18/scdd"], best["best"]["resnet18/sre2l"]
+    assert scdd["teacher"] == sre2l["teacher"] == sre2l["backbone"] != scdd["backbone"]
+    assert load_checkpoint(scdd["teacher"]).method == "supervised"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .augment import normalize, to_float
 from ..data import ImageSet, iterate
+from .augment import normalize, to_float
 
 
 @torch.no_grad()

@@ -14,16 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models import autocast
+from ..models.runtime import autocast
 from .augment import denormalize, random_flip, random_resized_crop, random_roll, to_uint8
 from .bn import BNMatch, bn_layers, parse_bn_weights
 from .configs import RecoverConfig
 from .schedules import cosine_lr, set_lr
-
-
-# torch.compile's backend for `recover.compile`. Tests and `gpu_check --quick` set "eager" (Dynamo's
-# capture of our code without code generation: seconds instead of a minute or more on a CPU).
-COMPILE_BACKEND = "inductor"
 
 
 @dataclass
@@ -49,20 +44,20 @@ def recover_objective(model: nn.Module, bnm: BNMatch, device, xi: torch.Tensor, 
     return F.cross_entropy(logits.float(), targets), bnm.loss()
 
 
-def compiled_objective(model: nn.Module, weights: list[float], normalize: str, device, amp: str = "bf16"):
-    """`recover_objective` through torch.compile, built once per model, BN setting and device.
+def compiled_objective(model: nn.Module, weights: list[float], normalize: str, device, amp: str, backend: str):
+    """`recover_objective` through torch.compile (`backend`), built once per model, BN setting and device.
 
     Its BN hooks stay on the model for the model's life: a new BNMatch per
     shard would change what the graph closes over and recompile it for
     every shard (minutes each). Pass models that serve recover only.
     """
     cache = model.__dict__.setdefault("_scdd_compiled_objectives", {})  # a plain attribute, not a submodule
-    key = (tuple(weights), normalize, str(device), amp, COMPILE_BACKEND)
+    key = (tuple(weights), normalize, str(device), amp, backend)
     if key not in cache:
         bnm = BNMatch(model, weights, normalize).__enter__()
         bnm.weights_on(device)  # copied before tracing: a copy made inside the trace would recompile the graph
         cache[key] = torch.compile(functools.partial(recover_objective, model, bnm, device, amp=amp),
-                                   backend=COMPILE_BACKEND)
+                                   backend=backend)
     return cache[key]
 
 
@@ -104,7 +99,7 @@ def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
     history: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     if cfg.compile:
-        objective = compiled_objective(model, weights, cfg.bn_normalize, device, cfg.amp)
+        objective = compiled_objective(model, weights, cfg.bn_normalize, device, cfg.amp, cfg.compile_backend)
         hooks = contextlib.nullcontext()
     else:
         hooks = BNMatch(model, weights, cfg.bn_normalize)

@@ -19,8 +19,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import (crop_boxes, cutmix_params, mixup_params, normalize, padded_crop_boxes, paste, resized_crop,
-                      to_device, to_float)
+from .augment import (
+    crop_boxes,
+    cutmix_params,
+    mixup_params,
+    normalize,
+    padded_crop_boxes,
+    paste,
+    resized_crop,
+    to_device,
+    to_float,
+)
 from .configs import PosttrainConfig
 
 MIX_CODES = {"none": 0, "cutmix": 1, "mixup": 2}
@@ -153,3 +162,12 @@ def logits_from_topk(values: torch.Tensor, indices: torch.Tensor, num_classes: i
     p.scatter_(1, indices.long(), values)
     p = p / p.sum(dim=1, keepdim=True)
     return temperature * torch.log(p.clamp(min=1e-12))
+
+
+@dataclass
+class StepBatch:
+    """One global batch: image indices, crop plan, and stored teacher targets (None: run the teacher)."""
+
+    idx: torch.Tensor
+    plan: CropPlan
+    targets: torch.Tensor | None = None

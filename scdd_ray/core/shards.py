@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..data import ImageSet
-from ..store import ShardStore
+from ..store.shards import ShardStore
 from .augment import normalize, to_float
 from .configs import RecoverConfig
 from .progress import Progress

@@ -16,10 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import ImageSet, iterate
-from ..models import autocast, create_model, features, head
+from ..models.factory import create_model, features, head
+from ..models.runtime import autocast
 from . import ssl
-from .configs import SUPERVISED, SqueezeConfig
 from .augment import color_jitter, normalize, random_flip, random_resized_crop, to_float
+from .configs import SUPERVISED, SqueezeConfig
 from .progress import Progress
 from .schedules import cosine_lr, set_lr
 

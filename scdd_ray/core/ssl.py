@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models import features
+from ..models.factory import features
 
 
 class NTXentLoss(nn.Module):

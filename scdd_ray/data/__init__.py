@@ -10,8 +10,17 @@ import importlib
 import pkgutil
 
 from ..errors import DataError
-from .base import (SPLITS, DatasetInfo, FolderImageSet, ImageSet, TensorImageSet, iterate, resize_u8,
-                   sample_per_class, stratified_split)
+from .base import (
+    SPLITS,
+    DatasetInfo,
+    FolderImageSet,
+    ImageSet,
+    TensorImageSet,
+    iterate,
+    resize_u8,
+    sample_per_class,
+    stratified_split,
+)
 from .registry import DatasetSpec, check_options, dataset_info, get, load_split, names, preset_image_size, register
 
 for _mod in pkgutil.iter_modules(__path__):

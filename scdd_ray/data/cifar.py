@@ -7,9 +7,9 @@
   Those files are unpickled, and unpickling runs whatever the file says: read
   only pickle files you trust.
 
-The GPU presets follow the authors' CIFAR-100 scripts (docs/reference.md);
-CIFAR-10 batches all 10 classes of one IPC index, and has a CPU preset
-(`num_gpus` 0) sized to distil in well under an hour on 2 cores.
+The presets (presets/cifar100.yaml, cifar10-gpu.yaml, cifar10-cpu.yaml) follow
+the authors' CIFAR-100 scripts; CIFAR-10 has a CPU preset (`num_gpus` 0) sized
+to distil in well under an hour on 2 cores.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 
 from ..errors import DataError
 from .base import DatasetInfo, TensorImageSet, resize_u8
-from .parquet import CPU_PRESET, has_parquet_layout, load_parquet_sets
+from .parquet import has_parquet_layout, load_parquet_sets
 from .registry import DatasetSpec, register
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -90,23 +90,6 @@ def load_pickle_sets(name: str, data_dir: str, image_size: int) -> tuple[TensorI
     return read(spec["train"]), read(spec["test"])
 
 
-CIFAR100_PRESET = dict(
-    image_size=32, arch="resnet18", width=1.0, ipc=50,
-    squeeze=dict(epochs=200, batch_size=256, lr=0.06, temperature=0.5, crop_scale=(0.2, 1.0), flip=True),
-    recover=dict(iterations=1000, lr=0.4, bn_coef=0.005, bn_weights="first:10", jitter=4, crop_scale=None,
-                 flip=False, classes_per_batch=100),
-    # the authors' CIFAR post-training: MixUp on every batch, RandomCrop(32, padding=4) + flip
-    posttrain=dict(student="resnet18", student_width=1.0, epochs=200, batch_size=64, lr=1e-3,
-                   weight_decay=0.01, temperature=30.0, mix="mixup", mix_prob=1.0, crop="padded"),
-)
-# CIFAR-10 follows the CIFAR-100 recipe, with 100 images per recover batch as CIFAR-100 has: all 10
-# classes of 10 IPC indices. Measured on CIFAR-10's validation share (3 seeds, benchmarks/RESULTS.md):
-# the same top-1 within seed noise as one IPC index per batch, and a faster recover stage even on a CPU; a
-# GPU batch of 10 images leaves the device idle. The CPU preset keeps one IPC index (see RESULTS.md).
-CIFAR10_PRESET = {**CIFAR100_PRESET, "recover": {**CIFAR100_PRESET["recover"], "classes_per_batch": 10,
-                                                 "ipc_per_shard": 10}}
-
-for _name, _preset, _cpu in (("cifar10", CIFAR10_PRESET, CPU_PRESET), ("cifar100", CIFAR100_PRESET, None)):
-    register(DatasetSpec(_name, lambda data_dir, size, _n=_name: load_cifar_sets(_n, data_dir, size), _preset,
-                         f"{_name.upper()}, Hugging Face Parquet or python-pickle layout in `data_dir`",
-                         cpu_preset=_cpu))
+for _name in ("cifar10", "cifar100"):
+    register(DatasetSpec(_name, lambda data_dir, size, _n=_name: load_cifar_sets(_n, data_dir, size),
+                         f"{_name.upper()}, Hugging Face Parquet or python-pickle layout in `data_dir`"))

@@ -1,8 +1,8 @@
 """scikit-learn's bundled handwritten digits: the embedded default dataset.
 
 1,797 grayscale 8x8 images of 10 classes, split 80/20 (stratified, fixed);
-the preset runs the whole pipeline on a laptop CPU in minutes (sized by
-measurement, see README) at 16x16, since the source is 8x8.
+its preset (presets/digits.yaml) runs the whole pipeline on a laptop CPU in
+minutes at 16x16, since the source is 8x8.
 """
 from __future__ import annotations
 
@@ -34,16 +34,5 @@ def load_digits_sets(image_size: int) -> tuple[TensorImageSet, TensorImageSet]:
     return tr, te
 
 
-PRESET = dict(
-    image_size=16, arch="resnet18", width=0.25, ipc=10,
-    squeeze=dict(epochs=40, batch_size=128, lr=0.1, weight_decay=5e-4, temperature=0.5,
-                 crop_scale=(0.5, 1.0), flip=False, probe_epochs=100),
-    recover=dict(iterations=500, lr=0.25, bn_coef=1.0, bn_weights="first:10", jitter=4,
-                 crop_scale=(0.5, 1.0), flip=False, init="noise", classes_per_batch=10, grayscale=False),
-    posttrain=dict(student="resnet18", student_width=0.25, epochs=200, batch_size=25, optimizer="adamw",
-                   lr=2e-3, weight_decay=0.01, temperature=4.0, mix="cutmix", mix_prob=0.5,
-                   crop_scale=(0.5, 1.0), flip=False),
-)
-
-register(DatasetSpec("digits", lambda data_dir, size: load_digits_sets(size), PRESET,
+register(DatasetSpec("digits", lambda data_dir, size: load_digits_sets(size),
                      "scikit-learn's digits (embedded, 10 classes)"))

@@ -1,8 +1,8 @@
 """ImageFolder datasets (ImageNet, Tiny-ImageNet): DIR/train/<class>/* and DIR/val/<class>/* (or DIR/test/).
 
 Images are read lazily with PIL, resized (shorter side to size/0.875) and
-centre-cropped. The preset follows the authors' ImageNet-1K scripts
-(docs/reference.md).
+centre-cropped. The preset (presets/imagefolder.yaml) follows the authors'
+ImageNet-1K scripts.
 """
 from __future__ import annotations
 
@@ -67,15 +67,6 @@ def val_fraction(labels: np.ndarray) -> float:
     return min(0.1, 50.0 / max(1, np.bincount(labels).min()))
 
 
-PRESET = dict(
-    image_size=224, arch="resnet50", width=1.0, ipc=50,
-    squeeze=dict(epochs=200, batch_size=256, lr=0.03, temperature=0.2, crop_scale=(0.08, 1.0), flip=True),
-    recover=dict(iterations=1000, lr=0.1, bn_coef=0.01, bn_weights="first:10", jitter=32,
-                 crop_scale=(0.08, 1.0), flip=True, classes_per_batch=50),
-    posttrain=dict(student="resnet18", student_width=1.0, epochs=300, batch_size=64, lr=1e-3,
-                   weight_decay=0.01, temperature=20.0, mix="cutmix", mix_prob=1.0, crop_scale=(0.08, 1.0)),
-)
-
-register(DatasetSpec("imagefolder", load_imagefolder_sets, PRESET,
+register(DatasetSpec("imagefolder", load_imagefolder_sets,
                      "ImageFolder layout (`data_dir`/train/<class>/*, `data_dir`/val/<class>/*)",
                      val_fraction=val_fraction))

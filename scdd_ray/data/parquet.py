@@ -172,20 +172,6 @@ def native_size(data_dir: str) -> int | None:
         return im.size[0]
 
 
-# The CPU-scale run: ResNet-18 at width 0.25, sized so that CIFAR-10 (50,000 images at 32x32) distils in
-# well under an hour on 2 cores (README gives the measured time). Supervised training of this model took 92 s
-# an epoch there (batch 128, SGD 0.1) and reached 51 / 65 / 70% test top-1 after 1 / 2 / 3 epochs; SimCLR
-# costs about twice that an epoch. Recover and post-train follow the authors' CIFAR settings at a CPU budget.
-CPU_PRESET = dict(
-    image_size=32, arch="resnet18", width=0.25, ipc=10,
-    squeeze=dict(epochs=5, batch_size=128, lr=0.1, weight_decay=5e-4, temperature=0.5, crop_scale=(0.2, 1.0),
-                 flip=True, probe_epochs=30),
-    recover=dict(iterations=500, lr=0.25, bn_coef=0.005, bn_weights="first:10", jitter=4, crop_scale=None,
-                 flip=False, classes_per_batch=10),
-    posttrain=dict(student="resnet18", student_width=0.25, epochs=400, batch_size=64, optimizer="adamw", lr=1e-3,
-                   weight_decay=0.01, temperature=30.0, mix="mixup", mix_prob=1.0, crop="padded", flip=True),
-)
-
-register(DatasetSpec("parquet", lambda data_dir, size, **o: load_parquet_sets(data_dir, size, **o), CPU_PRESET,
+register(DatasetSpec("parquet", lambda data_dir, size, **o: load_parquet_sets(data_dir, size, **o),
                      "any image-classification dataset in the Hugging Face Parquet layout (`data_dir`)",
                      options=("image_column", "label_column"), native_size=native_size))

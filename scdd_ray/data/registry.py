@@ -1,4 +1,5 @@
-"""The dataset registry: a name gives a loader, a preset and a validation split.
+"""The dataset registry: a name gives a loader and a validation split (its preset is a file of
+scdd_ray/presets named after it).
 
 Nothing is ever downloaded: data comes from a package (scikit-learn's digits)
 or from a local directory the user names. Each dataset module of this package
@@ -30,25 +31,18 @@ class DatasetSpec:
     validation): `data_dir` is absolute, or "" when none was given; test or
     validation may be None when the dataset has none; the loader caches what it
     reads. `options`: the keyword options `load` takes (e.g. column names).
-    `preset`: the DistillConfig values this dataset runs with unless the user
-    overrides them (top-level keys plus `squeeze`, `recover`, `posttrain`
-    sections), or `cpu_preset` on CPU; `native_size(data_dir)`, when given, replaces the preset's image
-    size by the data's own. `val_fraction`: the share of each class of train
+    `native_size(data_dir)`, when given, replaces the preset's image size by
+    the data's own. `val_fraction`: the share of each class of train
     held out as `val` when the dataset has no validation split, a number or a
     function of the train labels.
     """
 
     name: str
     load: Loader
-    preset: dict
     summary: str
     val_fraction: float | Callable[[np.ndarray], float] = 0.1
     options: tuple[str, ...] = ()
     native_size: Callable[[str], int | None] | None = None
-    cpu_preset: dict | None = None  # the preset of a run on CPU (no GPU asked for), when the GPU one is too big
-
-    def preset_for(self, gpu: bool) -> dict:
-        return self.cpu_preset if self.cpu_preset is not None and not gpu else self.preset
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -111,8 +105,8 @@ def dataset_info(name: str, data_dir: str | None = None, image_size: int = 32, *
     return load_split(name, "test", data_dir, image_size, **options).info
 
 
-def preset_image_size(name: str, data_dir: str | None) -> int:
-    """The image size a run of `name` uses unless told otherwise: the data's own, or the preset's."""
+def preset_image_size(name: str, data_dir: str | None, preset_size: int) -> int:
+    """The image size a run of `name` uses unless told otherwise: the data's own, or its preset's."""
     spec = get(name)
     size = spec.native_size(os.path.abspath(data_dir)) if spec.native_size and data_dir else None
-    return size or spec.preset["image_size"]  # (every preset of a dataset has the same image size)
+    return size or preset_size

@@ -26,13 +26,5 @@ def load_synthetic_sets(image_size: int, num_classes: int = 4,
     return full.subset(tr), full.subset(te)
 
 
-PRESET = dict(
-    image_size=16, arch="resnet18", width=0.125, ipc=2,
-    squeeze=dict(epochs=6, batch_size=32, lr=0.05, crop_scale=(0.5, 1.0), flip=False, probe_epochs=20),
-    recover=dict(iterations=5, lr=0.1, bn_coef=0.1, jitter=2, crop_scale=(0.5, 1.0), classes_per_batch=4),
-    posttrain=dict(student="resnet18", student_width=0.125, epochs=2, batch_size=8, temperature=4.0,
-                   crop_scale=(0.5, 1.0), flip=False),
-)
-
-register(DatasetSpec("synthetic", lambda data_dir, size: load_synthetic_sets(size), PRESET,
+register(DatasetSpec("synthetic", lambda data_dir, size: load_synthetic_sets(size),
                      "generated colour blobs (tests)", val_fraction=0.25))

@@ -1,27 +1,40 @@
 """Synthesis on Ray actors: each holds one frozen backbone replica on one GPU
 or a fixed number of CPU threads and computes whole shards; the driver alone
 writes shards and the manifest.
+
+Fault tolerance is Ray's: an actor that dies (a kill, the OOM killer, a lost
+node) is restarted by Ray (`max_restarts`) and the shard it held is retried on
+it (`max_task_retries`; a worker's own error is retried too,
+`retry_exceptions`), up to MAX_TRIES attempts per shard. Work is handed out by
+Ray's `ActorPool` as actors free up. What Ray lacks, and this module adds: a
+worker count the cluster can never place is refused up front, and a cluster
+that places no worker within STARTUP_TIMEOUT stops the run instead of waiting
+forever; workers it places later join the pool then.
 """
 from __future__ import annotations
 
-import collections
 import logging
+import os
 import time
 
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util import ActorPool
 
 from ..core.configs import RecoverConfig
 from ..core.progress import Progress
 from ..core.shards import Shard, recover_shard
 from ..data import ImageSet
 from ..errors import EngineError
-from ..models import frozen
-from ..store import ShardStore
+from ..models.runtime import frozen
+from ..store.shards import ShardStore
 from .cluster import free_resources, placeable_now, placement, worker_error
 
 log = logging.getLogger("scdd_ray")
+MAX_TRIES = 3  # attempts at one shard (and at starting one worker) before the run stops
+STARTUP_TIMEOUT = 300.0  # seconds to wait for the cluster to place a first worker
+POLL = 30.0  # no wait on the cluster is longer than this without a log line
 
 
 class SynthesisWorker:
@@ -35,15 +48,19 @@ class SynthesisWorker:
         self.mean, self.std = ckpt.mean, ckpt.std
         self.cfg, self.image_size, self.run_seed, self.train = cfg, image_size, run_seed, train
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> int:
+        return os.getpid()
 
-    def run(self, shard: Shard, attempt: int):
-        """(shard id, uint8 images, class ids, ipc indices, stats); `attempt` counts earlier failures."""
-        res, cls, ipc = recover_shard(self.model, shard, self.cfg, self.mean, self.std, self.image_size,
-                                      self.run_seed, self.device, self.train)
+    @ray.method(retry_exceptions=True)
+    def run(self, shard: Shard):
+        """(shard id, uint8 images, class ids, ipc indices, stats); an error names the shard."""
+        try:
+            res, cls, ipc = recover_shard(self.model, shard, self.cfg, self.mean, self.std, self.image_size,
+                                          self.run_seed, self.device, self.train)
+        except Exception as e:  # the driver sees one line of it: say which shard, and what
+            raise RuntimeError(f"shard {shard.id}: {type(e).__name__}: {e}") from None
         return shard.id, res.images, cls, ipc, {"loss_ce": res.loss_ce, "loss_bn": res.loss_bn,
-                                                 "seconds": res.seconds}
+                                                "seconds": res.seconds, "pid": os.getpid()}
 
 
 def _finished(shards: list[Shard], num_workers: int) -> dict:
@@ -51,99 +68,65 @@ def _finished(shards: list[Shard], num_workers: int) -> dict:
             "num_workers": num_workers, "restarts": 0}
 
 
-class _Workers:
-    """The synthesis actors of one run: started, replaced when they die, and handed work only once
-    started, so that a worker the cluster cannot place holds no shard and stops nothing."""
+class _Starting:
+    """Actors that were asked for and have not answered `ready()` yet."""
 
-    def __init__(self, start, n: int, placeable: tuple[int, str], startup_timeout: float, max_tries: int):
-        self.start, self.startup_timeout, self.max_tries = start, startup_timeout, max_tries
-        self.placeable = placeable  # (how many the cluster had room for when the run began, its free resources)
-        self.actors: list = [None] * n
-        self.pending: dict = {}  # ready() ref -> slot
-        self.idle: list[int] = []
-        self.restarts = self.start_failures = 0
-        for a in range(n):
-            self.launch(a)
+    def __init__(self, actors: list):
+        self.refs = {a.ready.remote(): a for a in actors}
+        self.pids: set[int] = set()
 
-    def launch(self, a: int) -> None:
-        self.actors[a] = self.start()
-        self.pending[self.actors[a].ready.remote()] = a
+    def take(self, timeout: float, want: int = 1) -> list:
+        """The actors that answered within `timeout` (at least `want` of them if they answer); an actor
+        that died `MAX_TRIES` times while starting is left out with a warning."""
+        if not self.refs:
+            return []
+        ready, _ = ray.wait(list(self.refs), num_returns=min(want, len(self.refs)), timeout=timeout)
+        started = []
+        for ref in ready:
+            actor = self.refs.pop(ref)
+            try:
+                self.pids.add(ray.get(ref))
+                started.append(actor)
+            except RayActorError as e:
+                log.warning("recover: a worker failed to start %d times (%s); going on without it", MAX_TRIES,
+                            worker_error(e))
+        return started
 
-    def replace(self, a: int) -> None:
-        ray.kill(self.actors[a])
-        self.restarts += 1
-        self.launch(a)
 
-    def started(self, ref) -> None:
-        """A ready() call returned: the worker takes work, or is replaced if it died starting."""
-        a = self.pending.pop(ref)
-        try:
-            ray.get(ref)
-        except RayActorError as e:
-            self.start_failures += 1
-            if self.start_failures >= self.max_tries * len(self.actors):
-                raise EngineError(f"synthesis workers failed to start {self.start_failures} times (last: "
-                                  f"{type(e).__name__}); finished shards are kept, rerun to resume") from None
-            log.warning("recover: a worker died while starting (%s); starting another", type(e).__name__)
-            self.replace(a)
-            return
-        self.idle.append(a)
-
-    def wait_first(self, poll: float) -> float:
-        """Wait for the workers the cluster had room for (at least one), a log line per `poll` seconds
-        and at most `startup_timeout` seconds; the others join when the cluster places them. Returns
-        the seconds waited."""
-        room, free = self.placeable
-        want = max(1, min(room, len(self.actors)))
-        if room < len(self.actors):
-            log.warning("recover: the Ray cluster has room for %d of %d workers now (%s); the others join "
-                        "when it places them", room, len(self.actors), free)
-        t0 = time.perf_counter()
-        while self.pending and len(self.idle) < want:
-            waited = time.perf_counter() - t0
-            if waited >= self.startup_timeout:
-                self.no_worker_check(waited)
-                break
-            ready, _ = ray.wait(list(self.pending), num_returns=min(len(self.pending), want - len(self.idle)),
-                                timeout=min(poll, self.startup_timeout - waited))
-            for ref in ready:
-                self.started(ref)
-            if not ready:  # the wait ran out: say what it waits for
-                log.info("recover: %d of %d workers started after %.0fs; waiting for the cluster (%s)",
-                         len(self.idle), len(self.actors), time.perf_counter() - t0, free_resources())
-        return time.perf_counter() - t0
-
-    def no_worker_check(self, waited: float) -> None:
-        """Stop the run when no worker has started for `startup_timeout` seconds and none is working."""
-        if not self.idle:
-            raise EngineError(f"no synthesis worker could start within {waited:.0f}s; the Ray cluster reports "
-                              f"{free_resources()}; finished shards are kept, rerun to resume")
-
-    def kill_all(self, timeout: float = 10.0) -> None:
-        """Kill every actor and wait (boundedly) until they are gone: ray.kill returns at once, and
-        a run started right after (bench scaling) would find their CPUs still taken."""
-        handles = [h for h in self.actors if h is not None]
-        for h in handles:
-            ray.kill(h)
-        ray.wait([h.ready.remote() for h in handles], num_returns=len(handles), timeout=timeout)
+def _first_workers(starting: _Starting, n: int, use_gpu: bool, threads: int) -> list:
+    """Wait (at most STARTUP_TIMEOUT, a log line per POLL seconds) for the workers the cluster has room for
+    now, at least one; the others join the pool when the cluster places them."""
+    room, free = placeable_now(use_gpu, threads)
+    want = max(1, min(room, n))
+    if room < n:
+        log.warning("recover: the Ray cluster has room for %d of %d workers now (%s); the others join when it "
+                    "places them", room, n, free)
+    t0, started = time.perf_counter(), []
+    while starting.refs and len(started) < want:
+        waited = time.perf_counter() - t0
+        if waited >= STARTUP_TIMEOUT:
+            break
+        got = starting.take(min(POLL, STARTUP_TIMEOUT - waited), want - len(started))
+        started += got
+        if not got:
+            log.info("recover: %d of %d workers started after %.0fs; waiting for the cluster (%s)", len(started), n,
+                     time.perf_counter() - t0, free_resources())
+    if not started:
+        raise EngineError(f"no synthesis worker could start within {time.perf_counter() - t0:.0f}s; the Ray cluster "
+                          f"reports {free_resources()}; finished shards are kept, rerun to resume")
+    return started
 
 
 def run_ray(ckpt, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, image_size: int, run_seed: int, *,
-            num_workers: int, use_gpu: bool, threads: int = 1, train: ImageSet | None = None, max_tries: int = 3,
-            on_result=None, worker_cls: type = SynthesisWorker, startup_timeout: float = 300.0,
-            poll: float = 30.0) -> dict:
-    """Compute every shard the store lacks on `num_workers` Ray actors of `worker_cls`.
+            num_workers: int, use_gpu: bool, threads: int = 1, train: ImageSet | None = None) -> dict:
+    """Compute every shard the store lacks on `num_workers` Ray actors; write each as it arrives.
 
-    Actors pull the next shard when they finish one; a dead actor is replaced
-    and its shard re-queued; a shard failing `max_tries` times stops the run.
     A worker count the cluster can never place is refused (ConfigError);
-    workers it cannot place now are waited for at most `startup_timeout`
-    seconds, then the run goes on with those that started. No wait on the
-    cluster is longer than `poll` seconds without a log line.
-    `on_result(shard_id)` runs after each shard is written.
+    workers it cannot place now are waited for at most STARTUP_TIMEOUT
+    seconds, then the run goes on with those that started.
     """
     done = store.done()
-    todo = collections.deque(s for s in shards if s.id not in done)
+    todo = [s for s in shards if s.id not in done]
     if not todo:
         return _finished(shards, num_workers)
     n = min(num_workers, len(todo))
@@ -151,72 +134,60 @@ def run_ray(ckpt, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, im
     # The backbone (and the real images for `init real`) go to the object store once.
     ckpt_ref = ray.put(ckpt)
     train_ref = ray.put(train) if train is not None else None
-    opts = {"num_gpus": 1, "num_cpus": threads} if use_gpu else {"num_cpus": threads}
-    actor = ray.remote(worker_cls).options(**opts)
-
-    def start():
-        return actor.remote(ckpt_ref, cfg, image_size, run_seed, threads, use_gpu, train_ref)
-
+    actor = ray.remote(SynthesisWorker).options(num_cpus=threads, num_gpus=1 if use_gpu else 0, max_restarts=-1,
+                                                max_task_retries=MAX_TRIES - 1)
+    actors = [actor.remote(ckpt_ref, cfg, image_size, run_seed, threads, use_gpu, train_ref) for _ in range(n)]
     t_start = time.perf_counter()
-    workers = _Workers(start, n, placeable_now(use_gpu, threads), startup_timeout, max_tries)
     try:  # start-up (process, imports, model build) reported apart from synthesis
-        startup = workers.wait_first(poll)
-        log.info("recover: %d workers ready in %.1fs", len(workers.idle), startup)
+        starting = _Starting(actors)
+        pool = ActorPool(_first_workers(starting, n, use_gpu, threads))
+        startup = time.perf_counter() - t_start
+        log.info("recover: %d workers ready in %.1fs", n - len(starting.refs), startup)
         t0 = time.perf_counter()
         with Progress(sum(len(s) for s in todo), f"recover ({n} workers)", "img") as bar:
-            computed, images = _pull_loop(workers, todo, store, max_tries, bar, on_result, poll)
+            computed, images, pids = _drain(pool, starting, todo, store, bar)
     finally:
-        workers.kill_all()
+        _kill(actors)
     return {"shards_total": len(shards), "shards_computed": computed, "images_computed": images,
             "seconds": time.perf_counter() - t_start, "startup_seconds": startup,
-            "synthesis_seconds": time.perf_counter() - t0, "num_workers": n, "restarts": workers.restarts}
+            "synthesis_seconds": time.perf_counter() - t0, "num_workers": n,
+            "restarts": len(pids | starting.pids) - len(starting.pids)}
 
 
-def _pull_loop(workers: _Workers, todo: collections.deque, store: ShardStore, max_tries: int, bar, on_result,
-               poll: float) -> tuple[int, int]:
-    """Hand shards to started, idle actors until none is left; returns (shards, images)."""
-    inflight: dict = {}
-    tries: collections.Counter = collections.Counter()
+def _drain(pool: ActorPool, starting: _Starting, todo: list[Shard], store: ShardStore, bar) -> tuple[int, int, set]:
+    """Hand every shard to the pool and write the results as they come; returns (shards, images, worker pids)."""
+    for shard in todo:
+        pool.submit(lambda a, s: a.run.remote(s), shard)
     computed = images = 0
-    idle_since = time.perf_counter()
-    while todo or inflight:
-        while workers.idle and todo:
-            a, shard = workers.idle.pop(), todo.popleft()
-            inflight[workers.actors[a].run.remote(shard, tries[shard.id])] = (a, shard)
-        ready, _ = ray.wait(list(inflight) + list(workers.pending), num_returns=1, timeout=poll)
-        if not ready:
-            log.info("recover: %d shards left, %d running, %d workers waiting to start (%s)", len(todo) + len(inflight),
-                     len(inflight), len(workers.pending), free_resources())
-            if not inflight and time.perf_counter() - idle_since >= workers.startup_timeout:
-                workers.no_worker_check(time.perf_counter() - idle_since)
-            continue
-        if ready[0] in workers.pending:
-            workers.started(ready[0])
-            continue
-        a, shard = inflight.pop(ready[0])
+    pids: set[int] = set()
+    while pool.has_next():
+        for late in starting.take(0, len(starting.refs)):  # workers the cluster placed since
+            pool.push(late)
         try:
-            sid, imgs, cls, ipc, stats = ray.get(ready[0])
-        except (RayActorError, RayTaskError) as e:
-            tries[shard.id] += 1
-            reason = worker_error(e)
-            if tries[shard.id] >= max_tries:
-                raise EngineError(f"shard {shard.id} failed {tries[shard.id]} times (last: {reason}); "
-                                  "finished shards are kept, rerun to resume") from None
-            log.warning("shard %s failed (%s), attempt %d of %d; re-queued", shard.id, reason, tries[shard.id],
-                        max_tries)
-            if isinstance(e, RayActorError):
-                workers.replace(a)
-            else:
-                workers.idle.append(a)
-            todo.appendleft(shard)
-            idle_since = time.perf_counter()
+            sid, imgs, cls, ipc, stats = pool.get_next_unordered(timeout=POLL)
+        except (TimeoutError, GetTimeoutError):
+            log.info("recover: waiting for shards (%s)", free_resources())
             continue
+        except RayTaskError as e:
+            raise EngineError(f"{worker_error(e)} ({MAX_TRIES} attempts); finished shards are kept, rerun to "
+                              "resume") from None
+        except RayActorError as e:
+            raise EngineError(f"a synthesis worker died {MAX_TRIES} times on one shard ({worker_error(e)}); "
+                              "finished shards are kept, rerun to resume") from None
+        pids.add(stats.pop("pid"))
         store.write_shard(sid, cls, ipc, imgs, extra=stats)
         computed += 1
         images += len(cls)
-        workers.idle.append(a)
-        idle_since = time.perf_counter()
         bar.update(len(cls), ce=f"{stats['loss_ce']:.3f}")
-        if on_result is not None:
-            on_result(sid)
-    return computed, images
+    if computed < len(todo):  # every worker is gone for good (each death above stops the run first)
+        raise EngineError(f"{len(todo) - computed} shards were left without a worker; finished shards are kept, "
+                          "rerun to resume")
+    return computed, images, pids
+
+
+def _kill(actors: list, timeout: float = 10.0) -> None:
+    """Kill every actor and wait (boundedly) until they are gone: ray.kill returns at once, and a run
+    started right after (bench scaling) would find their CPUs still taken."""
+    for a in actors:
+        ray.kill(a, no_restart=True)
+    ray.wait([a.ready.remote() for a in actors], num_returns=len(actors), timeout=timeout)

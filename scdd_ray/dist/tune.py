@@ -1,12 +1,16 @@
 """Ray Tune sweeps of the recover settings across recovery-model sizes.
 
 One trial = recover a distilled set with the sampled settings + a short
-post-train, scored by top-1 on the VALIDATION split carved from the real
-training data. The test split is never read by a trial: it is read once per
-(arch, method), after the sweep, to measure the best configuration's student.
+post-train, relabelled by the cell's teacher (the one `distill` would use for
+the same configuration: backbones.plan_models), scored by top-1 on the
+VALIDATION split carved from the real training data. The test split is never
+read by a trial: it is read once per (arch, method), after the sweep, to
+measure the best configuration's student.
 
-Backbones (and teachers) are squeezed on `train-noval` before the sweep, so
-nothing a trial sees was trained on the validation images either.
+Each (arch, method) cell is one `Tuner` with its own scheduler, so ASHA ranks
+a trial only against trials of its own recovery model. Backbones and teachers
+are squeezed on `train-noval` before the sweep (missing ones as Ray tasks in
+parallel), so nothing a trial sees was trained on the validation images either.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import statistics
 import tempfile
+import threading
 import time
 
 import ray
@@ -23,15 +29,17 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from ..config import SqueezeSetup
+from ..backbones import ModelSource, plan_models, resolve_models, squeeze_cached
 from ..core.evaluation import top1
 from ..core.shards import plan_shards, recover_shard
-from ..core.training import PostTrainer, build_teacher
-from ..data import ImageSet, load_split
+from ..core.posttrain import build_teacher, PostTrainer
+from ..data import ImageSet, dataset_info
 from ..errors import ConfigError, EngineError
-from ..models import Checkpoint, create_model, frozen, load_checkpoint, load_state_file, small_input
-from ..backbones import backbone_name, load_checkpoint_arg, squeeze_and_save
-from ..store import atomic_write_bytes, atomic_write_json
+from ..models.checkpoint import Checkpoint, load_state_file
+from ..models.factory import create_model, small_input
+from ..models.runtime import frozen
+from ..schema import DistillConfig
+from ..store.atomic import atomic_write_bytes, atomic_write_json
 from ..tune_config import Param, TuneConfig, recover_for
 from .cluster import cluster_resources, connect, worker_error
 
@@ -40,24 +48,12 @@ METRIC = "val_top1"
 STATE_FILE = "trial.pt"
 
 
-# --- backbones -----------------------------------------------------------------------
-
-def squeeze_method(cfg: TuneConfig, method: str) -> str:
-    """scdd recovers from the SSL backbone of the YAML's squeeze section, sre2l from a supervised one."""
-    return cfg.squeeze.method if method == "scdd" else "supervised"
-
-
-def backbone_path(out: str, cfg: TuneConfig, method: str, arch: str) -> str:
-    return os.path.join(out, "backbones", backbone_name(squeeze_method(cfg, method), arch, cfg.width, cfg.image_size,
-                                                        cfg.squeeze.epochs, cfg.seed, split="train-noval"))
-
-
 def task_device(cfg: TuneConfig) -> torch.device:
     """The device of a squeeze task or trial: its GPU share, or the CPU when it asked for none.
 
     A task given a GPU that torch cannot see fails (one line, in Tune's error) rather than running
     the GPU job on a CPU slot for hours."""
-    if cfg.resources.gpu <= 0:
+    if not cfg.gpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise EngineError(f"`resources.gpu` {cfg.resources.gpu:g}: Ray gave this task a GPU but torch "
@@ -65,41 +61,34 @@ def task_device(cfg: TuneConfig) -> torch.device:
     return torch.device("cuda")
 
 
-def _squeeze_one(cfg: TuneConfig, method: str, arch: str, path: str, threads: int) -> str:
+# --- models ----------------------------------------------------------------------------
+
+def _squeeze_task(cfg: TuneConfig, src: ModelSource, threads: int) -> str:
     torch.set_num_threads(threads)
-    train = load_split(cfg.dataset, "train-noval", cfg.data_dir, cfg.image_size)
-    setup = SqueezeSetup(cfg.dataset, arch, cfg.width, cfg.image_size,
-                         dataclasses.replace(cfg.squeeze, method=squeeze_method(cfg, method)))
-    device = task_device(cfg)
-    squeeze_and_save(path, setup, train, device, cfg.seed, meta={"split": "train-noval"})
-    return path
+    squeeze_cached(src, task_device(cfg))
+    return src.path
 
 
-def prepare_backbones(cfg: TuneConfig, out: str, info) -> dict[tuple[str, str], Checkpoint]:
-    """One backbone per (method, arch): the YAML's `backbones`, else trained on train-noval (cached,
-    missing ones squeezed as Ray tasks in parallel)."""
-    todo, paths, given = [], {}, {}
-    for method in cfg.methods:
-        for arch in cfg.archs:
-            user = cfg.backbones.get(f"{method}/{arch}")
-            if user:
-                ck = load_checkpoint_arg(user, f"backbones.{method}/{arch}", info, cfg.image_size)
-                if ck.arch != arch or ck.num_classes != info.num_classes or ck.image_size != cfg.image_size:
-                    raise ConfigError(f"backbones.{method}/{arch}", f"{user} is a {ck.arch} for {ck.num_classes} "
-                                      f"classes at {ck.image_size}px; the sweep needs {arch}, {info.num_classes} "
-                                      f"classes, {cfg.image_size}px")
-                given[(method, arch)] = ck
-                continue
-            p = backbone_path(out, cfg, method, arch)
-            paths[(method, arch)] = p
-            if not os.path.isfile(p):
-                todo.append((method, arch, p))
+def prepare_models(cfg: TuneConfig, out: str) -> dict[tuple[str, str], tuple[DistillConfig, object]]:
+    """(cell configuration, its backbones.Models) per (arch, method): what `distill` would use for the cell;
+    the missing squeezed ones trained first as Ray tasks in parallel, each once."""
+    cells = {(a, m): cfg.cell(a, m, out) for a in cfg.archs for m in cfg.methods}
+    todo = {}
+    for cell in cells.values():
+        plan = plan_models(cell)
+        for src in (plan.backbone, plan.teacher):
+            if src is not None and src.missing:
+                todo[src.path] = src
     if todo:
         cpus = max(1, int(cfg.resources.cpu))
-        task = ray.remote(num_cpus=cpus, num_gpus=min(1.0, cfg.resources.gpu) if cfg.resources.gpu else 0)(_squeeze_one)
-        log.info("squeezing %d backbone(s) on train-noval: %s", len(todo), ", ".join(f"{m}/{a}" for m, a, _ in todo))
-        ray.get([task.remote(cfg, m, a, p, cpus) for m, a, p in todo])
-    return {**{k: load_checkpoint(p) for k, p in paths.items()}, **given}
+        task = ray.remote(num_cpus=cpus, num_gpus=min(1.0, cfg.resources.gpu) if cfg.gpu else 0)(_squeeze_task)
+        log.info("squeezing %d model(s) on train-noval: %s", len(todo), ", ".join(map(os.path.basename, todo)))
+        try:
+            ray.get([task.remote(cfg, src, cpus) for src in todo.values()])
+        except ray.exceptions.RayTaskError as e:
+            raise EngineError(f"squeezing the sweep's models failed: {worker_error(e)}") from None
+    info = dataset_info(cfg.base.dataset, cfg.base.data_dir, cfg.base.image_size, **cfg.base.data_options())
+    return {k: (c, resolve_models(c, info, torch.device("cpu"))) for k, c in cells.items()}
 
 
 # --- one trial -------------------------------------------------------------------------
@@ -115,40 +104,35 @@ def search_space(cfg: TuneConfig) -> dict:
         lo, hi = p.args
         return {"loguniform": tune.loguniform, "uniform": tune.uniform}.get(p.kind, tune.randint)(lo, hi)
 
-    space = {k: dist(p) for k, p in cfg.search.items()}
-    space["arch"] = tune.grid_search(list(cfg.archs))
-    space["method"] = tune.grid_search(list(cfg.methods))
-    return space
+    return {k: dist(p) for k, p in cfg.search.items()}
 
 
-def sampled(config: dict, cfg: TuneConfig) -> dict:
-    return {k: config[k] for k in cfg.search}
-
-
-def recover_images(ckpt: Checkpoint, cfg: TuneConfig, rcfg, device, train: ImageSet | None) -> torch.Tensor:
-    """All synthetic images of the trial (uint8), in process: a trial owns its CPU slot or GPU share."""
-    model = frozen(ckpt.build().to(device))
-    shards = plan_shards(ckpt.num_classes, cfg.ipc, rcfg.classes_per_batch, rcfg.ipc_per_shard)
+def recover_images(ckpt: Checkpoint, cell: DistillConfig, rcfg, device, train: ImageSet | None):
+    """All synthetic images of the trial (uint8) and their classes, in process: a trial owns its CPU slot
+    or GPU share."""
+    model = frozen(ckpt.build().to(device, memory_format=torch.channels_last))
+    shards = plan_shards(ckpt.num_classes, cell.ipc, rcfg.classes_per_batch, rcfg.ipc_per_shard)
     images, labels = [], []
     for shard in shards:
-        res, cls, _ = recover_shard(model, shard, rcfg, ckpt.mean, ckpt.std, cfg.image_size, cfg.seed, device, train)
+        res, cls, _ = recover_shard(model, shard, rcfg, ckpt.mean, ckpt.std, cell.image_size, cell.seed, device,
+                                    train)
         images.append(res.images)
         labels += cls
     return torch.cat(images), torch.tensor(labels)
 
 
-def train_and_validate(images: torch.Tensor, teacher_ckpt: Checkpoint, val: ImageSet, cfg: TuneConfig, device,
-                       report) -> float:
-    """Short post-train (the one training loop); `report(epoch, val_top1, student)` after every
-    `eval_every` epochs and at the end. Returns the last validation top-1."""
-    info = val.info
+def train_and_validate(images: torch.Tensor, teacher_ckpt: Checkpoint, val: ImageSet, cell: DistillConfig,
+                       eval_every: int, device, report) -> float:
+    """Short post-train (the one training loop) relabelled by `teacher_ckpt`; `report(epoch, val_top1,
+    student)` after every `eval_every` epochs and at the end. Returns the last validation top-1."""
+    info, pcfg = val.info, cell.posttrain
     teacher = build_teacher(teacher_ckpt, info, device)
-    trainer = PostTrainer(cfg.posttrain, images.to(device), teacher, info, image_size=cfg.image_size,
-                          small_input=small_input(cfg.image_size), seed=cfg.seed)
+    trainer = PostTrainer(pcfg, images.to(device), teacher, info, image_size=cell.image_size,
+                          small_input=cell.small_input, seed=cell.seed)
     acc = [0.0]
 
     def on_epoch(e1: int, running, steps: int) -> None:
-        if e1 % cfg.eval_every == 0 or e1 == cfg.posttrain.epochs:
+        if e1 % eval_every == 0 or e1 == pcfg.epochs:
             acc[0] = top1(trainer.student, val, info.mean, info.std, device)
             report(e1, acc[0], trainer.student)
 
@@ -156,187 +140,192 @@ def train_and_validate(images: torch.Tensor, teacher_ckpt: Checkpoint, val: Imag
     return acc[0]
 
 
-def trial(config: dict, cfg: TuneConfig, backbones: dict, val: ImageSet, train: ImageSet | None) -> None:
-    """The Tune function trainable."""
-    run_trial(config, cfg, backbones, val, train, tune.report, tune.Checkpoint)
-
-
-def run_trial(config: dict, cfg: TuneConfig, backbones: dict, val: ImageSet, train: ImageSet | None, report_fn,
-              checkpoint_cls) -> None:
-    """Recover with the sampled settings, post-train, report validation top-1.
+def trial(config: dict, cfg: TuneConfig, cell: DistillConfig, backbone: Checkpoint, teacher: Checkpoint,
+          val: ImageSet, train: ImageSet | None) -> None:
+    """The Tune function trainable: recover with the sampled settings, post-train, report validation top-1.
 
     Its only data are `val` (the objective) and `train` (train-noval, for
     `init` real); it has no way to reach the test split.
     """
-    threads = max(1, int(cfg.resources.cpu))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
     device = task_device(cfg)
-    ckpt = backbones[(config["method"], config["arch"])]
-    rcfg = recover_for(cfg.recover, sampled(config, cfg))
+    rcfg = recover_for(cell.recover, config)
     t0 = time.perf_counter()
-    images, labels = recover_images(ckpt, cfg, rcfg, device, train if rcfg.init == "real" else None)
+    images, labels = recover_images(backbone, cell, rcfg, device, train if rcfg.init == "real" else None)
     recover_seconds = time.perf_counter() - t0
 
     def report(epoch: int, acc: float, student) -> None:
         metrics = {METRIC: acc, "epoch": epoch, "recover_seconds": recover_seconds}
-        if epoch < cfg.posttrain.epochs:
-            report_fn(metrics)
+        if epoch < cell.posttrain.epochs:
+            tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:  # the final student, for the one test evaluation after the sweep
             torch.save({"student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
                         "images": images.cpu(), "labels": labels, "recover": dataclasses.asdict(rcfg)},
                        os.path.join(d, STATE_FILE))
-            report_fn(metrics, checkpoint=checkpoint_cls.from_directory(d))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    train_and_validate(images, ckpt, val, cfg, device, report)
+    train_and_validate(images, teacher, val, cell, cfg.eval_every, device, report)
 
 
 # --- the sweep --------------------------------------------------------------------------
 
-class PerCellASHA(FIFOScheduler):
-    """ASHA run separately within each (arch, method) cell of the grid.
-
-    One ASHA over the whole sweep would compare a ResNet-50 trial with a
-    ResNet-18 one and could stop every trial of a weaker cell early, leaving
-    that cell with no finished configuration (it did, in a first digits
-    sweep). Successive halving is only meant to rank settings of one cell.
-    """
-
-    def __init__(self, max_t: int, grace_period: int, reduction_factor: float):
-        super().__init__()
-        self._args = dict(time_attr="epoch", max_t=max_t, grace_period=grace_period,
-                          reduction_factor=reduction_factor)
-        self._cells: dict[tuple, ASHAScheduler] = {}
-        self._props: tuple = (None, None)
-
-    def set_search_properties(self, metric, mode, **spec) -> bool:
-        self._props = (metric, mode)
-        return all(s.set_search_properties(metric, mode) for s in self._cells.values())
-
-    def _cell(self, trial) -> ASHAScheduler:
-        key = (trial.config.get("arch"), trial.config.get("method"))
-        if key not in self._cells:
-            sched = ASHAScheduler(**self._args)
-            sched.set_search_properties(*self._props)
-            self._cells[key] = sched
-        return self._cells[key]
-
-    def on_trial_add(self, tc, trial):
-        self._cell(trial).on_trial_add(tc, trial)
-
-    def on_trial_result(self, tc, trial, result):
-        return self._cell(trial).on_trial_result(tc, trial, result)
-
-    def on_trial_complete(self, tc, trial, result):
-        self._cell(trial).on_trial_complete(tc, trial, result)
-
-    def on_trial_error(self, tc, trial):
-        self._cell(trial).on_trial_error(tc, trial)
-
-    def on_trial_remove(self, tc, trial):
-        self._cell(trial).on_trial_remove(tc, trial)
-
-    def debug_string(self) -> str:
-        return "; ".join(f"{a}/{m}: {s.debug_string()}" for (a, m), s in self._cells.items())
+def cell_name(arch: str, method: str) -> str:
+    return f"{arch.replace(':', '_')}-{method}"
 
 
-def run_sweep(cfg: TuneConfig, out: str, num_samples: int | None = None, address: str | None = None) -> dict:
-    """Run (or resume) the sweep under `out`, then write best.json and summary.md."""
-    connect(address)
+def _tuner(cfg: TuneConfig, exp_dir: str, trainable, num_samples: int) -> tune.Tuner:
+    """The cell's Tuner: restored from `exp_dir` when a run there can resume, else a new one."""
+    if tune.Tuner.can_restore(exp_dir):
+        log.info("resuming the sweep cell in %s", exp_dir)
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    s = cfg.scheduler
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.base.posttrain.epochs, grace_period=s.grace_period,
+                               reduction_factor=s.reduction_factor) if s.name == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable, param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=cfg.max_concurrent or None),
+        run_config=tune.RunConfig(name=os.path.basename(exp_dir), storage_path=os.path.dirname(exp_dir), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=1)))
+
+
+def run_sweep(cfg: TuneConfig, out: str, num_samples: int | None = None) -> dict | None:
+    """Run (or resume) the sweep under `out`, one Tuner per (arch, method) cell, then write best.json and
+    summary.md. Returns None when it stopped before every trial finished (Ctrl-C: Tune saved its state, a
+    rerun resumes)."""
+    connect(cfg.base.address)
     check_resources(cfg)
     os.makedirs(out, exist_ok=True)
-    val = load_split(cfg.dataset, "val", cfg.data_dir, cfg.image_size)
-    train = load_split(cfg.dataset, "train-noval", cfg.data_dir, cfg.image_size)
-    backbones = prepare_backbones(cfg, out, val.info)
-    storage, name = os.path.abspath(out), "tune"
-    exp_dir = os.path.join(storage, name)
-    trainable = tune.with_resources(
-        tune.with_parameters(trial, cfg=cfg, backbones=backbones, val=val, train=train),
-        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
-    t0 = time.perf_counter()
-    if tune.Tuner.can_restore(exp_dir):
-        log.info("resuming the sweep in %s", exp_dir)
-        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        if cfg.scheduler.name == "asha":
-            scheduler = PerCellASHA(cfg.posttrain.epochs, cfg.scheduler.grace_period,
-                                    cfg.scheduler.reduction_factor)
-        else:
-            scheduler = FIFOScheduler()
-        tuner = tune.Tuner(
-            trainable, param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
-                                        num_samples=num_samples or cfg.num_samples,
-                                        max_concurrent_trials=cfg.max_concurrent or None),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=1)))
-    grid = tuner.fit()
-    seconds = time.perf_counter() - t0
-    if grid.num_terminated + grid.num_errors < len(grid) or len(grid) < expected_trials(cfg, num_samples):
-        # Ctrl-C (or a lost driver): Tune saved its state; best.json is written only for a finished sweep.
-        raise KeyboardInterrupt
-    if grid.num_errors:
-        first = grid.errors[0]
-        log.warning("%d of %d trials failed; the first: %s", grid.num_errors, len(grid), worker_error(first))
-    if grid.num_errors == len(grid):
-        raise EngineError(f"every trial of the sweep failed; see {exp_dir}")
-    return summarize(grid, cfg, out, seconds)
+    val, train = cfg.base.split("test"), cfg.base.split("train")  # under holdout: val, train-noval
+    models = prepare_models(cfg, out)
+    t0, grids = time.perf_counter(), {}
+    with _StopBetweenCells() as stop:
+        for (arch, method), (cell, m) in models.items():
+            if stop.requested:
+                return None
+            exp_dir = os.path.join(os.path.abspath(out), "tune", cell_name(arch, method))
+            trainable = tune.with_resources(
+                tune.with_parameters(trial, cfg=cfg, cell=cell, backbone=m.backbone, teacher=m.teacher, val=val,
+                                     train=train),
+                {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+            grid = _tuner(cfg, exp_dir, trainable, num_samples or cfg.num_samples).fit()
+            if stop.after_fit() or grid.num_terminated + grid.num_errors < len(grid) \
+                    or len(grid) < expected_trials(cfg, num_samples):
+                return None  # interrupted: Tune saved the cell's state; best.json is only for a finished sweep
+            if grid.num_errors:
+                log.warning("%s: %d of %d trials failed; the first: %s", cell_name(arch, method), grid.num_errors,
+                            len(grid), worker_error(grid.errors[0]))
+            grids[(arch, method)] = grid
+    if all(g.num_errors == len(g) for g in grids.values()):
+        raise EngineError(f"every trial of the sweep failed; see {os.path.join(out, 'tune')}")
+    return summarize(grids, models, cfg, out, time.perf_counter() - t0)
+
+
+class _StopBetweenCells:
+    """Ctrl-C stops the sweep, whether it lands in a cell's Tuner or between two cells.
+
+    Each `Tuner.fit` installs Tune's SIGINT handler over the one in place,
+    which on Ctrl-C stops that cell, saves its state and puts the previous
+    handler back; when the cell ends without one it leaves its own handler
+    installed, so a Ctrl-C between two fits would reach a finished cell and be
+    lost. Here a handler of ours is in place before every fit: it records a
+    Ctrl-C between fits, and finding it back in place after a fit means Tune
+    took a Ctrl-C (a stopped cell's trials can all look finished: its running
+    trial is stopped, not left pending).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._active = threading.current_thread() is threading.main_thread()  # signals: the main thread only
+        self._tune_handles = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0")
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def rearm(self) -> None:
+        if self._active:
+            signal.signal(signal.SIGINT, self._handler)
+
+    def after_fit(self) -> bool:
+        """Whether a Ctrl-C stopped the sweep (during the fit that just returned, or before it)."""
+        if self._active and self._tune_handles and signal.getsignal(signal.SIGINT) == self._handler:
+            self.requested = True
+        self.rearm()
+        return self.requested
+
+    def __enter__(self) -> "_StopBetweenCells":
+        if self._active:
+            self._previous = signal.getsignal(signal.SIGINT)
+        self.rearm()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._active:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def expected_trials(cfg: TuneConfig, num_samples: int | None = None) -> int:
-    """Trials of a complete sweep: samples x archs x methods x every `grid` parameter's values."""
-    n = (num_samples or cfg.num_samples) * len(cfg.archs) * len(cfg.methods)
+    """Trials of a complete cell: samples x every `grid` parameter's values."""
+    n = num_samples or cfg.num_samples
     for p in cfg.search.values():
         if p.kind == "grid":
             n *= len(p.args)
     return n
 
 
-def summarize(grid, cfg: TuneConfig, out: str, seconds: float) -> dict:
-    """best.json: best config per (arch, method) by validation top-1; summary.md: its test top-1, read once."""
-    rows = []
-    for r in grid:
-        if r.metrics is None or METRIC not in (r.metrics or {}):
-            continue
-        rows.append(r)
-    test = load_split(cfg.dataset, "test", cfg.data_dir, cfg.image_size)  # the only read of the test split
-    device = torch.device("cuda" if cfg.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
-    if cfg.resources.gpu > 0 and device.type == "cpu":
+def _best(grid, cfg: TuneConfig):
+    """(the finished trial with the highest validation top-1, the finished ones, all with metrics)."""
+    rows = [r for r in grid if r.metrics and METRIC in r.metrics]
+    full = [r for r in rows if r.metrics["epoch"] == cfg.base.posttrain.epochs and r.checkpoint is not None]
+    return (max(full, key=lambda r: r.metrics[METRIC]) if full else None), full, rows
+
+
+def summarize(grids: dict, models: dict, cfg: TuneConfig, out: str, seconds: float) -> dict:
+    """best.json: best config per (arch, method) by validation top-1, with the backbone and teacher files the
+    cell used; summary.md: its test top-1, read once."""
+    test = dataclasses.replace(cfg.base, holdout=False).split("test")  # the only read of the test split
+    device = torch.device("cuda" if cfg.gpu and torch.cuda.is_available() else "cpu")
+    if cfg.gpu and device.type == "cpu":
         log.warning("no CUDA device on the driver: the test top-1 of the best configurations runs on its CPU")
     best: dict = {}
-    for arch in cfg.archs:
-        for method in cfg.methods:
-            cell = [r for r in rows if r.config["arch"] == arch and r.config["method"] == method]
-            full = [r for r in cell if r.metrics["epoch"] == cfg.posttrain.epochs and r.checkpoint is not None]
-            if not full:
-                continue
-            top = max(full, key=lambda r: r.metrics[METRIC])
-            with top.checkpoint.as_directory() as d:
-                state = load_state_file(os.path.join(d, STATE_FILE))
-            student = create_model(cfg.posttrain.student, test.info.num_classes, cfg.posttrain.student_width,
-                                   small_input(cfg.image_size))
-            student.load_state_dict(state["student"])
-            test_acc = top1(student.to(device), test, test.info.mean, test.info.std, device)
-            vals = [r.metrics[METRIC] for r in full]
-            best[f"{arch}/{method}"] = {
-                "arch": arch, "method": method, "config": {k: top.config[k] for k in cfg.search},
-                "recover": state["recover"], "val_top1": round(top.metrics[METRIC], 3),
-                "test_top1": round(test_acc, 3), "trials": len(cell), "trials_finished": len(full),
-                "val_top1_finished_median": round(statistics.median(vals), 3), "trial_path": top.path,
-            }
-    result = {"name": cfg.name, "dataset": cfg.dataset, "metric": METRIC, "seconds": round(seconds, 1),
+    for (arch, method), grid in grids.items():
+        top, full, rows = _best(grid, cfg)
+        if top is None:
+            continue
+        cell, m = models[(arch, method)]
+        with top.checkpoint.as_directory() as d:
+            state = load_state_file(os.path.join(d, STATE_FILE))
+        student = create_model(cell.posttrain.student, test.info.num_classes, cell.posttrain.student_width,
+                               small_input(cell.image_size))
+        student.load_state_dict(state["student"])
+        test_acc = top1(student.to(device), test, test.info.mean, test.info.std, device)
+        vals = [r.metrics[METRIC] for r in full]
+        best[f"{arch}/{method}"] = {
+            "arch": arch, "method": method, "config": {k: top.config[k] for k in cfg.search},
+            "recover": state["recover"], "val_top1": round(top.metrics[METRIC], 3),
+            "test_top1": round(test_acc, 3), "trials": len(rows), "trials_finished": len(full),
+            "val_top1_finished_median": round(statistics.median(vals), 3), "trial_path": top.path,
+            "backbone": m.backbone_path, "teacher": m.teacher_path,
+        }
+    result = {"name": cfg.name, "dataset": cfg.base.dataset, "metric": METRIC, "seconds": round(seconds, 1),
               "best": best, "config": json.loads(json.dumps(cfg.to_dict(), default=str))}
     atomic_write_json(os.path.join(out, "best.json"), result)
-    lines = [f"Sweep `{cfg.name}` on {cfg.dataset}: best recover settings per recovery model, chosen by "
-             f"validation top-1 after {cfg.posttrain.epochs} post-train epochs; test top-1 of that one "
+    atomic_write_bytes(os.path.join(out, "summary.md"), summary_markdown(cfg, best).encode())
+    return result
+
+
+def summary_markdown(cfg: TuneConfig, best: dict) -> str:
+    lines = [f"Sweep `{cfg.name}` on {cfg.base.dataset}: best recover settings per recovery model, chosen by "
+             f"validation top-1 after {cfg.base.posttrain.epochs} post-train epochs; test top-1 of that one "
              f"configuration measured once after the sweep.", "",
-             "| arch | method | best config | val top-1 | test top-1 | trials (finished) |", "|---|---|---|---|---|---|"]
+             "| arch | method | best config | val top-1 | test top-1 | trials (finished) | teacher |",
+             "|---|---|---|---|---|---|---|"]
     for b in best.values():
         conf = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["config"].items())
         lines.append(f"| {b['arch']} | {b['method']} | {conf} | {b['val_top1']:.1f} | {b['test_top1']:.1f} | "
-                     f"{b['trials']} ({b['trials_finished']}) |")
-    atomic_write_bytes(os.path.join(out, "summary.md"), ("\n".join(lines) + "\n").encode())
-    return result
+                     f"{b['trials']} ({b['trials_finished']}) | {os.path.basename(b['teacher'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def check_resources(cfg: TuneConfig) -> None:
@@ -350,4 +339,4 @@ def check_resources(cfg: TuneConfig) -> None:
                                            f"{have.get('GPU', 0):g}")
 
 
-__all__ = ["run_sweep", "trial", "summarize", "prepare_backbones", "search_space", "check_resources", "PerCellASHA"]
+__all__ = ["run_sweep", "trial", "summarize", "prepare_models", "search_space", "check_resources"]

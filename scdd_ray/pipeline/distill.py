@@ -16,27 +16,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import TEACHER_BACKBONE, DistillConfig
+from ..backbones import Models, check_checkpoint, load_checkpoint_arg, resolve_models
+from ..config import RUN_FILE, flatten
 from ..core.bn import parse_bn_weights
-from ..core.configs import SUPERVISED
+from ..core.configs import fingerprint_view
 from ..core.evaluation import top1
+from ..core.posttrain import global_batch
+from ..core.posttrain_job import PosttrainJob
 from ..core.shards import plan_shards, run_local
-from ..core.training import PosttrainJob, global_batch
 from ..data import DatasetInfo, dataset_info, sample_per_class
 from ..dist.cluster import cluster_gpus, connect, is_running, local_resources, placement
+from ..dist.posttrain import run_posttrain
 from ..dist.synthesis import run_ray
-from ..dist.train import run_posttrain
 from ..errors import ConfigError, StoreError
 from ..exports import export_all
 from ..locks import FileLock
-from ..models import Checkpoint, adapt_inputs, frozen, num_bn_layers
+from ..models.adapt import adapt_inputs
+from ..models.checkpoint import Checkpoint
+from ..models.factory import num_bn_layers
+from ..models.runtime import frozen
 from ..report import write_report
-from ..store import ShardStore, atomic_write_json, images_digest
-from ..backbones import check_checkpoint, get_backbone, load_checkpoint_arg, probe_backbone
+from ..schema import TEACHER_BACKBONE, DistillConfig
+from ..store.atomic import atomic_write_json
+from ..store.encoded import images_digest
+from ..store.shards import ShardStore
 from .outdir import check_not_busy, check_out_dir, lock_out_dir
 
 log = logging.getLogger("scdd_ray")
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -71,7 +77,7 @@ def prepare(cfg: DistillConfig) -> Prepared:
             log.warning("recover.augment_per batch changes nothing here: this preset's recover has no crop and "
                         "no flip (see recover.crop_scale, recover.flip)")
     check_out_dir(cfg.out, RUN_FILE, cfg.fingerprint(), "scdd-ray run",
-                  describe_change=lambda prev: _diff(prev.get("config", {}), cfg.to_dict()))
+                  describe_change=lambda prev: _diff(prev.get("config", {}), cfg))
     try:
         ShardStore(os.path.join(cfg.out, "distilled")).check(cfg.fingerprint())
     except StoreError as e:
@@ -116,17 +122,16 @@ def uses_ray(cfg: DistillConfig) -> bool:
     return bool(cfg.address) or num_workers(cfg) > 1
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> str:
-    for k in sorted(set(a) & set(b)):
-        if k in ("out", "num_gpus", "num_workers", "address", "teacher", "posttrain", "posttrain_workers"):
-            continue
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            d = _diff(va, vb, prefix + k + ".")
-            if d:
-                return d
-        elif va != (list(vb) if isinstance(vb, tuple) else vb):
-            return f"{prefix}{k} was {va!r}, now {vb!r}"
+def _diff(prev: dict, cfg: DistillConfig) -> str:
+    """The first setting that decides the images and differs between a run's earlier config and `cfg`."""
+    now = flatten(fingerprint_view(cfg))
+    try:
+        before = flatten(prev)
+    except ConfigError:  # a run.json of another shape: say only that it differs
+        return "settings differ"
+    for k in sorted(set(before) & set(now)):
+        if before[k] != now[k]:
+            return f"{k} was {before[k]!r}, now {now[k]!r}"
     return "settings differ"
 
 
@@ -167,27 +172,10 @@ def select_random(store: ShardStore, cfg: DistillConfig) -> dict:
     return {"shards_total": cfg.ipc, "shards_computed": computed, "num_workers": 1}
 
 
-def _models(prep: Prepared, device) -> tuple[Checkpoint | None, str | None, Checkpoint, str]:
-    """(backbone, its path, teacher, its path): the recovery backbone (scdd: SSL + probe; sre2l:
-    supervised; random: none) and the relabelling teacher.
-
-    The teacher is the same for every method unless `teacher` says otherwise:
-    a supervised model of the run's arch, as in the authors' post-training, so
-    that scdd, sre2l and the random subset are compared under one teacher.
-    `teacher` "backbone" relabels with the recovery backbone itself."""
-    cfg, info = prep.cfg, prep.info
-    backbone, backbone_path = (prep.backbone, cfg.backbone) if prep.backbone else (None, None)
-    if backbone is None and cfg.method != "random":
-        backbone, backbone_path = get_backbone(cfg, info, cfg.squeeze.method, device)
-    elif backbone is not None and backbone.meta.get("needs_probe"):
-        backbone, backbone_path = probe_backbone(cfg, info, backbone, device)
-    if prep.teacher is not None:
-        return backbone, backbone_path, prep.teacher, cfg.teacher
-    if cfg.teacher == TEACHER_BACKBONE or (backbone is not None and backbone.method == SUPERVISED
-                                            and backbone.arch == cfg.arch):  # sre2l: it is the teacher already
-        return backbone, backbone_path, backbone, backbone_path
-    teacher, teacher_path = get_backbone(cfg, info, SUPERVISED, device)
-    return backbone, backbone_path, teacher, teacher_path
+def _models(prep: Prepared, device) -> Models:
+    """The run's recovery backbone and relabelling teacher (backbones.plan_models decides which)."""
+    given = {p: c for p, c in ((prep.cfg.backbone, prep.backbone), (prep.cfg.teacher, prep.teacher)) if c is not None}
+    return resolve_models(prep.cfg, prep.info, device, given)
 
 
 def _recover(cfg: DistillConfig, info: DatasetInfo, store: ShardStore, backbone: Checkpoint | None, device) -> dict:
@@ -220,7 +208,9 @@ def _run(prep: Prepared) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     atomic_write_json(os.path.join(cfg.out, RUN_FILE), {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()})
     t_start = time.perf_counter()
-    backbone, backbone_path, teacher_ckpt, teacher_path = _models(prep, device)
+    models = _models(prep, device)
+    backbone, backbone_path, teacher_ckpt, teacher_path = (models.backbone, models.backbone_path, models.teacher,
+                                                           models.teacher_path)
     release_gpu(device)
 
     store = ShardStore(os.path.join(cfg.out, "distilled"))

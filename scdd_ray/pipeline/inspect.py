@@ -2,11 +2,11 @@
 channels, for one or two groups of backbones (e.g. SSL vs supervised, one per seed)."""
 from __future__ import annotations
 
+from ..backbones import load_any_backbone
 from ..core.bn import aggregate_summaries, bn_statistics, summarize_bn
 from ..errors import ConfigError
-from ..report import plot_bn
-from ..store import atomic_write_json
-from ..backbones import load_any_backbone
+from ..plots import plot_bn
+from ..store.atomic import atomic_write_json
 
 
 def inspect_group(field: str, paths: list[str], label: str | None) -> dict:

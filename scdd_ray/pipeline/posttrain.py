@@ -11,16 +11,20 @@ from dataclasses import dataclass
 import torch
 
 from .. import data
-from ..config import build_posttrain_config
-from ..core.training import PosttrainJob, check_soft_labels, soft_label_meta
-from ..dist.cluster import connect
-from ..dist.train import check_workers, run_posttrain
-from ..errors import ConfigError, DataError, StoreError
-from ..models import create_model, save_checkpoint, small_input
-from ..report import save_grid
-from ..store import SOFT_META, atomic_write_json, images_digest, read_distilled
 from ..backbones import load_checkpoint_arg
-from .distill import RUN_FILE
+from ..config import RUN_FILE, build_config, flatten
+from ..core.posttrain_job import PosttrainJob, check_soft_labels, soft_label_meta
+from ..dist.cluster import connect
+from ..dist.posttrain import check_workers, run_posttrain
+from ..errors import ConfigError, DataError, StoreError
+from ..models.checkpoint import save_checkpoint
+from ..models.factory import create_model
+from ..plots import save_grid
+from ..schema import DistillConfig, PosttrainOptions
+from ..store.atomic import atomic_write_json
+from ..store.distilled import read_distilled
+from ..store.encoded import images_digest
+from ..store.soft_labels import SOFT_META
 from .outdir import check_not_busy, check_out_dir, lock_out_dir
 
 POSTTRAIN_RUN_FILE = "posttrain-run.json"
@@ -28,35 +32,26 @@ POSTTRAIN_RUN_FILE = "posttrain-run.json"
 
 @dataclass
 class PosttrainRequest:
-    """What the user asked for (`overrides`: PosttrainConfig fields, None for the preset's)."""
+    """What the user asked for: the command's options, the recipe fields set by flags, a config file."""
 
-    distilled: str
-    teacher: str
-    out: str
-    dataset: str | None = None
-    data_dir: str | None = None
-    overrides: dict = dataclasses.field(default_factory=dict)
-    seed: int = 0
-    num_workers: int = 1
-    num_gpus: int = 0
-    threads_per_worker: int = 1
-    address: str | None = None
-    store_soft_labels: bool = False
-    topk: int = 10
-    soft_labels: str | None = None
+    opts: PosttrainOptions
+    given: dict = dataclasses.field(default_factory=dict)
+    file: dict | None = None
 
 
-def _read_source(req: PosttrainRequest):
-    """(images, class ids, shard directory, dataset, data_dir, image size or None, data options) of `req.distilled`."""
-    src, dataset, data_dir, image_size, options = req.distilled, req.dataset, req.data_dir, None, {}
+# What a distill run's run.json says of its data, which a post-train of its images keeps.
+RUN_DATA = ("dataset", "data_dir", "image_size", "image_column", "label_column", "holdout")
+
+
+def _read_source(distilled: str):
+    """(images, class ids, shard directory, the data settings of the distill run or {}) of `distilled`."""
+    src, run = distilled, {}
     run_file = os.path.join(src, RUN_FILE)
     if os.path.isfile(run_file):  # a distill output directory: its settings name the dataset
         try:
             with open(run_file) as f:
                 prev = json.load(f)["config"]
-            dataset, data_dir = dataset or prev["dataset"], data_dir or prev["data_dir"]
-            image_size = prev["image_size"]
-            options = {k: prev[k] for k in ("image_column", "label_column") if prev.get(k)}
+            run = {k: prev[k] for k in RUN_DATA if prev.get(k) is not None}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError("distilled", f"{run_file} is unreadable ({type(e).__name__})") from None
         src = os.path.join(src, "distilled")
@@ -64,91 +59,103 @@ def _read_source(req: PosttrainRequest):
         images, class_ids, _ = read_distilled(src)
     except StoreError as e:
         raise ConfigError("distilled", e.message) from None
-    return images, class_ids, src, dataset, data_dir, image_size, options
+    return images, class_ids, src, run
 
 
 def _check_request(req: PosttrainRequest) -> None:
-    if not (isinstance(req.num_workers, int) and req.num_workers >= 1):
-        raise ConfigError("num_workers", f"must be a positive integer (got {req.num_workers!r})")
-    if req.num_gpus < 0 or req.num_gpus > 0 and not req.address and req.num_gpus > torch.cuda.device_count():
-        raise ConfigError("num_gpus", f"asked for {req.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
-    if req.topk < 1:
-        raise ConfigError("topk", f"must be a positive integer (got {req.topk})")
-    if req.soft_labels and req.store_soft_labels:
+    o = req.opts
+    if o.topk < 1:
+        raise ConfigError("topk", f"must be a positive integer (got {o.topk})")
+    if o.soft_labels and o.store_soft_labels:
         raise ConfigError("soft_labels", "cannot be combined with `store_soft_labels`")
-    if req.threads_per_worker < 1:
-        raise ConfigError("threads_per_worker", f"must be a positive integer (got {req.threads_per_worker})")
+    if o.threads_per_worker < 1:
+        raise ConfigError("threads_per_worker", f"must be a positive integer (got {o.threads_per_worker})")
 
 
-def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, torch.Tensor, torch.Tensor, str]:
-    """Every check, before anything is written; returns (job, images, class ids, dataset)."""
+def _config(req: PosttrainRequest, run: dict, images: torch.Tensor) -> DistillConfig:
+    """The post-train's configuration: the distill run's data, then the config file, then the flags; the
+    dataset named by the teacher when nothing else names it."""
+    values = {**run, **flatten(req.file or {}), **req.given}
+    if "dataset" not in values:
+        teacher = load_checkpoint_arg(values["teacher"], "teacher")
+        if teacher.meta.get("dataset") not in data.names():
+            raise ConfigError("dataset", f"cannot tell the dataset of {req.opts.distilled}; name it")
+        values["dataset"] = teacher.meta["dataset"]
+    values.setdefault("image_size", int(images.shape[-1]))
+    cfg = build_config(values, run=False)
+    if cfg.num_gpus > 0 and not cfg.address and cfg.num_gpus > torch.cuda.device_count():
+        raise ConfigError("num_gpus", f"asked for {cfg.num_gpus} GPUs but {torch.cuda.device_count()} are visible")
+    return cfg
+
+
+def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, DistillConfig, torch.Tensor, torch.Tensor]:
+    """Every check, before anything is written; returns (job, configuration, images, class ids)."""
     _check_request(req)
-    images, class_ids, src, dataset, data_dir, image_size, options = _read_source(req)
-    teacher = load_checkpoint_arg(req.teacher, "teacher")
-    dataset = dataset or teacher.meta.get("dataset")
-    if dataset not in data.names():
-        raise ConfigError("dataset", f"cannot tell the dataset of {req.distilled}; name it")
-    image_size = image_size or int(images.shape[-1])
+    o = req.opts
+    images, class_ids, src, run = _read_source(o.distilled)
+    cfg = _config(req, run, images)
+    teacher = load_checkpoint_arg(cfg.teacher, "teacher")
     try:
-        test = data.load_split(dataset, "test", data_dir, image_size, **options)
+        test = cfg.split("test")
     except DataError as e:
         raise ConfigError("data_dir", e.message) from None
     info = test.info
     if teacher.num_classes != info.num_classes:
-        raise ConfigError("teacher", f"{req.teacher} has {teacher.num_classes} classes but the distilled "
-                                     f"data ({dataset}) has {info.num_classes}")
+        raise ConfigError("teacher", f"{cfg.teacher} has {teacher.num_classes} classes but the distilled "
+                                     f"data ({cfg.dataset}) has {info.num_classes}")
     if int(class_ids.max()) >= info.num_classes:
-        raise ConfigError("distilled", f"class id {int(class_ids.max())} is out of range for {dataset}")
-    cfg = build_posttrain_config(dataset, req.overrides, gpu=req.num_gpus > 0)
-    if cfg.labels == "hard" and (req.soft_labels or req.store_soft_labels):
+        raise ConfigError("distilled", f"class id {int(class_ids.max())} is out of range for {cfg.dataset}")
+    pcfg = cfg.posttrain
+    if pcfg.labels == "hard" and (o.soft_labels or o.store_soft_labels):
         raise ConfigError("posttrain.labels", "hard labels use no teacher: no soft labels to read or store")
     digest = images_digest(images)
-    if req.soft_labels:
-        check_soft_labels(req.soft_labels, cfg, digest, info.num_classes, len(images), req.num_workers)
+    if o.soft_labels:
+        check_soft_labels(o.soft_labels, pcfg, digest, info.num_classes, len(images), cfg.posttrain_workers)
     job = PosttrainJob(source=src, images_digest=digest, num_images=len(images), teacher=teacher, test=test,
-                       info=info, cfg=cfg, image_size=image_size, small_input=small_input(image_size), seed=req.seed,
-                       soft_labels=req.soft_labels, topk=req.topk,
-                       store_soft_labels=os.path.join(req.out, "soft_labels") if req.store_soft_labels else None)
-    check_out_dir(req.out, POSTTRAIN_RUN_FILE, job.fingerprint(), "posttrain run")
-    check_not_busy(req.out)
+                       info=info, cfg=pcfg, image_size=cfg.image_size, small_input=cfg.small_input, seed=cfg.seed,
+                       soft_labels=o.soft_labels, topk=o.topk,
+                       store_soft_labels=os.path.join(o.out, "soft_labels") if o.store_soft_labels else None)
+    check_out_dir(o.out, POSTTRAIN_RUN_FILE, job.fingerprint(), "posttrain run")
+    check_not_busy(o.out)
     try:
-        connect(req.address)
+        connect(cfg.address)
     except ConnectionError as e:
         raise ConfigError("address", str(e)) from None
-    check_workers(job, req.num_workers, req.num_gpus > 0, req.threads_per_worker)
-    return job, images, class_ids, dataset
+    check_workers(job, cfg.posttrain_workers, cfg.num_gpus > 0, o.threads_per_worker, "posttrain_workers")
+    return job, cfg, images, class_ids
 
 
-def run(req: PosttrainRequest, job: PosttrainJob, images: torch.Tensor, class_ids, dataset: str) -> dict:
+def run(req: PosttrainRequest, job: PosttrainJob, run_cfg: DistillConfig, images: torch.Tensor, class_ids) -> dict:
     """Train (or resume) the student under OUT/train/, then write student.pt, grid.png and posttrain.json;
     OUT is this process's alone meanwhile (a second run on it is refused before it writes anything)."""
-    with lock_out_dir(req.out):
-        return _run(req, job, images, class_ids, dataset)
+    with lock_out_dir(req.opts.out):
+        return _run(req, job, run_cfg, images, class_ids)
 
 
-def _run(req: PosttrainRequest, job: PosttrainJob, images: torch.Tensor, class_ids, dataset: str) -> dict:
-    cfg, info, out = job.cfg, job.info, req.out
+def _run(req: PosttrainRequest, job: PosttrainJob, run_cfg: DistillConfig, images: torch.Tensor, class_ids) -> dict:
+    cfg, info, out, o = job.cfg, job.info, req.opts.out, req.opts
+    dataset, workers = run_cfg.dataset, run_cfg.posttrain_workers
     fp = job.fingerprint()
     atomic_write_json(os.path.join(out, POSTTRAIN_RUN_FILE), {"fingerprint": fp, "config": dataclasses.asdict(cfg),
-                                                              "distilled": req.distilled, "teacher": req.teacher,
-                                                              "seed": req.seed})
+                                                              "distilled": o.distilled, "teacher": run_cfg.teacher,
+                                                              "seed": run_cfg.seed})
     if job.store_soft_labels:
-        atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, complete=False, world=req.num_workers))
-    res = run_posttrain(job, storage_path=os.path.join(out, "train"), name=f"student-{fp}",
-                        num_workers=req.num_workers, use_gpu=req.num_gpus > 0, threads=req.threads_per_worker)
+        atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, False, workers))
+    res = run_posttrain(job, storage_path=os.path.join(out, "train"), name=f"student-{fp}", num_workers=workers,
+                        use_gpu=run_cfg.num_gpus > 0, threads=o.threads_per_worker)
     if job.store_soft_labels:
-        atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, complete=True, world=req.num_workers))
+        atomic_write_json(os.path.join(job.store_soft_labels, SOFT_META), soft_label_meta(job, True, workers))
     student = create_model(cfg.student, info.num_classes, cfg.student_width, job.small_input)
     student.load_state_dict(res.student_state)
     save_checkpoint(os.path.join(out, "student.pt"), student, arch=cfg.student, width=cfg.student_width,
                     num_classes=info.num_classes, image_size=job.image_size, small_input=job.small_input,
                     mean=info.mean, std=info.std, method="student", meta={"dataset": dataset})
     save_grid(os.path.join(out, "grid.png"), images, class_ids, info.class_names)
-    result = {"distilled": req.distilled, "teacher": req.teacher, "dataset": dataset, "num_images": int(len(images)),
+    result = {"distilled": o.distilled, "teacher": run_cfg.teacher, "dataset": dataset, "num_images": int(len(images)),
               "top1": round(res.top1, 3), "posttrain_seconds": round(res.seconds, 2),
               "startup_seconds": None if res.startup_seconds is None else round(res.startup_seconds, 2),
-              "num_workers": req.num_workers, "epochs": res.epochs, "steps": res.steps,
-              "trained_epochs": res.trained_epochs, "seed": req.seed, "soft_labels": req.soft_labels,
+              "num_workers": workers, "epochs": res.epochs, "steps": res.steps,
+              "trained_epochs": res.trained_epochs, "seed": run_cfg.seed, "soft_labels": o.soft_labels,
               "stored_soft_labels": job.store_soft_labels, "history": res.history,
               "config": dataclasses.asdict(cfg)}
     atomic_write_json(os.path.join(out, "posttrain.json"), result)

@@ -4,39 +4,33 @@ from __future__ import annotations
 
 import torch
 
-from ..config import build_squeeze_setup
-from ..data import load_split
-from ..errors import ConfigError
-from ..models import Checkpoint
 from ..backbones import load_checkpoint_arg, probe_and_save, squeeze_and_save
+from ..config import validate_squeeze
+from ..errors import ConfigError
+from ..models.checkpoint import Checkpoint
+from ..schema import DistillConfig
 
-SPLITS = ("train", "train-noval")
 
-
-def run_squeeze(dataset: str, method: str, out: str, *, overrides: dict, data_dir: str | None = None,
-                split: str = "train", seed: int = 0, from_checkpoint: str | None = None,
-                use_gpu: bool = False, data_options: dict | None = None) -> dict:
-    """Write the backbone to `out`; returns its summary (arch, width, method, test top-1)."""
-    setup = build_squeeze_setup(dataset, method, overrides, data_dir, gpu=use_gpu)
-    if split not in SPLITS:
-        raise ConfigError("split", f"must be train or train-noval (got {split!r})")
-    train = load_split(dataset, split, data_dir, setup.image_size, **(data_options or {}))
-    test = load_split(dataset, "test", data_dir, setup.image_size, **(data_options or {}))
+def run_squeeze(cfg: DistillConfig, out: str, from_checkpoint: str | None = None) -> dict:
+    """Write `cfg`'s backbone (arch, width, image size, `squeeze` settings, seed; on train less the validation
+    share under `holdout`) to `out`; returns its summary (arch, width, method, held-out top-1)."""
+    validate_squeeze(cfg.squeeze)
+    if not out:
+        raise ConfigError("out", "is required")
+    use_gpu = cfg.num_gpus > 0
     if use_gpu and not torch.cuda.is_available():  # never a silent CPU run of a GPU job
         raise ConfigError("num_gpus", f"asked for a GPU but torch {torch.__version__} sees no CUDA device")
+    train, test = cfg.split("train"), cfg.split("test")
     device = torch.device("cuda" if use_gpu else "cpu")
-    info = train.info
     if not from_checkpoint:
-        return _summary(out, squeeze_and_save(out, setup, train, device, seed, test, meta={"split": split}))
+        return _summary(out, squeeze_and_save(out, cfg, train, device, test))
     # import + linear probe only: the SSL BN statistics stay as published
-    ckpt = load_checkpoint_arg(from_checkpoint, "from_checkpoint", info, setup.image_size, allow_probe=True)
-    asked_width = overrides.get("width")
-    if overrides.get("arch") and (ckpt.arch != overrides["arch"]
-                                  or (asked_width is not None and abs(ckpt.width - asked_width) > 1e-9)):
-        raise ConfigError("arch", f"{from_checkpoint} is a {ckpt.arch} width {ckpt.width:g} but `arch` "
-                                  f"{overrides['arch']} `width` {setup.width:g} was asked for")
-    meta = {"dataset": dataset, "split": split, **{k: ckpt.meta[k] for k in ("imported_from", "layout")}}
-    return _summary(out, probe_and_save(out, ckpt, train, test, setup.cfg, device, seed, setup.image_size, meta))
+    ckpt = load_checkpoint_arg(from_checkpoint, "from_checkpoint", train.info, cfg.image_size, allow_probe=True)
+    if ckpt.arch != cfg.arch or abs(ckpt.width - cfg.width) > 1e-9:  # the configuration names what is probed
+        raise ConfigError("arch", f"{from_checkpoint} is a {ckpt.arch} width {ckpt.width:g} but `arch` {cfg.arch} "
+                                  f"`width` {cfg.width:g} was asked for")
+    meta = {"dataset": cfg.dataset, "split": cfg.train_split, **{k: ckpt.meta[k] for k in ("imported_from", "layout")}}
+    return _summary(out, probe_and_save(out, ckpt, train, test, cfg.squeeze, device, cfg.seed, cfg.image_size, meta))
 
 
 def _summary(out: str, ckpt: Checkpoint) -> dict:

@@ -2,7 +2,7 @@
 distilled images with the teacher's soft labels on every augmented crop.
 
 `PostTrainer` holds a student, its optimiser and where it is, and `fit` runs
-the epochs; Ray Train workers (scdd_ray.dist.train), Tune trials
+the epochs; Ray Train workers (scdd_ray.dist.posttrain), Tune trials
 (scdd_ray.dist.tune) and in-process callers all train through it and differ
 only in what they do at the end of an epoch and in how the student is wrapped
 (DDP). `run_epoch` / `train_step` are the maths of one epoch / one step.
@@ -24,28 +24,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from ..data import DatasetInfo, ImageSet
-from ..errors import ConfigError, StoreError
-from ..models import Checkpoint, adapt_inputs, autocast, create_model, frozen
-from ..store import SOFT_FORMAT, SOFT_META, read_soft_labels
+from ..data import DatasetInfo
+from ..models.adapt import adapt_inputs
+from ..models.checkpoint import Checkpoint
+from ..models.factory import create_model
+from ..models.runtime import autocast, frozen
+from ..store.encoded import EncodedImages
 from .augment import to_device
 from .configs import PosttrainConfig
-from .relabel import (MIX_CODES, CropPlan, crop_fill, hard_label_loss, kd_loss, logits_from_topk, make_crops, mix_weight,
-                      plan_crops, soft_labels, topk_probs)
+from .relabel import StepBatch, crop_fill, hard_label_loss, kd_loss, make_crops, mix_weight, plan_crops, soft_labels
 from .schedules import cosine_lr, set_lr
+from .soft_labels import stored_batches
 
 log = logging.getLogger("scdd_ray")
-STATE_FILE = "state.pt"
-MIX_NAMES = {v: k for k, v in MIX_CODES.items()}
 
 
 @dataclass
@@ -107,15 +104,6 @@ def rank_rows(batch: int, rank: int, world: int) -> tuple[torch.Tensor, float]:
     return torch.arange(start, start + size), size * world / batch
 
 
-@dataclass
-class StepBatch:
-    """One global batch: image indices, crop plan, and stored teacher targets (None: run the teacher)."""
-
-    idx: torch.Tensor
-    plan: CropPlan
-    targets: torch.Tensor | None = None
-
-
 def epoch_batches(n: int, cfg: PosttrainConfig, image_size: int, seed: int, epoch: int,
                   world: int = 1) -> list[StepBatch]:
     """The image order and crop plans of one epoch; a function of (seed, epoch) only
@@ -130,75 +118,13 @@ def epoch_batches(n: int, cfg: PosttrainConfig, image_size: int, seed: int, epoc
     return out
 
 
-def stored_batches(root: str, epoch: int, num_classes: int, temperature: float,
-                   fill: str = "reflection") -> list[StepBatch]:
-    """One epoch's batches rebuilt from stored soft labels (crop plans and teacher top-k)."""
-    rows = read_soft_labels(root, epoch)
-    out = []
-    for s in np.unique(rows["step"]):
-        sel = np.flatnonzero(rows["step"] == s)
-        r = {k: v[sel] for k, v in rows.items()}
-        if not np.array_equal(r["slot"], np.arange(len(sel))):
-            raise StoreError(f"{root}: epoch {epoch + 1} step {int(s)} lacks some crops")
-        boxes = torch.from_numpy(np.stack([r["box_w"], r["box_h"], r["box_cx"], r["box_cy"]], 1).astype(np.float32))
-        plan = CropPlan(boxes, torch.from_numpy(r["flip"].astype(bool)), MIX_NAMES[int(r["mix"][0])],
-                        torch.from_numpy(r["partner"].astype(np.int64)),
-                        tuple(int(r[c][0]) for c in ("cut_y0", "cut_y1", "cut_x0", "cut_x1")), float(r["lam"][0]),
-                        fill)
-        targets = logits_from_topk(torch.from_numpy(r["topk_prob"].astype(np.float32)),
-                                   torch.from_numpy(r["topk_index"].astype(np.int64)), num_classes, temperature)
-        out.append(StepBatch(torch.from_numpy(r["image"].astype(np.int64)), plan, targets))
-    return out
-
-
-def soft_label_rows(epoch: int, step: int, sb: StepBatch, rows: torch.Tensor, target_logits: torch.Tensor,
-                    temperature: float, k: int) -> dict:
-    """Stored-soft-label columns for this worker's rows of one step."""
-    p = sb.plan
-    n = len(rows)
-    v, i = topk_probs(target_logits, temperature, k)
-    partner = p.partner[rows] if p.partner is not None else rows
-    b = p.boxes[rows]
-    full = lambda val, dt: np.full(n, val, dt)  # noqa: E731
-    return {"epoch": full(epoch, np.int32), "step": full(step, np.int32), "slot": rows.numpy().astype(np.int32),
-            "image": sb.idx[rows].numpy().astype(np.int32),
-            "box_w": b[:, 0].numpy(), "box_h": b[:, 1].numpy(), "box_cx": b[:, 2].numpy(), "box_cy": b[:, 3].numpy(),
-            "flip": p.flip[rows].numpy(), "mix": full(MIX_CODES[p.mix], np.int8),
-            "partner": partner.numpy().astype(np.int32),
-            "cut_y0": full(p.box[0], np.int16), "cut_y1": full(p.box[1], np.int16),
-            "cut_x0": full(p.box[2], np.int16), "cut_x1": full(p.box[3], np.int16),
-            "lam": full(p.lam, np.float32),
-            "topk_index": i.cpu().numpy().astype(np.int16), "topk_prob": v.cpu().numpy().astype(np.float16)}
-
-
-class EncodedSet:
-    """A distilled set kept encoded (store.EncodedImages) by a trainer on `device`.
-
-    Each step decodes only the images this worker crops, so a worker holds the
-    encoded bytes plus one batch instead of the whole decoded set. The crops
-    are exactly those of the decoded set: the same rows, the same pixels.
-    """
-
-    def __init__(self, encoded, device):
-        self.encoded, self.device = encoded, torch.device(device)
-
-    def __len__(self) -> int:
-        return len(self.encoded)
-
-    def batch(self, idx: torch.Tensor, rows: torch.Tensor, plan: CropPlan) -> torch.Tensor:
-        """uint8 images of the global batch `idx` on the device: rows `rows` and their mixing partners
-        decoded, the others (which `make_crops` never reads for these rows) left zero."""
-        need = rows if plan.mix == "none" else torch.unique(torch.cat([rows, plan.partner[rows]]))
-        decoded = self.encoded.decode(idx[need].tolist())
-        out = torch.zeros((len(idx),) + tuple(decoded.shape[1:]), dtype=torch.uint8)
-        out[need] = decoded
-        return to_device(out, self.device)
-
-
 def step_images(images, sb: StepBatch, rows: torch.Tensor) -> torch.Tensor:
-    """The uint8 images of step `sb` on the training device, from a decoded set or an `EncodedSet`."""
-    if isinstance(images, EncodedSet):
-        return images.batch(sb.idx, rows, sb.plan)
+    """The uint8 images of step `sb` on the training device, from a decoded set or an encoded one
+    (store.encoded.EncodedImages): of those, only this worker's `rows` and their mixing partners are
+    decoded (`make_crops` reads no other row for them)."""
+    if isinstance(images, EncodedImages):
+        need = rows if sb.plan.mix == "none" else torch.unique(torch.cat([rows, sb.plan.partner[rows]]))
+        return images.gather(sb.idx, need)
     return images[to_device(sb.idx, images.device)]
 
 
@@ -265,8 +191,6 @@ def run_epoch(student, teacher, opt, images: torch.Tensor, batches: list[StepBat
     return running, step
 
 
-
-
 def build_teacher(ckpt: Checkpoint, info: DatasetInfo, device) -> nn.Module:
     """The frozen relabelling teacher, fed inputs normalised with the dataset's statistics."""
     device = torch.device(device)
@@ -276,7 +200,7 @@ def build_teacher(ckpt: Checkpoint, info: DatasetInfo, device) -> nn.Module:
 class PostTrainer:
     """One post-train of one rank: the student, its optimiser, where it is, and the epoch loop.
 
-    images: the distilled set (uint8, on its device, or an `EncodedSet`); teacher: the frozen
+    images: the distilled set (uint8, on its device, or an `EncodedImages` set bound to one); teacher: the frozen
     relabelling model, or None with `stored` soft labels (a directory written
     by a post-train that stored them), which are read instead, or with
     `cfg.labels` "hard", where the student learns `labels` (the images'
@@ -350,80 +274,3 @@ class PostTrainer:
 
     def lr(self) -> float:
         return cosine_lr(self.cfg.lr, self.state["step"], self.total_steps)
-
-
-# --- a post-train job and its stored soft labels ----------------------------------------
-
-@dataclass
-class PosttrainJob:
-    """Everything a post-train needs, checked by the caller."""
-
-    source: str  # a distilled directory: manifest + shards, bare *.parquet, or reference ImageFolder
-    images_digest: str
-    num_images: int
-    teacher: Checkpoint
-    test: ImageSet
-    info: DatasetInfo
-    cfg: PosttrainConfig
-    image_size: int
-    small_input: bool
-    seed: int = 0
-    soft_labels: str | None = None  # read stored soft labels from this directory instead of running the teacher
-    store_soft_labels: str | None = None  # write the teacher's top-k on every crop here
-    topk: int = 10
-
-    def fingerprint(self) -> str:
-        """Everything that decides the student; placement and checkpoint frequency are left out."""
-        cfg = dataclasses.asdict(self.cfg)
-        cfg.pop("checkpoint_every", None)
-        for key, default in (("labels", "soft"), ("crop", "resized")):  # added later: left out at their
-            if cfg[key] == default:  # defaults so earlier runs keep resuming
-                del cfg[key]
-        if not cfg["batch_per_worker"]:  # the default leaves the fingerprints of earlier runs unchanged
-            cfg.pop("batch_per_worker")
-        teacher = hashlib.sha256()
-        for k_, v in sorted(self.teacher.state_dict.items()):
-            teacher.update(k_.encode())
-            teacher.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        keep = {"cfg": cfg, "images": self.images_digest, "teacher": teacher.hexdigest()[:16],
-                "test": [self.info.name, self.image_size], "seed": self.seed, "soft_labels": bool(self.soft_labels)}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def batch(self, world: int = 1) -> int:
-        """The global batch on `world` workers (`global_batch`)."""
-        return global_batch(self.cfg, self.num_images, world)
-
-
-def soft_label_meta(job: PosttrainJob, complete: bool, world: int = 1) -> dict:
-    """What training from stored labels (`soft_labels`) checks first."""
-    batch = job.batch(world)
-    return {"format": SOFT_FORMAT, "complete": complete, "images_digest": job.images_digest,
-            "num_images": job.num_images, "num_classes": job.info.num_classes, "temperature": job.cfg.temperature,
-            "topk": min(job.topk, job.info.num_classes), "epochs": job.cfg.epochs, "batch_size": batch,
-            "steps_per_epoch": steps_per_epoch(job.num_images, batch), "seed": job.seed,
-            "crop_scale": list(job.cfg.crop_scale), "crop": job.cfg.crop, "flip": job.cfg.flip, "mix": job.cfg.mix,
-            "mix_prob": job.cfg.mix_prob, "image_size": job.image_size}
-
-
-def check_soft_labels(root: str, cfg: PosttrainConfig, digest: str, num_classes: int, num_images: int,
-                      world: int = 1) -> None:
-    """Stored soft labels must be complete and made for these images, classes, temperature and batch."""
-    path = os.path.join(root, SOFT_META)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        raise ConfigError("soft_labels", f"{root} holds no stored soft labels ({SOFT_META} missing or unreadable)") from None
-    if meta.get("format") != SOFT_FORMAT or not meta.get("complete"):
-        raise ConfigError("soft_labels", f"{root} is incomplete (its post-train did not finish)")
-    if meta.get("images_digest") != digest:
-        raise ConfigError("soft_labels", f"{root} labels other images than `distilled` holds")
-    for key, want, fld in (("num_classes", num_classes, "teacher"),
-                           ("temperature", cfg.temperature, "posttrain.temperature"),
-                           ("batch_size", global_batch(cfg, num_images, world), "posttrain.batch_size"),
-                           ("crop", cfg.crop, "posttrain.crop")):
-        if meta.get(key, "resized" if key == "crop" else None) != want:
-            raise ConfigError(fld, f"{root} was stored with {key} {meta.get(key)}, this run uses {want}")
-    if cfg.epochs > meta.get("epochs", 0):
-        raise ConfigError("posttrain.epochs", f"{root} holds {meta.get('epochs', 0)} epochs of soft labels, "
-                                              f"{cfg.epochs} asked for")

@@ -1,9 +1,11 @@
 """`scdd-ray bench table`: does a distilled set beat a random real subset?
 
 Every (method, IPC, seed) cell is a full `distill` run, and every cell of a
-seed is relabelled by the same teacher file (a supervised model squeezed once
-per seed) and post-trained the same way; the SSL backbone of scdd is also
-squeezed once per seed and shared by its IPCs. Beside top-1 the table gives
+seed is relabelled by the same teacher file and post-trained the same way:
+its models are those `distill` would use (backbones.resolve_models), with
+the table's model seed, cached once in WORK/models and shared by the cells
+(a supervised model of the arch, unless `teacher` names one; the SSL
+backbone of scdd is shared by its IPCs). Beside top-1 the table gives
 DD-Ranking's two metrics:
 
 - IOR (improvement over random): top-1 of the distilled set minus top-1 of
@@ -33,14 +35,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backbones import backbone_name, squeeze_and_save
-from .config import SqueezeSetup, build_distill_config
-from .core.configs import SUPERVISED
-from .core.evaluation import top1
-from .core.training import PostTrainer
-from .locks import locked
-from .pipeline import distill
-from .store import ShardStore, atomic_write_bytes, atomic_write_json
+from ..backbones import resolve_models
+from ..config import build_distill_config
+from ..core.evaluation import top1
+from ..core.posttrain import PostTrainer
+from ..data import dataset_info
+from ..locks import locked
+from ..pipeline import distill
+from ..store.atomic import atomic_write_bytes, atomic_write_json
+from ..store.shards import ShardStore
+from .cells import suffix
 
 log = logging.getLogger("scdd_ray")
 METHODS = ("random", "sre2l", "scdd")
@@ -67,8 +71,7 @@ class TableSpec:
 
         Recover settings do not touch a random subset: tables that differ only
         in them share their `random` cells."""
-        return "".join(f"-{k.replace('.', '_')}-{_text(v)}" for k, v in sorted(self.overrides_for(method).items())
-                       if k not in ("data_dir", "num_gpus", "num_workers"))
+        return suffix(self.overrides_for(method))
 
     def overrides_for(self, method: str | None) -> dict:
         """The overrides that apply to `method`'s cells (a random subset has no recover stage)."""
@@ -78,13 +81,9 @@ class TableSpec:
         return seed if self.model_seed is None else self.model_seed
 
     def config(self, method: str, ipc: int, seed: int, out: str, **extra):
-        given = {"num_workers": 1, **self.overrides_for(method), "method": method, "ipc": ipc, "seed": seed}
+        given = {"num_workers": 1, "models_dir": os.path.join(self.work, "models"), **self.overrides_for(method),
+                 "method": method, "ipc": ipc, "seed": seed}
         return build_distill_config(self.dataset, out, {**given, **extra})
-
-
-def _text(value) -> str:
-    """A setting as it appears in a cell's directory name (tuples as LO,HI; no spaces)."""
-    return ",".join(f"{v:g}" for v in value) if isinstance(value, (tuple, list)) else str(value)
 
 
 def cells(spec: TableSpec) -> list[tuple[str, int, int]]:
@@ -97,21 +96,14 @@ def cell_dir(spec: TableSpec, method: str, ipc: int, seed: int) -> str:
     return os.path.join(spec.work, "cells", name)
 
 
-def shared_model(spec: TableSpec, squeeze_method: str, seed: int) -> str:
-    """The model every cell of `seed` shares (the supervised teacher, scdd's SSL backbone); squeezed once."""
-    seed = spec.models_seed(seed)
-    cfg = spec.config("scdd" if squeeze_method != SUPERVISED else "sre2l", spec.ipcs[0], seed, "unused")
-    name = backbone_name(squeeze_method, cfg.arch, cfg.width, cfg.image_size, cfg.squeeze.epochs, seed,
-                         cfg.train_split)
-    path = os.path.join(spec.work, "models", f"{spec.dataset}-{name}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with locked(path + ".lock"):  # several --part processes may need the same model: one squeezes it
-        if not os.path.isfile(path):
-            setup = SqueezeSetup(cfg.dataset, cfg.arch, cfg.width, cfg.image_size,
-                                 dataclasses.replace(cfg.squeeze, method=squeeze_method))
-            device = torch.device("cuda" if cfg.num_gpus and torch.cuda.is_available() else "cpu")
-            squeeze_and_save(path, setup, cfg.split("train"), device, seed, cfg.split("test"))
-    return path
+def cell_models(spec: TableSpec, method: str, ipc: int, seed: int) -> dict:
+    """The backbone and teacher files of a cell (squeezed first if missing): those `distill` resolves for the
+    cell with the table's model seed, so every cell of that seed shares one teacher file."""
+    cfg = spec.config(method, ipc, spec.models_seed(seed), os.path.join(spec.work, "models"))
+    device = torch.device("cuda" if cfg.num_gpus and torch.cuda.is_available() else "cpu")
+    info = dataset_info(cfg.dataset, cfg.data_dir, cfg.image_size, **cfg.data_options())
+    models = resolve_models(cfg, info, device)
+    return {"teacher": models.teacher_path, **({"backbone": models.backbone_path} if models.backbone_path else {})}
 
 
 def run_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> dict:
@@ -119,13 +111,7 @@ def run_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> dict:
     out = cell_dir(spec, method, ipc, seed)
     path = os.path.join(out, "report.json")
     if not os.path.isfile(path):
-        teacher = shared_model(spec, SUPERVISED, seed)
-        backbone = {"random": None, "sre2l": teacher}.get(method, None)
-        if method == "scdd":
-            ssl = spec.config(method, ipc, seed, out).squeeze.method
-            backbone = shared_model(spec, ssl, seed)
-        extra = {"teacher": teacher, **({"backbone": backbone} if backbone else {})}
-        distill.run(distill.prepare(spec.config(method, ipc, seed, out, **extra)))
+        distill.run(distill.prepare(spec.config(method, ipc, seed, out, **cell_models(spec, method, ipc, seed))))
     with open(path) as f:
         return json.load(f)
 

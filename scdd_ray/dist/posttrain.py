@@ -2,19 +2,18 @@
 
 As in the Ray Train examples: `train_loop_per_worker(config)` is a plain
 function of a config dict that every worker runs (it reads the distilled
-Parquet shards, builds the frozen teacher and a `core.training.PostTrainer`,
+Parquet shards, builds the frozen teacher and a `core.posttrain.PostTrainer`,
 wraps the student with `prepare_model` (DDP: gloo on CPU, nccl on GPU),
 trains, evaluates on rank 0 and reports metrics with a checkpoint);
 `run_posttrain(...)` is the driver.
 
 Every worker draws the same image order and crop plan and trains on its
-slice of the one global batch (core.training explains why that is exact), so
+slice of the one global batch (core.posttrain explains why that is exact), so
 a run resumed from the checkpoint of epoch k continues exactly as the
 uninterrupted run would.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,16 +30,19 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..core.evaluation import top1
-from ..core.training import (EncodedSet, PosttrainJob, PosttrainResult, PostTrainer, build_teacher,
-                             checkpoint_every, soft_label_rows)
+from ..core.posttrain import build_teacher, checkpoint_every, PostTrainer, PosttrainResult
+from ..core.posttrain_job import PosttrainJob
+from ..core.soft_labels import soft_label_rows
+from ..store.encoded import EncodedImages
 from ..errors import CheckpointError, ConfigError, EngineError
-from ..models import load_state_file
-from ..store import images_digest, read_encoded, soft_label_file, write_soft_labels
+from ..models.checkpoint import load_state_file
+from ..store.distilled import read_encoded
+from ..store.encoded import images_digest
+from ..store.soft_labels import soft_label_file, write_soft_labels
 from .cluster import placement, worker_error
 
 log = logging.getLogger("scdd_ray")
 STATE_FILE = "state.pt"
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 # Ray Train waits 60 s for the cluster to place its workers, then retries, by default forever (a silent
 # hang when other jobs hold the resources); after this many retries the post-train stops with an error.
 START_RETRIES = 4
@@ -51,16 +53,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _read_images(config: dict, rank: int, device) -> tuple[torch.Tensor | EncodedSet, torch.Tensor]:
-    """The distilled set of this worker and its class ids: decoded on its device when small, else kept
-    encoded and decoded batch by batch (ImageNet-1K at IPC 50 would be 7.5 GB per worker)."""
-    encoded = read_encoded(config["source"])  # every worker reads the Parquet shards itself
-    small = len(encoded) * encoded.decode([0]).numel() <= config.get("decoded_max_bytes", DECODED_MAX_BYTES)
-    images = encoded.decode_all()[0] if small else None
-    if (images_digest(images) if small else encoded.digest()) != config["images_digest"]:
-        raise RuntimeError(f"worker {rank} read other images from {config['source']} than the driver "
+def read_images(source: str, digest: str, rank: int, device, keep_encoded: bool | None = None
+                ) -> tuple[torch.Tensor | EncodedImages, torch.Tensor]:
+    """The distilled set of this worker and its class ids: decoded on its device, or (`keep_encoded`, by default
+    when it is larger than DECODED_MAX_BYTES decoded) kept encoded and decoded batch by batch (ImageNet-1K at
+    IPC 50 would be 7.5 GB per worker). It must be the set the driver saw (`digest`)."""
+    encoded = read_encoded(source)  # every worker reads the Parquet shards itself
+    if keep_encoded is None:
+        keep_encoded = len(encoded) * encoded.decode([0]).numel() > DECODED_MAX_BYTES
+    images = None if keep_encoded else encoded.decode_all()[0]
+    if (encoded.digest() if keep_encoded else images_digest(images)) != digest:
+        raise RuntimeError(f"worker {rank} read other images from {source} than the driver "
                            "(multi-node runs need the distilled directory on shared storage)")
-    return (images.to(device) if small else EncodedSet(encoded, device)), torch.from_numpy(encoded.class_ids)
+    return (encoded.to(device) if keep_encoded else images.to(device)), torch.from_numpy(encoded.class_ids)
 
 
 def _soft_label_writer(store_to: str, trainer: PostTrainer, rank: int, world: int, k: int):
@@ -91,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu" and config.get("threads"):
         torch.set_num_threads(config["threads"])
-    images, class_ids = _read_images(config, rank, device)
+    images, class_ids = read_images(config["source"], config["images_digest"], rank, device)
     stored, store_to = config.get("soft_labels"), config.get("store_soft_labels")
     needs_teacher = not stored and cfg.labels == "soft"
     teacher = build_teacher(ray.get(config["teacher"]), info, device) if needs_teacher else None
@@ -107,7 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
     test = ray.get(config["test"]) if rank == 0 else None
     startup = t_enter - config["t0"]
     every = checkpoint_every(cfg)
-    on_step, write_epoch = (_soft_label_writer(store_to, trainer, rank, world, min(config.get("topk", 10),
+    on_step, write_epoch = (_soft_label_writer(store_to, trainer, rank, world, min(config["topk"],
                                                                                  info.num_classes))
                             if store_to else (None, None))
 
@@ -148,9 +153,9 @@ def check_workers(job: PosttrainJob, num_workers: int, use_gpu: bool, threads: i
 
 
 def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_workers: int = 1, use_gpu: bool = False,
-                  threads: int = 1, max_failures: int = 0, loop=train_loop_per_worker) -> PosttrainResult:
-    """Post-train `job` on `num_workers` Ray Train workers running `loop`; resumes from `storage_path/name`
-    if it holds a run.
+                  threads: int = 1, max_failures: int = 0) -> PosttrainResult:
+    """Post-train `job` on `num_workers` Ray Train workers running `train_loop_per_worker`; resumes from
+    `storage_path/name` if it holds a run.
 
     Ray must be initialised (cluster.connect). Raises ConfigError before
     starting anything if the cluster cannot place the workers.
@@ -174,7 +179,7 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
     if job.store_soft_labels:
         os.makedirs(job.store_soft_labels, exist_ok=True)
     trainer = TorchTrainer(
-        loop, train_loop_config=config,
+        train_loop_per_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
@@ -217,25 +222,22 @@ def clean_run_dir(run_dir: str) -> None:
     """Leave `run_dir` as a run Ray Train can resume, or remove it so that the post-train starts over.
 
     A full disk or a kill while Ray Train writes leaves a checkpoint it never
-    registered (removed here) or a snapshot it cannot parse (then it cannot
-    resume: the run is removed). A registered state file that is damaged or
-    was planted is never loaded: the run is removed too, with a warning, as a
-    damaged shard is dropped and computed again.
+    registered (removed here) or a record of its checkpoints it cannot read
+    (then it cannot resume: the run is removed). A registered state file that
+    is damaged or was planted is never loaded: the run is removed too, with a
+    warning, as a damaged shard is dropped and computed again. What Ray Train
+    registered is read through its public `Result.from_path`.
     """
     if not os.path.isdir(run_dir):
         return
     epochs = sorted(d for d in os.listdir(run_dir) if d.startswith("epoch-"))
+    if not epochs:
+        return
     try:
-        with open(os.path.join(run_dir, RAY_SNAPSHOT)) as f:
-            snapshot = json.load(f)
-    except FileNotFoundError:
-        snapshot = {"checkpoint_results": []}  # nothing registered yet
-    except (OSError, ValueError) as e:
-        return _start_over(run_dir, f"{RAY_SNAPSHOT} is unreadable ({type(e).__name__})")
-    try:
-        registered = {c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]}
-    except (KeyError, TypeError):  # a snapshot of another Ray version: prune nothing, check every state
-        registered = set(epochs)
+        result = ray.train.Result.from_path(run_dir)
+        registered = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
+    except Exception as e:  # no record of its checkpoints, or an unreadable one: nothing to resume from
+        return _start_over(run_dir, f"Ray Train cannot resume it ({type(e).__name__})")
     for d in epochs:
         if d not in registered:
             log.warning("posttrain: removing %s, a checkpoint Ray Train did not finish writing",
