@@ -12,6 +12,7 @@ no entry.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -55,7 +56,7 @@ def _write_temp(path: str, data: bytes) -> str:
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
-        os.remove(tmp)
+        _remove_temp(tmp)
         raise
     return tmp
 
@@ -64,8 +65,33 @@ def _replace(tmp: str, path: str) -> None:
     try:
         os.replace(tmp, path)
     except BaseException:
-        os.remove(tmp)
+        _remove_temp(tmp)
         raise
+
+
+def _remove_temp(tmp: str) -> None:
+    """Remove a temp file on the way out of a failed or interrupted write. A signal (Ctrl-C, SIGTERM) can
+    land after the rename it interrupts: then there is nothing to remove, and the interrupt goes on."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+
+
+TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{16}")  # the names `_write_temp` gives
+
+
+def sweep_temp_files(root: str) -> list[str]:
+    """Remove the temp files a killed writer left under `root` (kill -9, power loss); returns their paths.
+
+    Call it only while holding `root`'s lock: then no writer of ours is at work there.
+    """
+    swept = []
+    for d, _, files in os.walk(root):
+        for f in files:
+            if TEMP_FILE.fullmatch(f):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(d, f))
+                    swept.append(os.path.join(d, f))
+    return sorted(swept)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -189,9 +215,10 @@ class ShardStore:
             recorded.append(shard_id)
         try:
             self._update(record)
-        except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        except BaseException as e:  # an OS error, or an interrupt (Ctrl-C, SIGTERM): no temp file left behind
+            _remove_temp(tmp)
+            if not isinstance(e, OSError):
+                raise
             raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
         return bool(recorded)
 
