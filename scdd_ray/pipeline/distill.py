@@ -31,7 +31,7 @@ from ..exports import export_all
 from ..locks import FileLock
 from ..models import Checkpoint, adapt_inputs, frozen, num_bn_layers
 from ..report import write_report
-from ..store import ShardStore, atomic_write_json, images_digest
+from ..store import ShardStore, atomic_write_json, images_digest, sweep_temp_files
 from ..backbones import check_checkpoint, get_backbone, load_checkpoint_arg, probe_backbone
 from .outdir import check_not_busy, check_out_dir, lock_out_dir
 
@@ -218,6 +218,8 @@ def _run(prep: Prepared) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg)
     os.makedirs(cfg.out, exist_ok=True)
+    for path in sweep_temp_files(cfg.out):  # OUT is ours alone (the lock): a temp file here is a killed write's
+        log.warning("removed %s, left by a write that was killed", path)
     atomic_write_json(os.path.join(cfg.out, RUN_FILE), {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()})
     t_start = time.perf_counter()
     backbone, backbone_path, teacher_ckpt, teacher_path = _models(prep, device)

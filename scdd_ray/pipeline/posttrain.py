@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -18,12 +19,13 @@ from ..dist.train import check_workers, run_posttrain
 from ..errors import ConfigError, DataError, StoreError
 from ..models import create_model, save_checkpoint, small_input
 from ..report import save_grid
-from ..store import SOFT_META, atomic_write_json, images_digest, read_distilled
+from ..store import SOFT_META, atomic_write_json, images_digest, read_distilled, sweep_temp_files
 from ..backbones import load_checkpoint_arg
 from .distill import RUN_FILE
 from .outdir import check_not_busy, check_out_dir, lock_out_dir
 
 POSTTRAIN_RUN_FILE = "posttrain-run.json"
+log = logging.getLogger("scdd_ray")
 
 
 @dataclass
@@ -129,6 +131,8 @@ def run(req: PosttrainRequest, job: PosttrainJob, images: torch.Tensor, class_id
 def _run(req: PosttrainRequest, job: PosttrainJob, images: torch.Tensor, class_ids, dataset: str) -> dict:
     cfg, info, out = job.cfg, job.info, req.out
     fp = job.fingerprint()
+    for path in sweep_temp_files(out):  # OUT is ours alone (the lock): a temp file here is a killed write's
+        log.warning("removed %s, left by a write that was killed", path)
     atomic_write_json(os.path.join(out, POSTTRAIN_RUN_FILE), {"fingerprint": fp, "config": dataclasses.asdict(cfg),
                                                               "distilled": req.distilled, "teacher": req.teacher,
                                                               "seed": req.seed})
