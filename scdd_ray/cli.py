@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -24,8 +25,9 @@ from .bench import bench_models, bench_recover, bench_scaling
 from .config import (METHODS, OPTIMIZERS, build_distill_config, parse_scale, squeeze_methods, validate_arch,
                      validate_recovery_grid)
 from .core.relabel import MIX_CODES
+from .dist.cluster import JOIN_TIMEOUT_S, handle_sigterm, reset_sigterm, shutdown, sigterm_received
 from .dist.tune import run_sweep
-from .errors import ConfigError, ScddError
+from .errors import ConfigError, ScddError, Terminated
 from .models import ARCHS
 from .pipeline import distill
 from .pipeline.inspect import inspect_bn
@@ -42,6 +44,10 @@ log = logging.getLogger("scdd_ray")
 # The environment, not the program, is at fault: one line naming the path, not a traceback.
 ANTICIPATED_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
                          errno.EROFS}
+
+
+ADDRESS_HELP = (f"join an existing Ray cluster: auto, or its GCS address host:port (gives up after "
+                f"{JOIN_TIMEOUT_S:g} s if no Ray cluster answers there), or ray://host:port (needs ray[client])")
 
 
 class UsageError(Exception):
@@ -152,7 +158,7 @@ def _distill_args(d: argparse.ArgumentParser) -> None:
     d.add_argument("--eval-every", type=int, default=None)
     d.add_argument("--num-gpus", type=int, default=0, help="one synthesis actor per GPU; 0 for CPU actors")
     d.add_argument("--num-workers", type=int, default=None, help="CPU synthesis actors (default: one per core)")
-    d.add_argument("--address", default=None, help="join an existing Ray cluster (auto, host:port or ray://host:port)")
+    d.add_argument("--address", default=None, help=ADDRESS_HELP)
     d.add_argument("--posttrain-workers", type=int, default=None,
                    help="Ray Train workers for the post-train stage (default 1; one GPU each with --num-gpus)")
     d.add_argument("--checkpoint-every", type=int, default=None, help="post-train epochs between checkpoints")
@@ -237,7 +243,7 @@ def _posttrain_args(p: argparse.ArgumentParser) -> None:
                    help="--batch-size images per worker (global batch x workers, lr scaled: README)")
     p.add_argument("--num-gpus", type=int, default=0, help="> 0: one GPU per worker")
     p.add_argument("--threads-per-worker", type=int, default=1, help="CPUs (torch threads) each CPU worker reserves")
-    p.add_argument("--address", default=None, help="join an existing Ray cluster (auto, host:port or ray://host:port)")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.add_argument("--store-soft-labels", action="store_true",
                    help="also write the teacher's top-k probabilities on every crop to OUT/soft_labels/")
     p.add_argument("--topk", type=int, default=10, help="probabilities kept per crop with --store-soft-labels")
@@ -266,7 +272,7 @@ def _tune_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--config", required=True, help="tune_configs/NAME.yaml")
     t.add_argument("--num-samples", type=int, default=None, help="samples per arch x method (default: the YAML's)")
     t.add_argument("--data-dir", default=None, help="overrides the YAML's data_dir")
-    t.add_argument("--address", default=None, help="join an existing Ray cluster")
+    t.add_argument("--address", default=None, help=ADDRESS_HELP)
     t.add_argument("--out", required=True, help="sweep directory; rerun the same command to resume")
 
 
@@ -588,12 +594,20 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     name = f"bench {args.bench}" if args.command == "bench" else args.command
     cmd = COMMANDS[name]
+    previous = signal.getsignal(signal.SIGTERM)
+    reset_sigterm()
+    handle_sigterm()  # SIGTERM (a scheduler's stop) is handled as Ctrl-C, through Ray's own handlers too
     try:
         return cmd.run(args)
     except ScddError as e:
         print(f"scdd-ray: error: {e.render(flag_namer(parsers[name], cmd.fields))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # ray.get turns a Terminated into a plain KeyboardInterrupt
+        if isinstance(e, Terminated) or sigterm_received():
+            shutdown()  # its actors and workers stop with it, before the process exits
+            print("scdd-ray: terminated (SIGTERM); finished work is kept, rerun the same command to resume",
+                  file=sys.stderr)
+            return 143
         print("scdd-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except OSError as e:  # the library names the paths it writes; this catches what writes beneath it
@@ -601,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"scdd-ray: error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

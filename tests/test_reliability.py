@@ -1,5 +1,6 @@
 """Issue 15, reliability and security: planted pickles never run, damage at rest is found (and repaired
 on resume), one writer per output directory, OS errors are one line, outputs follow the umask."""
+import contextlib
 import json
 import os
 import pathlib
@@ -337,3 +338,112 @@ def test_outputs_are_created_with_the_users_umask(tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / "private.json").st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+# --- 7. issue 22: bounded waits and SIGTERM -----------------------------------------------------------
+
+def _service(kind):
+    """A TCP service on a free local port that is not Ray: silent, or an HTTP server (a dashboard's port)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve():
+        while True:
+            conn, _ = srv.accept()
+            if kind == "http":
+                with contextlib.suppress(OSError):
+                    conn.recv(1000)
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            threading.Timer(30, conn.close).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+JOIN = """
+import sys
+from scdd_ray.dist import cluster
+from scdd_ray.cli import main
+cluster.JOIN_TIMEOUT_S = 3
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_joining_a_port_where_no_ray_answers_gives_up_naming_the_address(ray_session, tmp_path, capsys):
+    from scdd_ray.cli import build_parser
+    from scdd_ray.dist.cluster import JOIN_TIMEOUT_S, _check_gcs
+
+    _, parsers = build_parser()
+    assert f"gives up after {JOIN_TIMEOUT_S:g} s" in " ".join(parsers["distill"].format_help().split())
+    out = tmp_path / "run"
+    for kind, said in (("http", "an HTTP server answers there ('HTTP/1.1 404 Not Found')"),
+                       ("silent", "accepts TCP connections but does not answer as a Ray GCS")):
+        srv, port = _service(kind)
+        with srv:
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-c", JOIN, "distill", "--dataset", "synthetic", "--address",
+                                  f"127.0.0.1:{port}", "--out", str(out)], env=ENV, capture_output=True, text=True,
+                                 timeout=120)
+        assert res.returncode == 2 and time.perf_counter() - t0 < 60, res.stderr[-2000:]
+        line = res.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"scdd-ray: error: --address: no Ray cluster answered at 127.0.0.1:{port} within 3s")
+        assert said in line and not out.exists()
+    t0 = time.perf_counter()
+    _check_gcs(ray_session.get_runtime_context().gcs_address, "", 0)  # a Ray cluster answers at once
+    assert time.perf_counter() - t0 < JOIN_TIMEOUT_S
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--address", "ray://127.0.0.1:10001",
+                            "--out", str(out)])
+    assert "--address" in line and "pip install 'ray[client]'" in line and not out.exists()
+
+
+def _distill_argv(out):
+    return ["distill", "--dataset", "synthetic", "--num-workers", "2", "--classes-per-batch", "1", "--iterations",
+            "150", "--out", str(out)]
+
+
+def _terminate_when(out, ready, timeout=300):
+    """Run distill on `out` in a child process, SIGTERM it once `ready()`; returns (rc, stderr, seconds to stop)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "scdd_ray", *_distill_argv(out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.perf_counter()
+    while not ready() and proc.poll() is None and time.perf_counter() - t0 < timeout:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before the signal"
+    t1 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err, time.perf_counter() - t1
+
+
+def _shards(out):
+    try:
+        return len(json.loads((out / "distilled" / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigterm_in_recover_and_in_posttrain_stops_cleanly_and_the_run_resumes(ray_session, tmp_path, capsys):
+    out = tmp_path / "run"
+    stopped = "scdd-ray: terminated (SIGTERM); finished work is kept, rerun the same command to resume"
+    for stage, ready in (("recover", lambda: _shards(out) >= 1), ("posttrain", lambda: (out / "posttrain").exists())):
+        rc, err, seconds = _terminate_when(out, ready)
+        lines = err.strip().splitlines()
+        assert rc == 143 and lines[-1] == stopped, (stage, err[-3000:])
+        assert [ln for ln in lines if ln.startswith("scdd-ray:")] == [stopped]
+        assert "SIGTERM received" not in err and "Traceback" not in err and seconds < 60
+        assert _shards(out) >= 1 and not (out / "report.json").exists()
+    assert _shards(out) == 8  # the second run finished recover before it was stopped in post-train
+    stale = out / "distilled" / ".tmp-0123456789abcdef"  # a temp file a kill -9 left behind
+    stale.write_bytes(b"half a shard")
+    from scdd_ray.cli import main
+
+    assert main(["-q", *_distill_argv(out)]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["shards_computed"] == 0 and report["num_images"] == 8
+    assert not stale.exists() and not list(out.rglob(".tmp-*"))
