@@ -19,8 +19,9 @@ from .core.configs import SqueezeConfig
 from .core.evaluation import top1
 from .core.squeeze import linear_probe, squeeze
 from .data import DatasetInfo, ImageSet
-from .errors import CheckpointError, ConfigError, NotOurCheckpoint
-from .models import Checkpoint, import_backbone, load_checkpoint, model_from_import, save_checkpoint
+from .errors import CheckpointError, ConfigError, Diverged, NotOurCheckpoint
+from .models import (Checkpoint, import_backbone, load_checkpoint, model_from_import, nonfinite_weights,
+                     save_checkpoint)
 
 log = logging.getLogger("scdd_ray")
 
@@ -107,6 +108,7 @@ def squeeze_and_save(path: str, setup: SqueezeSetup, train: ImageSet, device, se
     model = squeeze(train, setup.arch, setup.width, setup.cfg, device=device, seed=seed,
                     small_input=setup.small_input)
     info = train.info
+    _check_trained(model, f"squeeze ({setup.cfg.method})", "`squeeze.lr`")
     extra = {"dataset": setup.dataset, "epochs": setup.cfg.epochs, "seed": seed}
     if test is not None:
         acc = top1(model, test, info.mean, info.std, device)
@@ -118,12 +120,33 @@ def squeeze_and_save(path: str, setup: SqueezeSetup, train: ImageSet, device, se
     return load_checkpoint(path)
 
 
+def _check_trained(model: nn.Module, stage: str, setting: str) -> None:
+    """A model whose training diverged (NaN or infinite weights) is never saved: Diverged naming the stage."""
+    problem = nonfinite_weights(model.state_dict())
+    if problem:
+        raise Diverged(f"{stage} stopped: {problem.split(' (')[0]}; lower {setting} or check the data")
+
+
+def _cached(path: str) -> Checkpoint | None:
+    """The cached model at `path`, or None (trained again) when there is none or it is damaged, as a damaged
+    shard is computed again."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        log.warning("%s; training it again", e.message)
+        return None
+    log.info("using cached backbone %s", path)
+    return ckpt
+
+
 def get_backbone(cfg: DistillConfig, info: DatasetInfo, squeeze_method: str, device) -> tuple[Checkpoint, str]:
     """Load the cached backbone for `squeeze_method`, or train and cache it under OUT/backbones/."""
     path = os.path.join(cfg.out, "backbones", distill_backbone_name(cfg, squeeze_method))
-    if os.path.isfile(path):
-        log.info("using cached backbone %s", path)
-        return load_checkpoint(path), path
+    cached = _cached(path)
+    if cached is not None:
+        return cached, path
     setup = SqueezeSetup(cfg.dataset, cfg.arch, cfg.width, cfg.image_size,
                          dataclasses.replace(cfg.squeeze, method=squeeze_method))
     train = cfg.split("train")
@@ -144,6 +167,7 @@ def probe_and_save(path: str, ckpt: Checkpoint, train: ImageSet, test: ImageSet,
     """Fit the head of an imported backbone on `train`, measure it on `test`, save it at `path`."""
     t0 = time.perf_counter()
     model = probe(ckpt, train, cfg, device, seed)
+    _check_trained(model, "the linear probe", "`squeeze.lr`")
     info = train.info
     acc = top1(model, test, info.mean, info.std, device)
     log.info("linear probe on imported %s backbone: test top-1 %.2f%%", ckpt.method, acc)
@@ -160,9 +184,9 @@ def probe_backbone(cfg: DistillConfig, info: DatasetInfo, ckpt: Checkpoint, devi
     name = (f"probe-{ckpt.method}-{src}-{ckpt.arch}-s{cfg.image_size}-p{cfg.squeeze.probe_epochs}-seed{cfg.seed}"
             f"{_split_suffix(cfg.train_split)}.pt")
     path = os.path.join(cfg.out, "backbones", name)
-    if os.path.isfile(path):
-        log.info("using cached probed backbone %s", path)
-        return load_checkpoint(path), path
+    cached = _cached(path)
+    if cached is not None:
+        return cached, path
     train = cfg.split("train")
     test = cfg.split("test")
     meta = {**ckpt.meta, "needs_probe": False, "dataset": cfg.dataset, "probe_epochs": cfg.squeeze.probe_epochs}

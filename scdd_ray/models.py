@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,6 +231,8 @@ def save_checkpoint(path: str, model: nn.Module, *, arch: str, width: float, num
 
 
 def load_checkpoint(path: str) -> Checkpoint:
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file (.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -238,18 +241,74 @@ def load_checkpoint(path: str) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} is not a readable torch file ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise NotOurCheckpoint(f"checkpoint {path} is not an scdd-ray checkpoint (no '{FORMAT}' header)")
+    header_problem = _header_problem(payload)
+    if header_problem:
+        raise CheckpointError(f"checkpoint {path}: {header_problem}")
     ckpt = Checkpoint(
-        arch=payload["arch"], width=payload["width"], num_classes=payload["num_classes"],
-        image_size=payload["image_size"], small_input=payload["small_input"], mean=tuple(payload["mean"]),
-        std=tuple(payload["std"]), method=payload["method"], state_dict=payload["state_dict"],
-        meta=payload.get("meta", {}),
+        arch=payload["arch"], width=float(payload["width"]), num_classes=payload["num_classes"],
+        image_size=payload["image_size"], small_input=payload["small_input"],
+        mean=tuple(float(m) for m in payload["mean"]), std=tuple(float(s) for s in payload["std"]),
+        method=payload["method"], state_dict=payload["state_dict"], meta=payload.get("meta", {}),
     )
     try:
         ckpt.build()
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not match its arch {ckpt.arch} width {ckpt.width}: {first}") from None
+    weights_problem = nonfinite_weights(ckpt.state_dict)
+    if weights_problem:
+        raise CheckpointError(f"checkpoint {path}: {weights_problem}")
     return ckpt
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _header_problem(payload: dict) -> str:
+    """What is wrong with the header of one of our checkpoints ('' if nothing): every field there, of its type."""
+    missing = [k for k in ("arch", "width", "num_classes", "image_size", "small_input", "mean", "std", "method",
+                           "state_dict") if k not in payload]
+    if missing:
+        return f"its header has no {', '.join(repr(k) for k in missing)}"
+    arch = payload["arch"]
+    if not isinstance(arch, str) or not (arch in ARCHS or (arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX))):
+        return f"its arch {arch!r} is not one of {', '.join(ARCHS)} or timm:<name>"
+    checks = (
+        ("width", _number(payload["width"]) and payload["width"] > 0, "a positive number"),
+        ("num_classes", isinstance(payload["num_classes"], int) and not isinstance(payload["num_classes"], bool)
+         and payload["num_classes"] >= 1, "a positive integer"),
+        ("image_size", isinstance(payload["image_size"], int) and not isinstance(payload["image_size"], bool)
+         and payload["image_size"] >= 1, "a positive integer"),
+        ("small_input", isinstance(payload["small_input"], bool), "true or false"),
+        ("mean", isinstance(payload["mean"], (list, tuple)) and len(payload["mean"]) == 3
+         and all(_number(m) for m in payload["mean"]), "three finite numbers"),
+        ("std", isinstance(payload["std"], (list, tuple)) and len(payload["std"]) == 3
+         and all(_number(s) and s > 0 for s in payload["std"]), "three positive numbers (normalisation divides by it)"),
+        ("method", isinstance(payload["method"], str), "a string"),
+        ("state_dict", isinstance(payload["state_dict"], dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()),
+         "a mapping of names to tensors"),
+        ("meta", isinstance(payload.get("meta", {}), dict), "a mapping"),
+    )
+    for key, ok, want in checks:
+        if not ok:
+            shown = type(payload[key]).__name__ if isinstance(payload[key], (dict, torch.Tensor)) else repr(payload[key])
+            return f"its {key} {shown[:60]} is not {want}"
+    return ""
+
+
+def nonfinite_weights(state: dict[str, torch.Tensor]) -> str:
+    """What makes a state dict unusable ('' if nothing): a weight or BN statistic that is NaN or infinite
+    (a model that diverged, or a damaged file), or a negative BN running variance."""
+    for k, v in state.items():
+        if not v.is_floating_point():
+            continue
+        if not bool(torch.isfinite(v).all()):
+            return f"{k} holds NaN or infinite values (the model diverged, or the file is damaged)"
+        if k.endswith("running_var") and bool((v < 0).any()):
+            return f"{k} holds negative variances (the file is damaged)"
+    return ""
 
 
 def load_state_file(path: str) -> dict:
@@ -332,6 +391,8 @@ def import_backbone(path: str) -> ImportedBackbone:
     Heads named in PUBLIC_LAYOUTS are dropped; any other key our ResNet does
     not have is an error naming it, never silently ignored.
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file (.pt or .pth)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:  # DINO's full checkpoints pickle their argparse.Namespace next to the weights
@@ -365,6 +426,9 @@ def import_backbone(path: str) -> ImportedBackbone:
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint {path} ({layout} layout) lacks {arch} weights: {shown}")
+    problem = nonfinite_weights({**state, **{f"fc.{k}": v for k, v in (head or {}).items()}})
+    if problem:
+        raise CheckpointError(f"checkpoint {path} ({layout} layout): {problem}")
     return ImportedBackbone(layout, arch, width, small, state, dropped, head)
 
 

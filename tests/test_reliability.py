@@ -447,3 +447,117 @@ def test_sigterm_in_recover_and_in_posttrain_stops_cleanly_and_the_run_resumes(r
     report = json.loads((out / "report.json").read_text())
     assert report["shards_computed"] == 0 and report["num_images"] == 8
     assert not stale.exists() and not list(out.rglob(".tmp-*"))
+
+
+# --- 8. issue 22: degenerate checkpoints, diverging stages --------------------------------------------
+
+def _saved(path, change=None, num_classes=4, scale_convs=None):
+    """A synthetic-dataset checkpoint at `path` (resnet18 width 0.125, 16 px), its payload passed through
+    `change` (a function that edits the dict) first."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes, width=0.125)
+    if scale_convs:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 4:
+                    p.mul_(scale_convs)
+    save_checkpoint(str(path), model, arch="resnet18", width=0.125, num_classes=num_classes, image_size=16,
+                    small_input=True, mean=(0.5,) * 3, std=(0.25,) * 3, method="simclr")
+    if change is not None:
+        payload = torch.load(str(path), weights_only=True)
+        change(payload)
+        torch.save(payload, str(path))
+    return path
+
+
+def _nan(key):
+    def change(p):
+        p["state_dict"][key][0] = float("nan")
+    return change
+
+
+@pytest.mark.parametrize("flag,change,said", [
+    ("--backbone", _nan("conv1.weight"), "conv1.weight holds NaN or infinite values"),
+    ("--backbone", _nan("layer2.0.bn1.running_var"), "layer2.0.bn1.running_var holds NaN or infinite values"),
+    ("--teacher", _nan("fc.weight"), "fc.weight holds NaN or infinite values"),
+    ("--backbone", lambda p: p.update(std=[0.0, 0.0, 0.0]), "its std [0.0, 0.0, 0.0] is not three positive numbers"),
+    ("--backbone", lambda p: p.pop("arch"), "its header has no 'arch'"),
+    ("--backbone", lambda p: p.update(arch="vgg11"), "its arch 'vgg11' is not one of resnet18"),
+    ("--backbone", lambda p: p.update(width="wide"), "its width 'wide' is not a positive number"),
+    ("--teacher", lambda p: p.update(num_classes=4.0), "its num_classes 4.0 is not a positive integer"),
+    ("--backbone", lambda p: p.update(state_dict=torch.zeros(3)), "its state_dict Tensor is not a mapping"),
+    ("--backbone", lambda p: p["state_dict"]["bn1.running_var"].fill_(-1.0), "negative variances"),
+])
+def test_a_degenerate_checkpoint_is_one_line_before_anything_is_written(tmp_path, capsys, flag, change, said):
+    path = _saved(tmp_path / "ck.pt", change)
+    out = tmp_path / "run"
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", flag, str(path), "--out", str(out)])
+    assert line.startswith(f"scdd-ray: error: {flag}: checkpoint {path}: ") and said in line, line
+    assert not out.exists()
+
+
+def test_a_directory_given_as_a_checkpoint_says_so(tmp_path, capsys):
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--backbone", str(tmp_path), "--out",
+                            str(tmp_path / "run")])
+    assert f"{tmp_path} is a directory; give the checkpoint file" in line
+
+
+def test_a_diverging_recover_stops_naming_the_shard_and_keeps_finished_shards(ray_session, tmp_path):
+    from scdd_ray.config import RecoverConfig
+    from scdd_ray.core.shards import plan_shards, run_local
+    from scdd_ray.dist.synthesis import run_ray
+    from scdd_ray.errors import Diverged
+    from scdd_ray.models import frozen, load_checkpoint
+
+    ckpt = load_checkpoint(str(_saved(tmp_path / "big.pt", scale_convs=1e30)))  # finite weights, inf activations
+    cfg = RecoverConfig(iterations=2, lr=0.1, bn_coef=0.1, jitter=2, crop_scale=(0.5, 1.0), classes_per_batch=2)
+    shards = plan_shards(4, 1, 2)
+    for engine in ("local", "ray"):
+        store = ShardStore(str(tmp_path / engine))
+        store.open("fp")
+        store.write_shard(shards[0].id, *shards[0].rows(), _imgs(2, size=16))  # finished before
+        t0 = time.perf_counter()
+        with pytest.raises(Diverged, match=f"recover stopped at shard {shards[1].id}: its loss is nan"):
+            if engine == "local":
+                run_local(frozen(ckpt.build()), shards, store, cfg, ckpt.mean, ckpt.std, 16, 0)
+            else:  # not retried: it would diverge again
+                run_ray(ckpt, shards, store, cfg, 16, 0, num_workers=1, use_gpu=False, max_tries=3)
+        assert store.done() == {shards[0].id} and time.perf_counter() - t0 < 60
+
+
+def test_a_diverging_posttrain_stops_naming_the_epoch(tmp_path):
+    from scdd_ray.core.configs import PosttrainConfig
+    from scdd_ray.core.training import PostTrainer
+    from scdd_ray.data import load_split
+    from scdd_ray.errors import Diverged
+    from scdd_ray.models import frozen, load_checkpoint
+
+    teacher = frozen(load_checkpoint(str(_saved(tmp_path / "t.pt", scale_convs=1e30))).build())
+    train = load_split("synthetic", "train", None, 16)
+    cfg = PosttrainConfig(student="resnet18", student_width=0.0625, epochs=2, batch_size=8, temperature=4.0,
+                          crop_scale=(0.5, 1.0), flip=False)
+    trainer = PostTrainer(cfg, train.images[:8], teacher, train.info, image_size=16, small_input=True, seed=0)
+    with pytest.raises(Diverged, match="post-train stopped at epoch 1: its loss is nan"):
+        trainer.fit()
+    assert trainer.state["epoch"] == 0
+
+
+def test_a_damaged_cached_backbone_is_trained_again(tmp_path, caplog):
+    from scdd_ray.backbones import distill_backbone_name, get_backbone
+    from scdd_ray.config import build_distill_config
+    from scdd_ray.data import dataset_info
+
+    cfg = build_distill_config("synthetic", str(tmp_path / "run"), {"squeeze.epochs": 1})
+    path = tmp_path / "run" / "backbones" / distill_backbone_name(cfg)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"cut short by a full disk")
+    with caplog.at_level("WARNING", logger="scdd_ray"):
+        ckpt, where = get_backbone(cfg, dataset_info("synthetic", None, 16), cfg.squeeze.method, "cpu")
+    assert where == str(path) and "not a readable torch file" in caplog.text and "training it again" in caplog.text
+    assert ckpt.arch == cfg.arch and load_checkpoint_ok(path)
+
+
+def load_checkpoint_ok(path):
+    from scdd_ray.models import load_checkpoint
+
+    return load_checkpoint(str(path)).num_classes == 4

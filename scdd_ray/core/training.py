@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..data import DatasetInfo, ImageSet
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, Diverged, StoreError
 from ..models import Checkpoint, adapt_inputs, autocast, create_model, frozen
 from ..store import SOFT_FORMAT, SOFT_META, read_soft_labels
 from .augment import to_device
@@ -343,6 +343,10 @@ class PostTrainer:
                                       self.weight, cfg, self.image_size, self.info.mean, self.info.std,
                                       step=self.state["step"], total_steps=self.total_steps, scaler=self.scaler,
                                       on_step=hook, labels=self.labels)
+            if not bool(torch.isfinite(running)):  # one check an epoch: no host sync per step
+                raise Diverged(f"post-train stopped at epoch {epoch + 1}: its loss is {float(running):g}; the "
+                               "teacher's outputs or the post-train settings (`posttrain.lr`, "
+                               "`posttrain.temperature`) make it diverge; checkpoints of earlier epochs are kept")
             self.state["epoch"], self.state["step"] = epoch + 1, step
             self.state["trained_epochs"].append(epoch + 1)
             if on_epoch is not None:

@@ -16,7 +16,7 @@ from ..core.configs import RecoverConfig
 from ..core.progress import Progress
 from ..core.shards import Shard, recover_shard
 from ..data import ImageSet
-from ..errors import EngineError
+from ..errors import Diverged, EngineError
 from ..models import frozen
 from ..store import ShardStore
 from .cluster import free_resources, placeable_now, placement, worker_error
@@ -197,6 +197,8 @@ def _pull_loop(workers: _Workers, todo: collections.deque, store: ShardStore, ma
         try:
             sid, imgs, cls, ipc, stats = ray.get(ready[0])
         except (RayActorError, RayTaskError) as e:
+            if isinstance(getattr(e, "cause", None), Diverged):  # it would diverge again: not retried
+                raise Diverged(e.cause.message) from None
             tries[shard.id] += 1
             reason = worker_error(e)
             if tries[shard.id] >= max_tries:

@@ -33,7 +33,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ..core.evaluation import top1
 from ..core.training import (EncodedSet, PosttrainJob, PosttrainResult, PostTrainer, build_teacher,
                              checkpoint_every, soft_label_rows)
-from ..errors import CheckpointError, ConfigError, EngineError
+from ..errors import CheckpointError, ConfigError, Diverged, EngineError
 from ..models import load_state_file
 from ..store import images_digest, read_encoded, soft_label_file, write_soft_labels
 from .cluster import placement, worker_error
@@ -187,7 +187,11 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
     except Exception as e:  # ray.train.TrainingFailedError and friends: one line naming the cause
         failures = getattr(e, "worker_failures", None) or {}
         cause = next(iter(failures.values()), e)
-        raise EngineError(f"post-train failed: {worker_error(cause)}; checkpoints are kept, rerun to resume") from None
+        reason = worker_error(cause)
+        diverged = f"{Diverged.__name__}: "
+        if diverged in reason:  # a rerun would diverge again: no "rerun to resume"
+            raise Diverged(reason.split(diverged, 1)[1]) from None
+        raise EngineError(f"post-train failed: {reason}; checkpoints are kept, rerun to resume") from None
     seconds = time.time() - t0
     if result.checkpoint is None:
         raise EngineError(f"post-train under {storage_path}/{name} finished without a checkpoint")
