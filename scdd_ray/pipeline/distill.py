@@ -22,7 +22,7 @@ from ..core.configs import SUPERVISED
 from ..core.evaluation import top1
 from ..core.shards import plan_shards, run_local
 from ..core.training import PosttrainJob, global_batch
-from ..data import DatasetInfo, dataset_info, sample_per_class
+from ..data import DatasetInfo, sample_per_class
 from ..dist.cluster import cluster_gpus, connect, is_running, local_resources, placement
 from ..dist.synthesis import run_ray
 from ..dist.train import run_posttrain
@@ -51,7 +51,8 @@ class Prepared:
 def prepare(cfg: DistillConfig) -> Prepared:
     """All input checks; raises ConfigError (naming the field) and writes nothing."""
     check_not_busy(cfg.out)  # before the slow checks: another run there is refused at once
-    info = dataset_info(cfg.dataset, cfg.data_dir, cfg.image_size, **cfg.data_options())
+    # The split top-1 is measured on: `holdout` runs never read the test split, so need none.
+    info = cfg.split("test").info
     backbone = teacher = None
     if cfg.backbone:
         backbone = load_checkpoint_arg(cfg.backbone, "backbone", info, cfg.image_size, allow_probe=True)
