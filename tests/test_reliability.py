@@ -561,3 +561,160 @@ def load_checkpoint_ok(path):
     from scdd_ray.models import load_checkpoint
 
     return load_checkpoint(str(path)).num_classes == 4
+
+
+# --- 9. issue 22: malformed Parquet datasets, classes without rows, mixed sizes -----------------------
+
+def _hf(root, **kw):
+    from test_parquet import make_hf
+
+    make_hf(root, **kw)
+    return root
+
+
+def _table(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(str(path))
+
+
+def _write(table, path):
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, str(path))
+
+
+def _distill_parquet(capsys, data, *extra):
+    out = data.parent / "run"
+    line = run_err(capsys, ["distill", "--dataset", "parquet", "--data-dir", str(data), "--out", str(out), *extra])
+    assert not out.exists()
+    return line
+
+
+TRAIN, TEST = "train-00000-of-00001.parquet", "test-00000-of-00001.parquet"
+
+
+def test_an_undecodable_first_image_is_one_line_also_when_the_size_is_probed(tmp_path, capsys, monkeypatch):
+    from test_parquet import _png
+
+    import numpy as np
+
+    data = _hf(tmp_path / "d", labels=[0, 1, 2], blobs=[b"not an image"] + [_png(np.zeros((8, 8, 3), np.uint8))] * 2)
+    for extra in ((), ("--image-size", "8")):  # the size probe reads row 0 first
+        line = _distill_parquet(capsys, data, *extra)
+        assert f"{data / TRAIN} row 0: the image does not decode" in line
+    data = _hf(tmp_path / "bomb")
+    monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 10)  # 8x8 images are now "bombs" (more than twice that)
+    line = _distill_parquet(capsys, data)
+    assert f"{data / TRAIN} row 0: the image does not decode (DecompressionBombError)" in line
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_split_with_zero_rows_is_one_line(tmp_path, capsys, split):
+    data = _hf(tmp_path / "d")
+    path = data / f"{split}-00000-of-00001.parquet"
+    _write(_table(path).slice(0, 0), path)
+    for extra in ((), ("--image-size", "8")):
+        line = _distill_parquet(capsys, data, *extra)
+        assert f"{path}: the split holds no rows" in line
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_an_empty_or_truncated_train_file_is_one_line_on_the_probing_path(tmp_path, capsys, damage):
+    data = _hf(tmp_path / "d")
+    path = data / TRAIN
+    path.write_bytes(b"" if damage == "empty" else path.read_bytes()[: path.stat().st_size // 2])
+    line = _distill_parquet(capsys, data)
+    assert f"{path} is not a readable Parquet file" in line
+
+
+@pytest.mark.parametrize("column", [0, 1])  # the images (read by the size probe too), the labels
+def test_a_damaged_column_chunk_under_an_intact_footer_is_one_line(tmp_path, capsys, column):
+    import pyarrow.parquet as pq
+
+    data = _hf(tmp_path / "d")
+    path = data / TRAIN
+    chunk = pq.ParquetFile(str(path)).metadata.row_group(0).column(column)
+    raw = bytearray(path.read_bytes())
+    start = chunk.data_page_offset
+    raw[start:start + 16] = b"\xff" * 16  # the page header: the footer still says all is well
+    path.write_bytes(bytes(raw))
+    for extra in ((), ("--image-size", "8")):
+        line = _distill_parquet(capsys, data, *extra)
+        assert f"{path} is damaged: its data cannot be read" in line
+
+
+@pytest.mark.parametrize("key,value,said", [
+    ("classes", "[\"a\", \"b\"", "its 'classes' schema metadata is not valid JSON"),
+    ("classes", "[[\"a\"], {\"b\": 1}]", "its 'classes' metadata is not a list of class names"),
+    ("huggingface", "{\"info\": ", "its 'huggingface' schema metadata is not valid JSON"),
+    ("huggingface", "[1, 2]", "its 'huggingface' metadata is not the features record"),
+])
+def test_malformed_class_metadata_is_one_line(tmp_path, capsys, key, value, said):
+    data = _hf(tmp_path / "d", meta_key=None)
+    path = data / TRAIN
+    _write(_table(path).replace_schema_metadata({key: value}), path)
+    line = _distill_parquet(capsys, data)
+    assert f"{path}: {said}" in line
+
+
+def test_a_class_without_training_rows_or_labels_with_gaps_are_one_line(tmp_path, capsys):
+    data = _hf(tmp_path / "named", labels=[0, 0, 1, 1])  # classes a, b, c: c has no rows
+    line = _distill_parquet(capsys, data, "--init", "real")
+    assert f"{data / TRAIN}: class 2 ('c') has no rows in the train split" in line
+    data = _hf(tmp_path / "sparse", labels=[0, 0, 5, 5, 99, 99], meta_key=None)  # no names: not 100 classes
+    line = _distill_parquet(capsys, data, "--method", "random")
+    assert f"{data / TRAIN}: the train split has labels up to 99 but no rows of label 1" in line
+    assert "classes.txt" in line
+    (data / "classes.txt").write_text("\n".join(f"c{i}" for i in range(100)))  # a class map: 100 classes
+    line = _distill_parquet(capsys, data, "--method", "random")
+    assert "class 1 ('c1') has no rows in the train split" in line
+
+
+def test_a_cifar_class_without_training_images_is_one_line(tmp_path, capsys):
+    import pickle
+
+    from helpers import make_cifar
+
+    root = make_cifar(tmp_path / "c", "cifar10", per_class=10)
+    for f in [f"data_batch_{i}" for i in range(1, 6)]:  # class 9 loses its training images
+        path = tmp_path / "c" / "cifar-10-batches-py" / f
+        d = pickle.loads(path.read_bytes())
+        keep = [i for i, y in enumerate(d[b"labels"]) if y != 9]
+        path.write_bytes(pickle.dumps({b"data": d[b"data"][keep], b"labels": [d[b"labels"][i] for i in keep]}))
+    out = tmp_path / "run"
+    line = run_err(capsys, ["distill", "--dataset", "cifar10", "--data-dir", root, "--out", str(out)])
+    assert "--data-dir" in line and "class 9 ('c9') has no images in the train split" in line
+    assert not out.exists()
+
+
+def test_images_of_mixed_sizes_are_one_line_not_resized(tmp_path, capsys):
+    from test_parquet import _png
+
+    import numpy as np
+
+    blobs = [_png(np.zeros((16, 16, 3), np.uint8))] + [_png(np.zeros((32, 32, 3), np.uint8))] * 5
+    data = _hf(tmp_path / "d", labels=[0, 0, 1, 1, 2, 2], blobs=blobs)
+    for extra in ((), ("--image-size", "32")):
+        line = _distill_parquet(capsys, data, *extra)
+        assert f"{data / TRAIN} row 1: the image is 32x32 but {data / TRAIN} row 0 is 16x16" in line
+    data = _hf(tmp_path / "e", size=8)  # train 8x8, test 12x12
+    test = _table(data / TEST)
+    _hf(tmp_path / "e12", size=12)
+    _write(_table(tmp_path / "e12" / TEST), data / TEST)
+    line = _distill_parquet(capsys, data)
+    assert f"{data / TEST} row 0: the image is 12x12 but {data / TRAIN} row 0 is 8x8" in line
+    assert test.num_rows == 12
+
+
+def test_holdout_runs_need_no_test_split(tmp_path, capsys):
+    from scdd_ray.config import build_distill_config
+    from scdd_ray.pipeline import distill
+
+    data = _hf(tmp_path / "d", splits=("train",), per_class=8)
+    line = _distill_parquet(capsys, data)
+    assert "has no test split" in line
+    cfg = build_distill_config("parquet", str(tmp_path / "run"), {"data_dir": str(data), "holdout": True})
+    prep = distill.prepare(cfg)  # every input check passes: the test split is never read
+    prep.lock.release()
+    assert prep.info.num_classes == 3
