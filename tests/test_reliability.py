@@ -718,3 +718,52 @@ def test_holdout_runs_need_no_test_split(tmp_path, capsys):
     prep = distill.prepare(cfg)  # every input check passes: the test split is never read
     prep.lock.release()
     assert prep.info.num_classes == 3
+
+
+# --- 10. issue 22: distilled sets checked against their run's plan ------------------------------------
+
+def _planned_store(root, ipcs, meta_plan=True, extra=None):
+    """A synthetic-dataset set of a run with ipc 2 (4 classes), holding the IPC indices `ipcs`."""
+    from scdd_ray.config import build_distill_config
+
+    cfg = build_distill_config("synthetic", str(root), {})
+    meta = {"dataset": "synthetic", "method": "scdd", "ipc": 2}
+    if meta_plan:
+        meta.update(num_classes=4, per_class=[2] * 4)
+    st = ShardStore(str(root / "distilled"))
+    st.open(cfg.fingerprint(), meta)
+    for j in ipcs:
+        st.write_shard(f"ipc{j:04d}-c00000-00003", [0, 1, 2, 3], [j] * 4, _imgs(4, j, size=16))
+    (root / "run.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()}))
+    return root
+
+
+def test_posttrain_refuses_an_incomplete_set_unless_asked(ray_session, tmp_path, capsys, teacher):
+    from scdd_ray.pipeline.posttrain import PosttrainRequest, prepare_posttrain
+
+    for meta_plan in (True, False):  # also a manifest written before runs recorded their plan
+        run = _planned_store(tmp_path / f"run{meta_plan}", [0], meta_plan)  # interrupted: IPC index 1 missing
+        for src in (run, run / "distilled"):
+            line = run_err(capsys, _posttrain(src, teacher, tmp_path / "pt"))
+            assert "--distilled" in line and "is incomplete, 4 of the 8 images of its run's plan missing (first: " \
+                                              "class 0 IPC index 1)" in line
+    assert not (tmp_path / "pt").exists()
+    req = PosttrainRequest(distilled=str(run), teacher=str(teacher), out=str(tmp_path / "pt"), partial=True)
+    job, images, _, _ = prepare_posttrain(req)  # on purpose: the library option
+    assert len(images) == 4
+    bare = tmp_path / "bare"  # on purpose, from the command line: its shard files, without the manifest
+    bare.mkdir()
+    for f in ShardStore(str(run / "distilled")).files():
+        (bare / os.path.basename(f)).write_bytes(pathlib.Path(f).read_bytes())
+    req = PosttrainRequest(distilled=str(bare), teacher=str(teacher), out=str(tmp_path / "pt"), dataset="synthetic")
+    assert len(prepare_posttrain(req)[1]) == 4
+
+
+def test_rows_outside_a_runs_plan_are_refused_by_posttrain_and_distill(tmp_path, capsys, teacher):
+    run = _planned_store(tmp_path / "run", [0, 1, 2])  # a valid shard of IPC index 2 added to an ipc-2 run
+    line = run_err(capsys, _posttrain(run, teacher, tmp_path / "pt"))
+    assert "--distilled" in line and "holds 4 images outside its run's plan (first: class 0 IPC index 2" in line
+    before = sorted(str(p) for p in run.rglob("*"))
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--out", str(run)])
+    assert "--out" in line and "lists shard ipc0002-c00000-00003, which this run does not plan" in line
+    assert sorted(str(p) for p in run.rglob("*")) == before and not (tmp_path / "pt").exists()

@@ -31,7 +31,7 @@ from ..exports import export_all
 from ..locks import FileLock
 from ..models import Checkpoint, adapt_inputs, frozen, num_bn_layers
 from ..report import write_report
-from ..store import ShardStore, atomic_write_json, images_digest, sweep_temp_files
+from ..store import ShardStore, atomic_write_json, images_digest, plan_problem, sweep_temp_files
 from ..backbones import check_checkpoint, get_backbone, load_checkpoint_arg, probe_backbone
 from .outdir import check_not_busy, check_out_dir, lock_out_dir
 
@@ -73,12 +73,34 @@ def prepare(cfg: DistillConfig) -> Prepared:
                         "no flip (see recover.crop_scale, recover.flip)")
     check_out_dir(cfg.out, RUN_FILE, cfg.fingerprint(), "scdd-ray run",
                   describe_change=lambda prev: _diff(prev.get("config", {}), cfg.to_dict()))
+    store = ShardStore(os.path.join(cfg.out, "distilled"))
     try:
-        ShardStore(os.path.join(cfg.out, "distilled")).check(cfg.fingerprint())
+        recorded = store.check(cfg.fingerprint())["shards"]
     except StoreError as e:
         raise ConfigError("out", e.message) from None
+    stray = sorted(set(recorded) - planned_shard_ids(cfg, info))
+    if stray:  # same configuration, yet a shard this run never plans: it came from elsewhere
+        raise ConfigError("out", f"{store.manifest_path} lists shard {stray[0]}, which this run does not plan; it "
+                                 "is not this run's: remove its entry, or choose a new directory")
     _check_placement(cfg, info)
     return Prepared(cfg, info, backbone, teacher, lock_out_dir(cfg.out))
+
+
+def planned_shard_ids(cfg: DistillConfig, info: DatasetInfo) -> set[str]:
+    """The ids of every shard this run computes (`random`: one per IPC index)."""
+    if cfg.method == "random":
+        return {f"ipc{j:04d}-real" for j in range(cfg.ipc)}
+    return {s.id for s in plan_shards(info.num_classes, cfg.ipc, cfg.recover.classes_per_batch,
+                                      cfg.recover.ipc_per_shard)}
+
+
+def planned_per_class(cfg: DistillConfig, info: DatasetInfo) -> list[int]:
+    """Images of each class the finished run holds: `ipc`, or for `random` fewer where a class has fewer
+    training images (recorded in the manifest, for `posttrain` to check the set against)."""
+    if cfg.method != "random":
+        return [cfg.ipc] * info.num_classes
+    counts = np.bincount(cfg.split("train").labels.numpy(), minlength=info.num_classes)
+    return [int(min(cfg.ipc, n)) for n in counts]
 
 
 def _check_placement(cfg: DistillConfig, info: DatasetInfo) -> None:
@@ -227,8 +249,10 @@ def _run(prep: Prepared) -> dict:
     release_gpu(device)
 
     store = ShardStore(os.path.join(cfg.out, "distilled"))
+    per_class = planned_per_class(cfg, info)
     try:
-        store.open(cfg.fingerprint(), {"dataset": cfg.dataset, "method": cfg.method, "ipc": cfg.ipc})
+        store.open(cfg.fingerprint(), {"dataset": cfg.dataset, "method": cfg.method, "ipc": cfg.ipc,
+                                       "num_classes": info.num_classes, "per_class": per_class})
     except StoreError as e:
         raise ConfigError("out", e.message) from None
     dropped = store.verify(repair=True)
@@ -239,6 +263,10 @@ def _run(prep: Prepared) -> dict:
     recover_seconds = time.perf_counter() - t0
 
     images, class_ids, ipc_idx = store.read()
+    outside, missing = plan_problem(class_ids, ipc_idx, per_class)
+    if outside or missing:  # never exported or trained on: the set is not this run's plan
+        raise StoreError(f"{store.root} holds {outside or missing}; rerun the same command, or choose a new "
+                         "directory")
     export_all(cfg.out, images, class_ids, ipc_idx, info.class_names)
 
     test = cfg.split("test")

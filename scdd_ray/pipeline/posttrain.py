@@ -19,7 +19,8 @@ from ..dist.train import check_workers, run_posttrain
 from ..errors import ConfigError, DataError, StoreError
 from ..models import create_model, save_checkpoint, small_input
 from ..report import save_grid
-from ..store import SOFT_META, atomic_write_json, images_digest, read_distilled, sweep_temp_files
+from ..store import (SOFT_META, ShardStore, atomic_write_json, images_digest, plan_problem, read_distilled,
+                     sweep_temp_files)
 from ..backbones import load_checkpoint_arg
 from .distill import RUN_FILE
 from .outdir import check_not_busy, check_out_dir, lock_out_dir
@@ -46,10 +47,12 @@ class PosttrainRequest:
     store_soft_labels: bool = False
     topk: int = 10
     soft_labels: str | None = None
+    partial: bool = False  # train on a distilled set its run has not finished, on purpose
 
 
 def _read_source(req: PosttrainRequest):
-    """(images, class ids, shard directory, dataset, data_dir, image size or None, data options) of `req.distilled`."""
+    """(images, class ids, shard directory, dataset, data_dir, image size or None, data options, ipc indices)
+    of `req.distilled`."""
     src, dataset, data_dir, image_size, options = req.distilled, req.dataset, req.data_dir, None, {}
     run_file = os.path.join(src, RUN_FILE)
     if os.path.isfile(run_file):  # a distill output directory: its settings name the dataset
@@ -63,10 +66,38 @@ def _read_source(req: PosttrainRequest):
             raise ConfigError("distilled", f"{run_file} is unreadable ({type(e).__name__})") from None
         src = os.path.join(src, "distilled")
     try:
-        images, class_ids, _ = read_distilled(src)
+        images, class_ids, ipc_indices = read_distilled(src)
     except StoreError as e:
         raise ConfigError("distilled", e.message) from None
-    return images, class_ids, src, dataset, data_dir, image_size, options
+    return images, class_ids, src, dataset, data_dir, image_size, options, ipc_indices
+
+
+def _check_plan(req: PosttrainRequest, src: str, class_ids, ipc_indices, num_classes: int) -> None:
+    """A set with a manifest holds its run's plan: every (class, IPC index) once (duplicates are refused
+    when it is read), no row outside it. Incomplete (an interrupted run) only with `partial`; rows of
+    another run never. Bare Parquet files and image folders carry no plan: they are trained on as they are."""
+    store = ShardStore(src)
+    if not store.exists():
+        return
+    try:
+        meta = store.manifest().get("meta") or {}
+    except StoreError as e:
+        raise ConfigError("distilled", e.message) from None
+    per_class, exact = meta.get("per_class"), True
+    if not (isinstance(per_class, list) and all(isinstance(n, int) and n >= 0 for n in per_class)):
+        if not (isinstance(meta.get("ipc"), int) and meta["ipc"] >= 1):
+            return
+        # a manifest written before the plan was recorded: `random` may hold fewer where a class is small
+        per_class, exact = [meta["ipc"]] * num_classes, meta.get("method") != "random"
+    outside, missing = plan_problem(class_ids, ipc_indices, per_class)
+    if outside:
+        raise ConfigError("distilled", f"{src} holds {outside}: images of another run were mixed in")
+    if missing and exact and not req.partial:
+        raise ConfigError("distilled", f"{src} is incomplete, {missing}; rerun its distill command to finish it "
+                                       "(to post-train on it as it is, on purpose, copy its shard-*.parquet files "
+                                       "to a directory of their own and name that)")
+    if missing and exact:
+        log.warning("distilled: %s is incomplete, %s; post-training on it as it is", src, missing)
 
 
 def _check_request(req: PosttrainRequest) -> None:
@@ -85,7 +116,7 @@ def _check_request(req: PosttrainRequest) -> None:
 def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, torch.Tensor, torch.Tensor, str]:
     """Every check, before anything is written; returns (job, images, class ids, dataset)."""
     _check_request(req)
-    images, class_ids, src, dataset, data_dir, image_size, options = _read_source(req)
+    images, class_ids, src, dataset, data_dir, image_size, options, ipc_indices = _read_source(req)
     teacher = load_checkpoint_arg(req.teacher, "teacher")
     dataset = dataset or teacher.meta.get("dataset")
     if dataset not in data.names():
@@ -101,6 +132,7 @@ def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, torch.Tensor
                                      f"data ({dataset}) has {info.num_classes}")
     if int(class_ids.max()) >= info.num_classes:
         raise ConfigError("distilled", f"class id {int(class_ids.max())} is out of range for {dataset}")
+    _check_plan(req, src, class_ids, ipc_indices, info.num_classes)
     cfg = build_posttrain_config(dataset, req.overrides, gpu=req.num_gpus > 0)
     if cfg.labels == "hard" and (req.soft_labels or req.store_soft_labels):
         raise ConfigError("posttrain.labels", "hard labels use no teacher: no soft labels to read or store")
