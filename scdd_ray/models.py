@@ -311,6 +311,15 @@ def nonfinite_weights(state: dict[str, torch.Tensor]) -> str:
     return ""
 
 
+def is_checkpoint(path: str) -> bool:
+    """Whether `path` is a checkpoint of ours (by its header), read without running pickled code."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types for foreign or damaged files
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
 def load_state_file(path: str) -> dict:
     """A training state scdd-ray wrote (tensors, numbers, strings, lists and dicts only).
 

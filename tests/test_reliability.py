@@ -767,3 +767,32 @@ def test_rows_outside_a_runs_plan_are_refused_by_posttrain_and_distill(tmp_path,
     line = run_err(capsys, ["distill", "--dataset", "synthetic", "--out", str(run)])
     assert "--out" in line and "lists shard ipc0002-c00000-00003, which this run does not plan" in line
     assert sorted(str(p) for p in run.rglob("*")) == before and not (tmp_path / "pt").exists()
+
+
+# --- 11. issue 22: no output path overwrites a file that is not ours ----------------------------------
+
+def test_squeeze_out_never_replaces_a_file_that_is_not_a_checkpoint_of_ours(tmp_path, capsys):
+    mine = tmp_path / "README.md"
+    mine.write_text("my notes")
+    t0 = time.perf_counter()
+    line = run_err(capsys, ["squeeze", "--dataset", "synthetic", "--out", str(mine)])
+    assert "--out" in line and f"{mine} exists and is not an scdd-ray checkpoint; it is not replaced" in line
+    line = run_err(capsys, ["squeeze", "--dataset", "synthetic", "--out", str(tmp_path)])
+    assert "--out" in line and f"{tmp_path} is a directory" in line
+    assert time.perf_counter() - t0 < 30 and mine.read_text() == "my notes"  # refused before any training
+    from scdd_ray.cli import main
+    from scdd_ray.models import load_checkpoint
+
+    ours = _saved(tmp_path / "ours.pt")
+    assert main(["-q", "squeeze", "--dataset", "synthetic", "--epochs", "1", "--out", str(ours)]) == 0
+    assert load_checkpoint(str(ours)).meta["epochs"] == 1  # one of ours is replaced: a new squeeze
+
+
+def test_a_users_own_lock_file_is_never_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("my notes")
+    line = run_err(capsys, ["distill", "--dataset", "synthetic", "--out", str(out)])
+    assert "--out" in line and "is not empty" in line
+    assert os.listdir(out) == [".lock"] and (out / ".lock").read_text() == "my notes"
+    assert LOCK_FILE == ".scdd-ray.lock"
