@@ -216,6 +216,8 @@ def _check_scalars(cfg: TuneConfig) -> None:
         raise _err("width", f"must be a positive number (got {cfg.width!r})")
     if not isinstance(cfg.seed, int):
         raise _err("seed", f"must be an integer (got {cfg.seed!r})")
+    if cfg.data_dir is not None and not (isinstance(cfg.data_dir, str) and cfg.data_dir):
+        raise _err("data_dir", f"must be a directory path (got {cfg.data_dir!r})")
 
 
 def load_tune_config(raw: dict) -> TuneConfig:
@@ -253,14 +255,23 @@ def load_tune_config(raw: dict) -> TuneConfig:
 
 
 def read_tune_config(path: str) -> TuneConfig:
+    """The sweep in the YAML file `path`; its errors are about `config` and name the file, then the key as
+    the YAML writes it (`num_samples`, not a flag of the same name)."""
     if not os.path.isfile(path):
         raise _err("config", f"{path} does not exist")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise _err("config", f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    return load_tune_config(raw)
+    except UnicodeDecodeError:
+        raise _err("config", f"{path} is not UTF-8 text (is it a YAML file?)") from None
+    except OSError as e:
+        raise _err("config", f"{path} is unreadable ({e.strerror or type(e).__name__})") from None
+    try:
+        return load_tune_config(raw)
+    except ConfigError as e:
+        raise _err("config", f"{path}: {e.render()}") from None
 
 
 __all__ = ["TuneConfig", "Param", "Scheduler", "Resources", "load_tune_config", "read_tune_config", "recover_for",

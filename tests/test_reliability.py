@@ -796,3 +796,28 @@ def test_a_users_own_lock_file_is_never_taken_over(tmp_path, capsys):
     assert "--out" in line and "is not empty" in line
     assert os.listdir(out) == [".lock"] and (out / ".lock").read_text() == "my notes"
     assert LOCK_FILE == ".scdd-ray.lock"
+
+
+# --- 12. issue 22: Tune YAML errors name the file and its key --------------------------------------------
+
+def test_tune_yaml_that_is_not_text_or_has_bad_values_is_one_line_naming_the_yaml_key(tmp_path, capsys):
+    import yaml
+
+    from test_tune import TINY
+
+    p, out = tmp_path / "sweep.yaml", tmp_path / "out"
+    p.write_bytes(b"name: \xff\xfe sweep\n")
+    line = run_err(capsys, ["tune", "--config", str(p), "--out", str(out)])
+    assert line == f"scdd-ray: error: --config: {p} is not UTF-8 text (is it a YAML file?)"
+    p.write_text(yaml.safe_dump({**TINY, "data_dir": 123}))
+    line = run_err(capsys, ["tune", "--config", str(p), "--out", str(out)])
+    assert line == f"scdd-ray: error: --config: {p}: data_dir: must be a directory path (got 123)"
+    p.write_text(yaml.safe_dump({**TINY, "num_samples": 0}))
+    line = run_err(capsys, ["tune", "--config", str(p), "--out", str(out)])
+    assert f"--config: {p}: num_samples: must be a positive integer" in line and "--num-samples" not in line
+    line = run_err(capsys, ["tune", "--config", str(p.with_suffix(".yml")), "--num-samples", "0", "--out", str(out)])
+    assert "--config" in line  # checked first; a bad flag is still named as the flag:
+    p.write_text(yaml.safe_dump(TINY))
+    line = run_err(capsys, ["tune", "--config", str(p), "--num-samples", "0", "--out", str(out)])
+    assert line.startswith("scdd-ray: error: --num-samples: must be a positive integer")
+    assert not out.exists()
