@@ -353,7 +353,10 @@ def _service(kind):
 
     def serve():
         while True:
-            conn, _ = srv.accept()
+            try:
+                conn, _ = srv.accept()
+            except OSError:  # closed: the test is over
+                return
             if kind == "http":
                 with contextlib.suppress(OSError):
                     conn.recv(1000)
@@ -373,25 +376,34 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_joining_a_port_where_no_ray_answers_gives_up_naming_the_address(ray_session, tmp_path, capsys):
+@pytest.mark.slow
+def test_joining_a_port_where_no_ray_answers_gives_up_naming_the_address(ray_session, tmp_path, capsys,
+                                                                        monkeypatch):
     from scdd_ray.cli import build_parser
+    from scdd_ray.dist import cluster
     from scdd_ray.dist.cluster import JOIN_TIMEOUT_S, _check_gcs
 
     _, parsers = build_parser()
     assert f"gives up after {JOIN_TIMEOUT_S:g} s" in " ".join(parsers["distill"].format_help().split())
     out = tmp_path / "run"
-    for kind, said in (("http", "an HTTP server answers there ('HTTP/1.1 404 Not Found')"),
-                       ("silent", "accepts TCP connections but does not answer as a Ray GCS")):
-        srv, port = _service(kind)
-        with srv:
-            t0 = time.perf_counter()
-            res = subprocess.run([sys.executable, "-c", JOIN, "distill", "--dataset", "synthetic", "--address",
-                                  f"127.0.0.1:{port}", "--out", str(out)], env=ENV, capture_output=True, text=True,
-                                 timeout=120)
-        assert res.returncode == 2 and time.perf_counter() - t0 < 60, res.stderr[-2000:]
-        line = res.stderr.strip().splitlines()[-1]
-        assert line.startswith(f"scdd-ray: error: --address: no Ray cluster answered at 127.0.0.1:{port} within 3s")
-        assert said in line and not out.exists()
+    srv, port = _service("http")  # the dashboard's port, say
+    with srv:  # in a process of its own: this one is in the test session's Ray already
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", JOIN, "distill", "--dataset", "synthetic", "--address",
+                              f"127.0.0.1:{port}", "--out", str(out)], env=ENV, capture_output=True, text=True,
+                             timeout=120)
+    assert res.returncode == 2 and time.perf_counter() - t0 < 60, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert line == (f"scdd-ray: error: --address: no Ray cluster answered at 127.0.0.1:{port} within 3s: an HTTP "
+                    "server answers there ('HTTP/1.1 404 Not Found'), not a Ray GCS; the dashboard's port? join at "
+                    "the cluster's GCS address (port 6379 unless the head was started with another --port)")
+    assert not out.exists()
+    srv, port = _service("silent")
+    monkeypatch.setattr(cluster, "JOIN_TIMEOUT_S", 2)
+    with srv, pytest.raises(ConnectionError, match=f"no Ray cluster answered at 127.0.0.1:{port} within 2s: "
+                                                   "something there accepts TCP connections but does not answer"):
+        _check_gcs(f"127.0.0.1:{port}", "127.0.0.1", port)
+    monkeypatch.undo()
     t0 = time.perf_counter()
     _check_gcs(ray_session.get_runtime_context().gcs_address, "", 0)  # a Ray cluster answers at once
     assert time.perf_counter() - t0 < JOIN_TIMEOUT_S
@@ -428,6 +440,7 @@ def _shards(out):
         return 0
 
 
+@pytest.mark.slow
 def test_sigterm_in_recover_and_in_posttrain_stops_cleanly_and_the_run_resumes(ray_session, tmp_path, capsys):
     out = tmp_path / "run"
     stopped = "scdd-ray: terminated (SIGTERM); finished work is kept, rerun the same command to resume"
