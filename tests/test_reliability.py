@@ -538,14 +538,16 @@ def test_a_diverging_recover_stops_naming_the_shard_and_keeps_finished_shards(ra
         assert store.done() == {shards[0].id} and time.perf_counter() - t0 < 60
 
 
-def test_a_diverging_posttrain_stops_naming_the_epoch(tmp_path):
+@pytest.mark.slow
+def test_a_diverging_posttrain_stops_naming_the_epoch(ray_session, tmp_path, capsys):
     from scdd_ray.core.configs import PosttrainConfig
     from scdd_ray.core.training import PostTrainer
     from scdd_ray.data import load_split
     from scdd_ray.errors import Diverged
     from scdd_ray.models import frozen, load_checkpoint
 
-    teacher = frozen(load_checkpoint(str(_saved(tmp_path / "t.pt", scale_convs=1e30))).build())
+    path = _saved(tmp_path / "t.pt", scale_convs=1e30)  # finite weights, inf logits
+    teacher = frozen(load_checkpoint(str(path)).build())
     train = load_split("synthetic", "train", None, 16)
     cfg = PosttrainConfig(student="resnet18", student_width=0.0625, epochs=2, batch_size=8, temperature=4.0,
                           crop_scale=(0.5, 1.0), flip=False)
@@ -553,6 +555,12 @@ def test_a_diverging_posttrain_stops_naming_the_epoch(tmp_path):
     with pytest.raises(Diverged, match="post-train stopped at epoch 1: its loss is nan"):
         trainer.fit()
     assert trainer.state["epoch"] == 0
+    st = ShardStore(str(tmp_path / "set"))  # on Ray Train: one line, without "rerun to resume"
+    st.open("fp")
+    st.write_shard("a", [0, 1, 2, 3], [0] * 4, _imgs(4, size=16))
+    line = run_err(capsys, _posttrain(tmp_path / "set", path, tmp_path / "pt"))
+    assert line.startswith("scdd-ray: error: post-train stopped at epoch 1: its loss is nan; the teacher's "
+                           "outputs or the post-train settings (--lr, --temperature) make it diverge")
 
 
 def test_a_damaged_cached_backbone_is_trained_again(tmp_path, caplog):

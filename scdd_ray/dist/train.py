@@ -188,9 +188,9 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
         failures = getattr(e, "worker_failures", None) or {}
         cause = next(iter(failures.values()), e)
         reason = worker_error(cause)
-        diverged = f"{Diverged.__name__}: "
-        if diverged in reason:  # a rerun would diverge again: no "rerun to resume"
-            raise Diverged(reason.split(diverged, 1)[1]) from None
+        if isinstance(cause, Diverged) or isinstance(getattr(cause, "cause", None), Diverged):
+            # a rerun would diverge again: no "rerun to resume"
+            raise Diverged(reason.split(f"{Diverged.__name__}: ", 1)[-1]) from None
         raise EngineError(f"post-train failed: {reason}; checkpoints are kept, rerun to resume") from None
     seconds = time.time() - t0
     if result.checkpoint is None:
