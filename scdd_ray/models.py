@@ -272,7 +272,8 @@ def _header_problem(payload: dict) -> str:
     if missing:
         return f"its header has no {', '.join(repr(k) for k in missing)}"
     arch = payload["arch"]
-    if not isinstance(arch, str) or not (arch in ARCHS or (arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX))):
+    timm = isinstance(arch, str) and arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX)
+    if not (arch in ARCHS or timm):
         return f"its arch {arch!r} is not one of {', '.join(ARCHS)} or timm:<name>"
     checks = (
         ("width", _number(payload["width"]) and payload["width"] > 0, "a positive number"),
@@ -293,7 +294,8 @@ def _header_problem(payload: dict) -> str:
     )
     for key, ok, want in checks:
         if not ok:
-            shown = type(payload[key]).__name__ if isinstance(payload[key], (dict, torch.Tensor)) else repr(payload[key])
+            value = payload[key]
+            shown = type(value).__name__ if isinstance(value, (dict, torch.Tensor)) else repr(value)
             return f"its {key} {shown[:60]} is not {want}"
     return ""
 
