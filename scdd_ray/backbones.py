@@ -25,9 +25,9 @@ from .core.configs import SUPERVISED, SqueezeConfig
 from .core.evaluation import top1
 from .core.squeeze import linear_probe, squeeze
 from .data import DatasetInfo, ImageSet
-from .errors import CheckpointError, ConfigError, NotOurCheckpoint
+from .errors import CheckpointError, ConfigError, Diverged, NotOurCheckpoint
 from .locks import locked
-from .models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .models.checkpoint import Checkpoint, load_checkpoint, nonfinite_weights, save_checkpoint
 from .models.public import import_backbone, model_from_import
 from .schema import TEACHER_BACKBONE, DistillConfig
 
@@ -209,9 +209,8 @@ def squeeze_cached(src: ModelSource, device) -> Checkpoint:
     locks = os.path.join(os.path.dirname(os.path.abspath(src.path)), ".locks")  # lock files out of sight
     os.makedirs(locks, exist_ok=True)
     with locked(os.path.join(locks, os.path.basename(src.path) + ".lock")):
-        if os.path.isfile(src.path):
-            log.info("using cached %s model %s", src.squeeze.squeeze.method, src.path)
-            ckpt = load_checkpoint(src.path)
+        ckpt = _cached(src.path)
+        if ckpt is not None:
             check_cached(ckpt, src)
             return ckpt
         cfg = src.squeeze
@@ -243,6 +242,7 @@ def squeeze_and_save(path: str, cfg: DistillConfig, train: ImageSet, device, tes
     model = squeeze(train, cfg.arch, cfg.width, cfg.squeeze, device=device, seed=cfg.seed,
                     small_input=cfg.small_input)
     info = train.info
+    _check_trained(model, f"squeeze ({cfg.squeeze.method})", "`squeeze.lr`")
     extra = {"dataset": cfg.dataset, "epochs": cfg.squeeze.epochs, "seed": cfg.seed, "split": cfg.train_split,
              "squeeze": _squeeze_record(cfg.squeeze)}
     if test is not None:
@@ -253,6 +253,27 @@ def squeeze_and_save(path: str, cfg: DistillConfig, train: ImageSet, device, tes
                     image_size=cfg.image_size, small_input=cfg.small_input, mean=info.mean, std=info.std,
                     method=cfg.squeeze.method, meta={**extra, **(meta or {})})
     return load_checkpoint(path)
+
+
+def _check_trained(model: nn.Module, stage: str, setting: str) -> None:
+    """A model whose training diverged (NaN or infinite weights) is never saved: Diverged naming the stage."""
+    problem = nonfinite_weights(model.state_dict())
+    if problem:
+        raise Diverged(f"{stage} stopped: {problem.split(' (')[0]}; lower {setting} or check the data")
+
+
+def _cached(path: str) -> Checkpoint | None:
+    """The cached model at `path`, or None (trained again) when there is none or it is damaged, as a damaged
+    shard is computed again."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        log.warning("%s; training it again", e.message)
+        return None
+    log.info("using cached model %s", path)
+    return ckpt
 
 
 def probe(ckpt: Checkpoint, train: ImageSet, cfg: SqueezeConfig, device, seed: int) -> nn.Module:
@@ -268,6 +289,7 @@ def probe_and_save(path: str, ckpt: Checkpoint, train: ImageSet, test: ImageSet,
     """Fit the head of an imported backbone on `train`, measure it on `test`, save it at `path`."""
     t0 = time.perf_counter()
     model = probe(ckpt, train, cfg, device, seed)
+    _check_trained(model, "the linear probe", "`squeeze.lr`")
     info = train.info
     acc = top1(model, test, info.mean, info.std, device)
     log.info("linear probe on imported %s backbone: test top-1 %.2f%%", ckpt.method, acc)
@@ -284,9 +306,9 @@ def probe_backbone(cfg: DistillConfig, info: DatasetInfo, ckpt: Checkpoint, devi
     name = (f"probe-{ckpt.method}-{src}-{ckpt.arch}-s{cfg.image_size}-p{cfg.squeeze.probe_epochs}-seed{cfg.seed}"
             f"{_split_suffix(cfg.train_split)}.pt")
     path = os.path.join(models_dir(cfg), name)
-    if os.path.isfile(path):
-        log.info("using cached probed backbone %s", path)
-        return load_checkpoint(path), path
+    cached = _cached(path)
+    if cached is not None:
+        return cached, path
     train = cfg.split("train")
     test = cfg.split("test")
     meta = {**ckpt.meta, "needs_probe": False, "dataset": cfg.dataset, "probe_epochs": cfg.squeeze.probe_epochs}

@@ -15,6 +15,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -35,8 +36,9 @@ from .config import (
     to_yaml,
     validate_recovery_grid,
 )
+from .dist.cluster import handle_sigterm, reset_sigterm, shutdown, sigterm_received
 from .dist.tune import run_sweep
-from .errors import ConfigError, ScddError
+from .errors import ConfigError, ScddError, Terminated
 from .pipeline import distill
 from .pipeline.inspect import inspect_bn
 from .pipeline.outdir import check_only_holds
@@ -52,6 +54,7 @@ log = logging.getLogger("scdd_ray")
 ANTICIPATED_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
                          errno.EROFS}
 GROUPS = ("data", "run", "squeeze", "recover", "posttrain", "ray")
+
 
 
 class UsageError(Exception):
@@ -215,7 +218,10 @@ def _tune(a: Args) -> int:
         raise ConfigError("num_samples", f"must be a positive integer (got {opts.num_samples})")
     cfg.base.split("val")  # the data must be there before Ray starts or anything is written (the objective)
     check_only_holds(opts.out, {"backbones", "tune", "best.json", "summary.md"}, "sweep")
-    res = run_sweep(cfg, opts.out, num_samples=opts.num_samples)
+    try:
+        res = run_sweep(cfg, opts.out, num_samples=opts.num_samples)
+    except ConnectionError as e:
+        raise ConfigError("address", str(e)) from None
     if res is None:
         print("scdd-ray: the sweep stopped before every trial finished; rerun the same command to resume",
               file=sys.stderr)
@@ -246,7 +252,10 @@ def _bench_scaling(a: Args) -> int:
     if min(o.workers) < 1:
         raise ConfigError("workers", f"each count must be >= 1 (got {_text(o.workers)})")
     _positive(o, "shards")
-    res = bench_scaling(a.config(), list(o.workers), o.shards)
+    try:
+        res = bench_scaling(a.config(), list(o.workers), o.shards)
+    except ConnectionError as e:
+        raise ConfigError("address", str(e)) from None
     atomic_write_json(o.json, res)
     print(json.dumps(res["results"]))
     return 0
@@ -455,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     name = f"bench {ns.bench}" if ns.command == "bench" else ns.command
     cmd, args = COMMANDS[name], None
+    previous = signal.getsignal(signal.SIGTERM)
+    reset_sigterm()
+    handle_sigterm()  # SIGTERM (a scheduler's stop) is handled as Ctrl-C, through Ray's own handlers too
     try:
         args = _args(ns, cmd)
         if args.options.get("print_config"):  # the resolved configuration, and nothing written
@@ -464,7 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     except ScddError as e:
         print(f"scdd-ray: error: {e.render(flag_namer(parsers[name], cmd, args))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # ray.get turns a Terminated into a plain KeyboardInterrupt
+        if isinstance(e, Terminated) or sigterm_received():
+            shutdown()  # its actors and workers stop with it, before the process exits
+            print("scdd-ray: terminated (SIGTERM); finished work is kept, rerun the same command to resume",
+                  file=sys.stderr)
+            return 143
         print("scdd-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except OSError as e:  # the library names the paths it writes; this catches what writes beneath it
@@ -472,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"scdd-ray: error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -129,8 +129,12 @@ def read_config_file(path: str, field: str = "config") -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except yaml.YAMLError as e:
         raise ConfigError(field, f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(field, f"{path} is not UTF-8 text (is it a YAML file?)") from None
+    except OSError as e:
+        raise ConfigError(field, f"{path} is unreadable ({e.strerror or type(e).__name__})") from None
     if not isinstance(raw, dict):
         raise ConfigError(field, f"{path} must hold a mapping of settings at its top level")
     if set(raw) == {"fingerprint", "config"} and isinstance(raw["config"], dict):  # a run record

@@ -56,3 +56,13 @@ class StoreError(ScddError):
 
 class EngineError(ScddError):
     """A run that cannot finish (a shard failed too often, a post-train failed); names the cause."""
+
+
+class Diverged(EngineError):
+    """A stage whose loss became NaN or infinite; names the stage (and shard). Rerunning would diverge
+    again: it is not retried."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and systemd send), handled as Ctrl-C: finished work is kept, the run
+    stops, and the same command resumes it."""

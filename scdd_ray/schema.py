@@ -23,6 +23,9 @@ from .models.factory import small_input
 SECTIONS = ("squeeze", "recover", "posttrain")
 HOLDOUT_SPLITS = {"train": "train-noval", "test": "val"}
 TEACHER_BACKBONE = "backbone"  # `teacher` value: relabel with the recovery backbone instead of the shared teacher
+# Joining a cluster at host:port waits at most this long for its GCS to answer (ray.init alone would wait
+# forever on a port where something else answers TCP: another service, the dashboard).
+JOIN_TIMEOUT_S = 30.0
 
 
 def _top(default, help: str, group: str, fingerprint: str = "yes", **meta):
@@ -63,8 +66,9 @@ class DistillConfig:
                                         "OUT/backbones); share it between runs, tables and sweeps", "run", "no")
     num_gpus: int = _top(0, "one synthesis actor (and post-train worker) per GPU; 0: CPU actors", "ray", "no")
     num_workers: int | None = _top(None, "CPU synthesis actors (default: one per core)", "ray", "no")
-    address: str | None = _top(None, "join an existing Ray cluster (auto, host:port or ray://host:port)", "ray",
-                               "no")
+    address: str | None = _top(None, "join an existing Ray cluster: auto, or its GCS address host:port (gives up "
+                                     f"after {JOIN_TIMEOUT_S:g} s if no Ray cluster answers there), or "
+                                     "ray://host:port (needs ray[client])", "ray", "no")
     posttrain_workers: int = _top(1, "Ray Train workers of the post-train stage (one GPU each with num_gpus)",
                                   "ray", "no")
     squeeze: SqueezeConfig = _section(SqueezeConfig, "backbone training")
@@ -144,6 +148,8 @@ class PosttrainOptions:
     topk: int = _opt(10, "probabilities kept per crop with --store-soft-labels")
     soft_labels: str | None = _opt(None, "train from soft labels stored by --store-soft-labels (the teacher is "
                                          "not run)")
+    partial: bool = _opt(False, "train on a distilled set its run has not finished (refused otherwise)",
+                         action="store_true")
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,13 @@ def load_tune_config(raw: dict, given: dict | None = None) -> TuneConfig:
 
 
 def read_tune_config(path: str, given: dict | None = None) -> TuneConfig:
-    return load_tune_config(read_config_file(path), given)
+    """The sweep in the YAML file `path` (`given`: schema fields set on the command line); its errors are
+    about `config` and name the file, then the key as the YAML writes it (`num_samples`, not a flag)."""
+    raw = read_config_file(path)
+    try:
+        return load_tune_config(raw, given)
+    except ConfigError as e:
+        raise _err("config", f"{path}: {e.render()}") from None
 
 
 __all__ = ["TuneConfig", "Param", "Scheduler", "Resources", "load_tune_config", "read_tune_config", "recover_for",

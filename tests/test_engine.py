@@ -1,5 +1,5 @@
 """Ray engine: disjoint shards, a killed actor, interrupt + resume, same images as in process; workers the
-cluster cannot place; chaos (kill -9 of random actors, Ctrl-C, resume)."""
+cluster cannot place; chaos (kill -9 of random actors, SIGTERM, resume)."""
 import dataclasses
 import os
 import random
@@ -13,6 +13,7 @@ import torch
 from scdd_ray.config import RecoverConfig
 from scdd_ray.core.shards import plan_shards, recover_shard, run_local
 from scdd_ray.dist import synthesis
+from scdd_ray.dist.cluster import handle_sigterm, reset_sigterm
 from scdd_ray.dist.synthesis import SynthesisWorker, run_ray
 from scdd_ray.errors import EngineError
 from scdd_ray.models.checkpoint import load_checkpoint, save_checkpoint
@@ -214,8 +215,8 @@ class PidFile(SynthesisWorker):
             pass
 
 
-def test_chaos_kills_and_ctrl_c_then_resume_give_every_shard_once_and_the_same_images(ray_session, ckpt, tmp_path,
-                                                                                      monkeypatch):
+def test_chaos_kills_and_sigterm_then_resume_give_every_shard_once_and_the_same_images(ray_session, ckpt, tmp_path,
+                                                                                       monkeypatch):
     ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     shards = plan_shards(4, 3, 1)  # 12 shards of one image
     ref = ShardStore(str(tmp_path / "ref"))
@@ -239,13 +240,19 @@ def test_chaos_kills_and_ctrl_c_then_resume_give_every_shard_once_and_the_same_i
         if len(finished) == 1:
             kill_a_random_worker()
         if len(finished) == 6:
-            raise KeyboardInterrupt  # what Ctrl-C in the driver does
+            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM, Kubernetes or systemd send the driver
 
     store = Hooked(str(tmp_path / "out"), chaos)
     store.open("fp")
     monkeypatch.setattr(synthesis, "SynthesisWorker", worker_cls("run1"))
-    with pytest.raises(KeyboardInterrupt):
-        run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False)
+    previous = signal.getsignal(signal.SIGTERM)
+    handle_sigterm()  # as the CLI does: SIGTERM is Ctrl-C, not Ray's aborting C++ handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_ray(ckpt, shards, store, CFG, SIZE, 5, num_workers=2, use_gpu=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        reset_sigterm()
     assert len(killed) == 1 and store.done() == set(finished)
     finished.clear()
 

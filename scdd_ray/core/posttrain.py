@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..data import DatasetInfo
+from ..errors import Diverged
 from ..models.adapt import adapt_inputs
 from ..models.checkpoint import Checkpoint
 from ..models.factory import create_model
@@ -267,6 +268,10 @@ class PostTrainer:
                                       self.weight, cfg, self.image_size, self.info.mean, self.info.std,
                                       step=self.state["step"], total_steps=self.total_steps, scaler=self.scaler,
                                       on_step=hook, labels=self.labels)
+            if not bool(torch.isfinite(running)):  # one check an epoch: no host sync per step
+                raise Diverged(f"post-train stopped at epoch {epoch + 1}: its loss is {float(running):g}; the "
+                               "teacher's outputs or the post-train settings (`posttrain.lr`, "
+                               "`posttrain.temperature`) make it diverge; checkpoints of earlier epochs are kept")
             self.state["epoch"], self.state["step"] = epoch + 1, step
             self.state["trained_epochs"].append(epoch + 1)
             if on_epoch is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..data import ImageSet
+from ..errors import Diverged
 from ..store.shards import ShardStore
 from .augment import normalize, to_float
 from .configs import RecoverConfig
@@ -87,6 +89,10 @@ def recover_shard(model: nn.Module, shard: Shard, cfg: RecoverConfig, mean, std,
     classes, ipc_indices = shard.rows()
     targets = torch.tensor(classes, dtype=torch.long)
     res = synthesize(model, targets, cfg, mean, std, image_size, seed, device=device, init=init, on_step=on_step)
+    if not (math.isfinite(res.loss_ce) and math.isfinite(res.loss_bn)):  # the images are NaN: never stored
+        raise Diverged(f"recover stopped at shard {shard.id}: its loss is {res.loss_ce:g} (cross entropy) + "
+                       f"{res.loss_bn:g} (BN); the backbone's outputs or the recover settings (`recover.lr`, "
+                       "`recover.bn_coef`) make it diverge; finished shards are kept")
     return res, classes, ipc_indices
 
 

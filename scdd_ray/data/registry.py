@@ -85,6 +85,7 @@ def load_split(name: str, split: str, data_dir: str | None = None, image_size: i
     given = {k: v for k, v in options.items() if v is not None}
     root = os.path.abspath(data_dir) if data_dir else ""
     train, test, *rest = spec.load(root, image_size, **given)
+    _check_classes(train, root)
     validation = rest[0] if rest else None
     if split == "test":
         if test is None:
@@ -98,6 +99,17 @@ def load_split(name: str, split: str, data_dir: str | None = None, image_size: i
     frac = spec.val_fraction(labels) if callable(spec.val_fraction) else spec.val_fraction
     rest_idx, held = stratified_split(labels, frac, seed=0)
     return train.subset(held if split == "val" else rest_idx)
+
+
+def _check_classes(train: ImageSet, root: str) -> None:
+    """Every class has training images: recover cannot start from a real image of one without (`recover.init`
+    real), the random baseline cannot draw any, and its linear head is never trained."""
+    counts = np.bincount(train.labels.numpy(), minlength=train.info.num_classes)
+    if (counts == 0).any():
+        c = int(np.flatnonzero(counts == 0)[0])
+        where = f"`data_dir` {root}: " if root else f"{train.info.name}: "
+        raise DataError(f"{where}class {c} ({train.info.class_names[c]!r}) has no images in the train split; every "
+                        "class needs training images")
 
 
 def dataset_info(name: str, data_dir: str | None = None, image_size: int = 32, **options) -> DatasetInfo:

@@ -1,31 +1,52 @@
 """Joining a Ray cluster, and checking it can place what a run asks for."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 
 import ray
+import ray._private.ray_constants
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Terminated
+from ..schema import JOIN_TIMEOUT_S
+
+# Asks the GCS at argv[1] for its cluster id, as ray.init does first; run in a child process, which can be
+# killed when nothing answers (Ray's client retries in C++, out of reach of a Python timeout).
+_GCS_PROBE = "import sys; from ray._raylet import GcsClient; GcsClient(address=sys.argv[1])"
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> None:
     """Join `address` (auto, host:port, ray://host:port) or start a private local Ray instance.
 
-    Raises ConnectionError with a one-line reason when the cluster cannot be reached.
+    Raises ConnectionError with a one-line reason when the cluster cannot be reached, or when no Ray
+    cluster answers at host:port within JOIN_TIMEOUT_S seconds. A SIGTERM handler installed with
+    `handle_sigterm` stays in place (ray.init replaces it, and Ray's C++ one would abort the process).
     """
     if address and address != "auto":
         hostport = address.split("://", 1)[-1]
         host, _, port = hostport.rpartition(":")
+        if "://" in address and importlib.util.find_spec("grpc") is None:
+            raise ConnectionError(f"{address} is a Ray Client address, but this install lacks Ray Client "
+                                  "(pip install 'ray[client]'); or give the cluster's GCS address, host:port")
         try:
             with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
                 pass
         except (OSError, ValueError) as e:
             raise ConnectionError(f"cannot reach Ray cluster at {address} ({e.__class__.__name__})") from None
+        if "://" not in address and not ray.is_initialized():
+            _check_gcs(address, host or "127.0.0.1", int(port))
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ours = signal.getsignal(signal.SIGTERM) is _on_sigterm
+    if ours:  # no C++ failure handler in this process: on SIGTERM it dumps a stack and aborts (exit 134)
+        ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     try:
         if address:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
@@ -35,6 +56,81 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConnectionError(f"cannot join Ray cluster at {address}: {first}") from None
+    except SystemExit:  # ray.init's own SIGTERM handler (sys.exit), in place while it runs
+        if not ours:
+            raise
+        _sigterm["received"] = True
+        raise Terminated() from None
+    finally:
+        if ours:  # ray.init installed its handler over ours
+            handle_sigterm()
+
+
+def _check_gcs(address: str, host: str, port: int) -> None:
+    """Wait at most JOIN_TIMEOUT_S for a Ray GCS to answer at `address`; ConnectionError naming the address
+    and what answered instead. A probe that fails at once is left to ray.init, which says why."""
+    try:
+        subprocess.run([sys.executable, "-c", _GCS_PROBE, address], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=JOIN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ConnectionError(f"no Ray cluster answered at {address} within {JOIN_TIMEOUT_S:g}s: "
+                              f"{_what_answers(host, port)}") from None
+
+
+def _what_answers(host: str, port: int, wait: float = 1.0) -> str:
+    """What the service at host:port says, in words, for the error about a port that is not Ray's."""
+    data = b""
+    try:
+        with socket.create_connection((host, port), timeout=wait) as s:
+            s.settimeout(wait)
+            try:
+                data = s.recv(200)  # services that speak first (SSH, SMTP, ...)
+                if not data:
+                    return "something there accepts TCP connections, then closes them"
+            except socket.timeout:
+                s.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+                data = s.recv(200)
+    except OSError:
+        pass
+    first = data.replace(b"\r", b"\n").split(b"\n")[0].decode("ascii", "replace").strip()[:60]
+    if first.startswith("HTTP/"):
+        return (f"an HTTP server answers there ({first!r}), not a Ray GCS; the dashboard's port? join at the "
+                "cluster's GCS address (port 6379 unless the head was started with another --port)")
+    if first:
+        return f"a service that is not Ray answers there ({first!r})"
+    return "something there accepts TCP connections but does not answer as a Ray GCS"
+
+
+_sigterm = {"received": False}
+
+
+def _on_sigterm(signum, frame) -> None:
+    if _sigterm["received"]:  # one is enough: the run is already stopping
+        return
+    _sigterm["received"] = True
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """From now on SIGTERM stops this process as Ctrl-C does (`Terminated`, a KeyboardInterrupt); `connect`
+    keeps the handler in place through ray.init. Only the main thread can install it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def sigterm_received() -> bool:
+    """Whether a SIGTERM arrived: ray.get turns every interrupt into a plain KeyboardInterrupt."""
+    return _sigterm["received"]
+
+
+def reset_sigterm() -> None:
+    _sigterm["received"] = False
+
+
+def shutdown() -> None:
+    """Stop this process's Ray (its actors and workers with it), if it started or joined one."""
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def worker_error(e: BaseException) -> str:

@@ -30,14 +30,13 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..core.evaluation import top1
-from ..core.posttrain import build_teacher, checkpoint_every, PostTrainer, PosttrainResult
+from ..core.posttrain import PostTrainer, PosttrainResult, build_teacher, checkpoint_every
 from ..core.posttrain_job import PosttrainJob
 from ..core.soft_labels import soft_label_rows
-from ..store.encoded import EncodedImages
-from ..errors import CheckpointError, ConfigError, EngineError
+from ..errors import CheckpointError, ConfigError, Diverged, EngineError
 from ..models.checkpoint import load_state_file
 from ..store.distilled import read_encoded
-from ..store.encoded import images_digest
+from ..store.encoded import EncodedImages, images_digest
 from ..store.soft_labels import soft_label_file, write_soft_labels
 from .cluster import placement, worker_error
 
@@ -192,7 +191,11 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
     except Exception as e:  # ray.train.TrainingFailedError and friends: one line naming the cause
         failures = getattr(e, "worker_failures", None) or {}
         cause = next(iter(failures.values()), e)
-        raise EngineError(f"post-train failed: {worker_error(cause)}; checkpoints are kept, rerun to resume") from None
+        reason = worker_error(cause)
+        if isinstance(cause, Diverged) or isinstance(getattr(cause, "cause", None), Diverged):
+            # a rerun would diverge again: no "rerun to resume"
+            raise Diverged(reason.split(f"{Diverged.__name__}: ", 1)[-1]) from None
+        raise EngineError(f"post-train failed: {reason}; checkpoints are kept, rerun to resume") from None
     seconds = time.time() - t0
     if result.checkpoint is None:
         raise EngineError(f"post-train under {storage_path}/{name} finished without a checkpoint")

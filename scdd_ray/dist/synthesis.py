@@ -26,7 +26,7 @@ from ..core.configs import RecoverConfig
 from ..core.progress import Progress
 from ..core.shards import Shard, recover_shard
 from ..data import ImageSet
-from ..errors import EngineError
+from ..errors import Diverged, EngineError
 from ..models.runtime import frozen
 from ..store.shards import ShardStore
 from .cluster import free_resources, placeable_now, placement, worker_error
@@ -51,12 +51,14 @@ class SynthesisWorker:
     def ready(self) -> int:
         return os.getpid()
 
-    @ray.method(retry_exceptions=True)
+    @ray.method(retry_exceptions=[RuntimeError])  # a diverged shard would diverge again: not retried
     def run(self, shard: Shard):
         """(shard id, uint8 images, class ids, ipc indices, stats); an error names the shard."""
         try:
             res, cls, ipc = recover_shard(self.model, shard, self.cfg, self.mean, self.std, self.image_size,
                                           self.run_seed, self.device, self.train)
+        except Diverged:
+            raise
         except Exception as e:  # the driver sees one line of it: say which shard, and what
             raise RuntimeError(f"shard {shard.id}: {type(e).__name__}: {e}") from None
         return shard.id, res.images, cls, ipc, {"loss_ce": res.loss_ce, "loss_bn": res.loss_bn,
@@ -169,6 +171,8 @@ def _drain(pool: ActorPool, starting: _Starting, todo: list[Shard], store: Shard
             log.info("recover: waiting for shards (%s)", free_resources())
             continue
         except RayTaskError as e:
+            if isinstance(getattr(e, "cause", None), Diverged):
+                raise Diverged(e.cause.message) from None
             raise EngineError(f"{worker_error(e)} ({MAX_TRIES} attempts); finished shards are kept, rerun to "
                               "resume") from None
         except RayActorError as e:
@@ -190,4 +194,6 @@ def _kill(actors: list, timeout: float = 10.0) -> None:
     started right after (bench scaling) would find their CPUs still taken."""
     for a in actors:
         ray.kill(a, no_restart=True)
-    ray.wait([a.ready.remote() for a in actors], num_returns=len(actors), timeout=timeout)
+    # answered (with an error) once each is gone; not retried, as calls to a live worker are
+    ray.wait([a.ready.options(max_task_retries=0).remote() for a in actors], num_returns=len(actors),
+             timeout=timeout)

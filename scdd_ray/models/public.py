@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError
+from .checkpoint import nonfinite_weights
 from .factory import ARCHS, create_model
 
 # (layout, prefix of the backbone's keys, prefixes of keys dropped on purpose:
@@ -74,6 +75,8 @@ def import_backbone(path: str) -> ImportedBackbone:
     Heads named in PUBLIC_LAYOUTS are dropped; any other key our ResNet does
     not have is an error naming it, never silently ignored.
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file (.pt or .pth)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:  # DINO's full checkpoints pickle their argparse.Namespace next to the weights
@@ -107,6 +110,9 @@ def import_backbone(path: str) -> ImportedBackbone:
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint {path} ({layout} layout) lacks {arch} weights: {shown}")
+    problem = nonfinite_weights({**state, **{f"fc.{k}": v for k, v in (head or {}).items()}})
+    if problem:
+        raise CheckpointError(f"checkpoint {path} ({layout} layout): {problem}")
     return ImportedBackbone(layout, arch, width, small, state, dropped, head)
 
 

@@ -24,7 +24,7 @@ from ..core.evaluation import top1
 from ..core.posttrain import global_batch
 from ..core.posttrain_job import PosttrainJob
 from ..core.shards import plan_shards, run_local
-from ..data import DatasetInfo, dataset_info, sample_per_class
+from ..data import DatasetInfo, sample_per_class
 from ..dist.cluster import cluster_gpus, connect, is_running, local_resources, placement
 from ..dist.posttrain import run_posttrain
 from ..dist.synthesis import run_ray
@@ -37,7 +37,8 @@ from ..models.factory import num_bn_layers
 from ..models.runtime import frozen
 from ..report import write_report
 from ..schema import TEACHER_BACKBONE, DistillConfig
-from ..store.atomic import atomic_write_json
+from ..store.atomic import atomic_write_json, sweep_temp_files
+from ..store.distilled import plan_problem
 from ..store.encoded import images_digest
 from ..store.shards import ShardStore
 from .outdir import check_not_busy, check_out_dir, lock_out_dir
@@ -57,7 +58,8 @@ class Prepared:
 def prepare(cfg: DistillConfig) -> Prepared:
     """All input checks; raises ConfigError (naming the field) and writes nothing."""
     check_not_busy(cfg.out)  # before the slow checks: another run there is refused at once
-    info = dataset_info(cfg.dataset, cfg.data_dir, cfg.image_size, **cfg.data_options())
+    # The split top-1 is measured on: `holdout` runs never read the test split, so need none.
+    info = cfg.split("test").info
     backbone = teacher = None
     if cfg.backbone:
         backbone = load_checkpoint_arg(cfg.backbone, "backbone", info, cfg.image_size, allow_probe=True)
@@ -78,12 +80,34 @@ def prepare(cfg: DistillConfig) -> Prepared:
                         "no flip (see recover.crop_scale, recover.flip)")
     check_out_dir(cfg.out, RUN_FILE, cfg.fingerprint(), "scdd-ray run",
                   describe_change=lambda prev: _diff(prev.get("config", {}), cfg))
+    store = ShardStore(os.path.join(cfg.out, "distilled"))
     try:
-        ShardStore(os.path.join(cfg.out, "distilled")).check(cfg.fingerprint())
+        recorded = store.check(cfg.fingerprint())["shards"]
     except StoreError as e:
         raise ConfigError("out", e.message) from None
+    stray = sorted(set(recorded) - planned_shard_ids(cfg, info))
+    if stray:  # same configuration, yet a shard this run never plans: it came from elsewhere
+        raise ConfigError("out", f"{store.manifest_path} lists shard {stray[0]}, which this run does not plan; it "
+                                 "is not this run's: remove its entry, or choose a new directory")
     _check_placement(cfg, info)
     return Prepared(cfg, info, backbone, teacher, lock_out_dir(cfg.out))
+
+
+def planned_shard_ids(cfg: DistillConfig, info: DatasetInfo) -> set[str]:
+    """The ids of every shard this run computes (`random`: one per IPC index)."""
+    if cfg.method == "random":
+        return {f"ipc{j:04d}-real" for j in range(cfg.ipc)}
+    return {s.id for s in plan_shards(info.num_classes, cfg.ipc, cfg.recover.classes_per_batch,
+                                      cfg.recover.ipc_per_shard)}
+
+
+def planned_per_class(cfg: DistillConfig, info: DatasetInfo) -> list[int]:
+    """Images of each class the finished run holds: `ipc`, or for `random` fewer where a class has fewer
+    training images (recorded in the manifest, for `posttrain` to check the set against)."""
+    if cfg.method != "random":
+        return [cfg.ipc] * info.num_classes
+    counts = np.bincount(cfg.split("train").labels.numpy(), minlength=info.num_classes)
+    return [int(min(cfg.ipc, n)) for n in counts]
 
 
 def _check_placement(cfg: DistillConfig, info: DatasetInfo) -> None:
@@ -206,6 +230,8 @@ def _run(prep: Prepared) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg)
     os.makedirs(cfg.out, exist_ok=True)
+    for path in sweep_temp_files(cfg.out):  # OUT is ours alone (the lock): a temp file here is a killed write's
+        log.warning("removed %s, left by a write that was killed", path)
     atomic_write_json(os.path.join(cfg.out, RUN_FILE), {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict()})
     t_start = time.perf_counter()
     models = _models(prep, device)
@@ -214,8 +240,10 @@ def _run(prep: Prepared) -> dict:
     release_gpu(device)
 
     store = ShardStore(os.path.join(cfg.out, "distilled"))
+    per_class = planned_per_class(cfg, info)
     try:
-        store.open(cfg.fingerprint(), {"dataset": cfg.dataset, "method": cfg.method, "ipc": cfg.ipc})
+        store.open(cfg.fingerprint(), {"dataset": cfg.dataset, "method": cfg.method, "ipc": cfg.ipc,
+                                       "num_classes": info.num_classes, "per_class": per_class})
     except StoreError as e:
         raise ConfigError("out", e.message) from None
     dropped = store.verify(repair=True)
@@ -226,6 +254,10 @@ def _run(prep: Prepared) -> dict:
     recover_seconds = time.perf_counter() - t0
 
     images, class_ids, ipc_idx = store.read()
+    outside, missing = plan_problem(class_ids, ipc_idx, per_class)
+    if outside or missing:  # never exported or trained on: the set is not this run's plan
+        raise StoreError(f"{store.root} holds {outside or missing}; rerun the same command, or choose a new "
+                         "directory")
     export_all(cfg.out, images, class_ids, ipc_idx, info.class_names)
 
     test = cfg.split("test")

@@ -9,7 +9,7 @@ import os
 from ..errors import ConfigError
 from ..locks import FileLock, holder, try_lock
 
-LOCK_FILE = ".lock"
+LOCK_FILE = ".scdd-ray.lock"  # a name of ours: a user's own ".lock" is never taken over
 
 
 def check_out_dir(out: str, run_file: str, fingerprint: str, what: str, field: str = "out",
@@ -60,7 +60,7 @@ def _check_creatable(out: str, field: str) -> None:
 
 
 def lock_out_dir(out: str, field: str = "out") -> FileLock:
-    """Make `out` this process's alone: an exclusive lock on OUT/.lock (created with `out` if need be),
+    """Make `out` this process's alone: an exclusive lock on OUT/.scdd-ray.lock (created with `out` if need be),
     held until released or until the process ends. Another process holding it is a ConfigError."""
     made = not os.path.isdir(out)
     try:

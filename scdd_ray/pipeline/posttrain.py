@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -22,12 +23,15 @@ from ..models.factory import create_model
 from ..plots import save_grid
 from ..schema import DistillConfig, PosttrainOptions
 from ..store.atomic import atomic_write_json
-from ..store.distilled import read_distilled
+from ..store.atomic import sweep_temp_files
+from ..store.distilled import plan_problem, read_distilled
 from ..store.encoded import images_digest
+from ..store.shards import ShardStore
 from ..store.soft_labels import SOFT_META
 from .outdir import check_not_busy, check_out_dir, lock_out_dir
 
 POSTTRAIN_RUN_FILE = "posttrain-run.json"
+log = logging.getLogger("scdd_ray")
 
 
 @dataclass
@@ -56,10 +60,37 @@ def _read_source(distilled: str):
             raise ConfigError("distilled", f"{run_file} is unreadable ({type(e).__name__})") from None
         src = os.path.join(src, "distilled")
     try:
-        images, class_ids, _ = read_distilled(src)
+        images, class_ids, ipc_indices = read_distilled(src)
     except StoreError as e:
         raise ConfigError("distilled", e.message) from None
-    return images, class_ids, src, run
+    return images, class_ids, src, run, ipc_indices
+
+
+def _check_plan(req: PosttrainRequest, src: str, class_ids, ipc_indices, num_classes: int) -> None:
+    """A set with a manifest holds its run's plan: every (class, IPC index) once (duplicates are refused
+    when it is read), no row outside it. Incomplete (an interrupted run) only with `partial`; rows of
+    another run never. Bare Parquet files and image folders carry no plan: they are trained on as they are."""
+    store = ShardStore(src)
+    if not store.exists():
+        return
+    try:
+        meta = store.manifest().get("meta") or {}
+    except StoreError as e:
+        raise ConfigError("distilled", e.message) from None
+    per_class, exact = meta.get("per_class"), True
+    if not (isinstance(per_class, list) and all(isinstance(n, int) and n >= 0 for n in per_class)):
+        if not (isinstance(meta.get("ipc"), int) and meta["ipc"] >= 1):
+            return
+        # a manifest written before the plan was recorded: `random` may hold fewer where a class is small
+        per_class, exact = [meta["ipc"]] * num_classes, meta.get("method") != "random"
+    outside, missing = plan_problem(class_ids, ipc_indices, per_class)
+    if outside:
+        raise ConfigError("distilled", f"{src} holds {outside}: images of another run were mixed in")
+    if missing and exact and not req.opts.partial:
+        raise ConfigError("distilled", f"{src} is incomplete, {missing}; rerun its distill command to finish it "
+                                       "(or post-train on it as it is, on purpose: `partial`)")
+    if missing and exact:
+        log.warning("distilled: %s is incomplete, %s; post-training on it as it is", src, missing)
 
 
 def _check_request(req: PosttrainRequest) -> None:
@@ -92,7 +123,7 @@ def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, DistillConfi
     """Every check, before anything is written; returns (job, configuration, images, class ids)."""
     _check_request(req)
     o = req.opts
-    images, class_ids, src, run = _read_source(o.distilled)
+    images, class_ids, src, run, ipc_indices = _read_source(o.distilled)
     cfg = _config(req, run, images)
     teacher = load_checkpoint_arg(cfg.teacher, "teacher")
     try:
@@ -105,6 +136,7 @@ def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, DistillConfi
                                      f"data ({cfg.dataset}) has {info.num_classes}")
     if int(class_ids.max()) >= info.num_classes:
         raise ConfigError("distilled", f"class id {int(class_ids.max())} is out of range for {cfg.dataset}")
+    _check_plan(req, src, class_ids, ipc_indices, info.num_classes)
     pcfg = cfg.posttrain
     if pcfg.labels == "hard" and (o.soft_labels or o.store_soft_labels):
         raise ConfigError("posttrain.labels", "hard labels use no teacher: no soft labels to read or store")
@@ -136,6 +168,8 @@ def _run(req: PosttrainRequest, job: PosttrainJob, run_cfg: DistillConfig, image
     cfg, info, out, o = job.cfg, job.info, req.opts.out, req.opts
     dataset, workers = run_cfg.dataset, run_cfg.posttrain_workers
     fp = job.fingerprint()
+    for path in sweep_temp_files(out):  # OUT is ours alone (the lock): a temp file here is a killed write's
+        log.warning("removed %s, left by a write that was killed", path)
     atomic_write_json(os.path.join(out, POSTTRAIN_RUN_FILE), {"fingerprint": fp, "config": dataclasses.asdict(cfg),
                                                               "distilled": o.distilled, "teacher": run_cfg.teacher,
                                                               "seed": run_cfg.seed})

@@ -2,13 +2,16 @@
 or fit only the linear head of a public SSL checkpoint, and save it."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..backbones import load_checkpoint_arg, probe_and_save, squeeze_and_save
 from ..config import validate_squeeze
 from ..errors import ConfigError
-from ..models.checkpoint import Checkpoint
+from ..models.checkpoint import Checkpoint, is_checkpoint
 from ..schema import DistillConfig
+from .outdir import _check_creatable
 
 
 def run_squeeze(cfg: DistillConfig, out: str, from_checkpoint: str | None = None) -> dict:
@@ -17,6 +20,7 @@ def run_squeeze(cfg: DistillConfig, out: str, from_checkpoint: str | None = None
     validate_squeeze(cfg.squeeze)
     if not out:
         raise ConfigError("out", "is required")
+    check_out_file(out)
     use_gpu = cfg.num_gpus > 0
     if use_gpu and not torch.cuda.is_available():  # never a silent CPU run of a GPU job
         raise ConfigError("num_gpus", f"asked for a GPU but torch {torch.__version__} sees no CUDA device")
@@ -31,6 +35,18 @@ def run_squeeze(cfg: DistillConfig, out: str, from_checkpoint: str | None = None
                                   f"`width` {cfg.width:g} was asked for")
     meta = {"dataset": cfg.dataset, "split": cfg.train_split, **{k: ckpt.meta[k] for k in ("imported_from", "layout")}}
     return _summary(out, probe_and_save(out, ckpt, train, test, cfg.squeeze, device, cfg.seed, cfg.image_size, meta))
+
+
+def check_out_file(out: str, field: str = "out") -> None:
+    """`out` may be written: a new path, or a checkpoint of ours (replaced); never a directory or a file that
+    is not ours. Checked before any training."""
+    if os.path.isdir(out):
+        raise ConfigError(field, f"{out} is a directory; give the checkpoint's file path (.pt)")
+    if not os.path.lexists(out):
+        _check_creatable(out, field)
+    elif not is_checkpoint(out):
+        raise ConfigError(field, f"{out} exists and is not an scdd-ray checkpoint; it is not replaced (choose "
+                                 "another path, or remove it)")
 
 
 def _summary(out: str, ckpt: Checkpoint) -> dict:

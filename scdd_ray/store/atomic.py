@@ -1,8 +1,10 @@
 """Atomic writes: a file is written whole or not at all (temp file beside it, fsync, rename)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 
 from ..errors import StoreError
@@ -25,7 +27,7 @@ def write_temp(path: str, data: bytes) -> str:
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
-        os.remove(tmp)
+        remove_temp(tmp)
         raise
     return tmp
 
@@ -34,8 +36,36 @@ def rename_into_place(tmp: str, path: str) -> None:
     try:
         os.replace(tmp, path)
     except BaseException:
-        os.remove(tmp)
+        remove_temp(tmp)
         raise
+
+
+def remove_temp(tmp: str) -> None:
+    """Remove a temp file on the way out of a failed or interrupted write. A signal (Ctrl-C, SIGTERM) can
+    land after the rename it interrupts: then there is nothing to remove, and the interrupt goes on."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+
+
+
+TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{16}")  # the names `write_temp` gives
+
+
+
+def sweep_temp_files(root: str) -> list[str]:
+    """Remove the temp files a killed writer left under `root` (kill -9, power loss); returns their paths.
+
+    Call it only while holding `root`'s lock: then no writer of ours is at work there.
+    """
+    swept = []
+    for d, _, files in os.walk(root):
+        for f in files:
+            if TEMP_FILE.fullmatch(f):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(d, f))
+                    swept.append(os.path.join(d, f))
+    return sorted(swept)
+
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

@@ -45,3 +45,21 @@ def read_encoded(root: str) -> EncodedImages:
     if kind == "imagefolder":
         return imagefolder_encoded(root).sorted()
     return parquet_encoded(files, root)
+
+
+def plan_problem(class_ids, ipc_indices, per_class: list[int]) -> tuple[str, str]:
+    """(rows outside the plan, rows the plan has that are missing), each in words ('' when none).
+
+    `per_class[c]` images of class c, at IPC indices 0..per_class[c]-1, make a run's plan: a row outside
+    it is of another run (or another IPC), a missing one was not computed yet (an interrupted run).
+    """
+    have = set(zip((int(c) for c in class_ids), (int(i) for i in ipc_indices)))
+    outside = sorted((c, i) for c, i in have if not (0 <= c < len(per_class) and 0 <= i < per_class[c]))
+    missing = [(c, i) for c, n in enumerate(per_class) for i in range(n) if (c, i) not in have]
+    said_outside = (f"{len(outside)} images outside its run's plan (first: class {outside[0][0]} IPC index "
+                    f"{outside[0][1]}; the plan has {len(per_class)} classes, up to {max(per_class, default=0)} "
+                    "a class)") if outside else ""
+    said_missing = (f"{len(missing)} of the {sum(per_class)} images of its run's plan missing (first: class "
+                    f"{missing[0][0]} IPC index {missing[0][1]})") if missing else ""
+    return said_outside, said_missing
+

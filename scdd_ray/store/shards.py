@@ -23,7 +23,7 @@ import torch
 
 from ..errors import StoreError
 from ..locks import locked
-from .atomic import atomic_write_json, rename_into_place, write_temp
+from .atomic import atomic_write_json, remove_temp, rename_into_place, write_temp
 from .encoded import read_parquet_rows
 from .png import encode_png
 
@@ -135,9 +135,10 @@ class ShardStore:
             recorded.append(shard_id)
         try:
             self._update(record)
-        except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        except BaseException as e:  # an OS error, or an interrupt (Ctrl-C, SIGTERM): no temp file left behind
+            remove_temp(tmp)
+            if not isinstance(e, OSError):
+                raise
             raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
         return bool(recorded)
 
