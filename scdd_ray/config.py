@@ -36,6 +36,7 @@ OPTIMIZERS = ("adamw", "sgd")
 AMPS = ("bf16", "fp16", "none")
 LABELS = ("soft", "hard")
 AUGMENT_PER = ("image", "batch")
+TEACHER_BN = ("eval", "train")
 COMPILE_BACKENDS = ("inductor", "eager", "aot_eager")
 RUN_FILE = "run.json"  # what every distill run writes: {"fingerprint": ..., "config": <a valid config file>}
 
@@ -312,6 +313,9 @@ def validate_posttrain(p: PosttrainConfig) -> None:
     _choice(p.amp, AMPS, "posttrain.amp")
     _choice(p.labels, LABELS, "posttrain.labels")
     _choice(p.crop, CROPS, "posttrain.crop")
+    _check(isinstance(p.cosine_period, (int, float)) and math.isfinite(p.cosine_period) and p.cosine_period >= 1,
+           "posttrain.cosine_period", f"must be a number >= 1 (got {p.cosine_period!r})")
+    _choice(p.teacher_bn, TEACHER_BN, "posttrain.teacher_bn")
 
 
 def validate(cfg: DistillConfig) -> None:

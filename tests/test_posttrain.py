@@ -1,6 +1,8 @@
 """Post-train: crops shared by every worker count, the teacher labels the student's very crop,
 stored soft labels equal online ones, and an interrupted Ray Train run resumes to exactly its epochs."""
+import copy
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -24,7 +26,8 @@ from scdd_ray.core.posttrain import (
     train_step,
 )
 from scdd_ray.core.posttrain_job import PosttrainJob
-from scdd_ray.core.relabel import make_crops, plan_crops
+from scdd_ray.core.configs import fingerprint_view
+from scdd_ray.core.relabel import make_crops, plan_crops, soft_labels
 from scdd_ray.core.schedules import cosine_lr
 from scdd_ray.core.soft_labels import soft_label_rows, stored_batches
 from scdd_ray.data import load_split
@@ -42,6 +45,10 @@ SIZE = 16
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
 CFG = PosttrainConfig(student="resnet18", student_width=0.125, epochs=4, batch_size=5, lr=2e-3, temperature=4.0,
                       mix="cutmix", mix_prob=1.0, crop_scale=(0.5, 1.0), flip=True, checkpoint_every=1)
+
+
+def _info():
+    return load_split("synthetic", "test", None, SIZE).info
 
 
 def _images(n=12, seed=0):
@@ -335,3 +342,50 @@ def test_batch_per_worker_on_two_ray_train_workers(ray_session, job, tmp_path):
     assert lr == pytest.approx(cosine_lr(job.cfg.lr * 2 ** 0.5, 1, 4))
     assert (tmp_path / "run-w2").is_dir()  # another worker count is another run, never resumed from this one
     assert 0 <= res.top1 <= 100
+
+
+# --- the authors' CIFAR post-training: a longer cosine, the teacher's BatchNorm on batch statistics -------
+
+def test_cosine_period_ends_the_rate_where_the_authors_schedule_does():
+    # the authors' CIFAR scripts: 0.5 (1 + cos(pi e / 600)) over 200 epochs, i.e. a period 3x the run
+    assert cosine_lr(1.0, 0, 200, period=3.0) == 1.0
+    assert cosine_lr(1.0, 200, 200, period=3.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 3)))  # 0.75
+    assert cosine_lr(1.0, 100, 200, period=3.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 100 / 600)))
+    assert cosine_lr(1.0, 200, 200) == pytest.approx(0.0)  # period 1: to zero, as before
+    tr = PostTrainer(dataclasses.replace(CFG, cosine_period=3.0), _images(12), None, _info(), image_size=SIZE,
+                     small_input=True, seed=0, labels=torch.arange(12) % 4)
+    tr.state["step"] = tr.total_steps
+    assert tr.lr() == pytest.approx(CFG.lr * 0.75)
+
+
+def test_teacher_bn_train_labels_with_each_batch_own_statistics():
+    torch.manual_seed(0)
+    teacher = frozen(create_model("resnet18", 4, width=0.125))
+    for m in teacher.modules():  # running statistics far from any batch's: the two modes differ
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(3.0)
+            m.running_var.fill_(9.0)
+    crops = torch.randn(6, 3, SIZE, SIZE)
+    evaluated = soft_labels(teacher, crops, "eval")
+    batch = soft_labels(teacher, crops, "train")
+    by_hand = torch.nn.functional.batch_norm  # the same model with every BN on the crops' own statistics
+    twin = copy.deepcopy(teacher)
+    for m in twin.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.forward = (lambda mod: lambda x: by_hand(x, None, None, mod.weight, mod.bias, True, 0.0, mod.eps))(m)
+    torch.testing.assert_close(batch, twin(crops).float())
+    assert not torch.allclose(evaluated, batch, atol=1e-3)
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_posttrain_options_are_validated():
+    from scdd_ray.config import build_distill_config
+    from scdd_ray.errors import ConfigError
+
+    for key, value in (("posttrain.cosine_period", 0.5), ("posttrain.teacher_bn", "frozen")):
+        with pytest.raises(ConfigError, match=key):
+            build_distill_config("synthetic", "out", {key: value})
+    # at their defaults they leave every earlier post-train's fingerprint as it was
+    cfg = build_distill_config("synthetic", "out", {"posttrain.cosine_period": 1.0, "posttrain.teacher_bn": "eval"})
+    assert "cosine_period" not in fingerprint_view(cfg.posttrain) and "teacher_bn" not in fingerprint_view(cfg.posttrain)
+    assert "teacher_bn" in fingerprint_view(dataclasses.replace(cfg.posttrain, teacher_bn="train"))

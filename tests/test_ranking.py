@@ -93,3 +93,26 @@ def test_shared_models_seed_names_cells_apart(tmp_path):
                                                          "scdd", 1, 0)
     assert shared.config("random", 1, 1, "o").recover.init == "noise"
     assert shared.config("scdd", 1, 1, "o").recover.init == "real"
+
+
+@pytest.mark.slow
+def test_post_train_variants_share_the_cells_distilled_sets(tmp_path, capsys):
+    """A table that differs only in post-training (or the teacher) distills nothing again: its cells resume
+    the same runs, whose shards are kept, and write reports of their own."""
+    work = tmp_path / "w"
+    base = ["-q", "bench", "table", "--dataset", "synthetic", "--methods", "random,scdd", "--ipcs", "1",
+            "--seeds", "0", "--no-hlr", "--work", str(work)]
+    assert main(base + ["--json", str(tmp_path / "a.json")]) == 0
+    cell = work / "cells" / "synthetic-scdd-ipc1-seed0"
+    shards = {p: os.path.getmtime(p) for p in (cell / "distilled").glob("*.parquet")}
+    assert main(base + ["--posttrain-epochs", "3", "--teacher-bn", "train", "--json", str(tmp_path / "b.json")]) == 0
+    assert {p: os.path.getmtime(p) for p in (cell / "distilled").glob("*.parquet")} == shards  # not recovered again
+    variant = json.loads((cell / "report-table-posttrain_epochs-3-posttrain_teacher_bn-train.json").read_text())
+    assert variant["posttrain_epochs"] == 3 and variant["config"]["posttrain"]["teacher_bn"] == "train"
+    rows = {r["method"]: r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert rows["scdd"]["top1"]["values"] == [variant["top1"]]
+    assert len(list(work.glob("cells/*"))) == 2  # the two tables' cells are the same two runs
+    # the first table reads its own reports again, not the latest post-train's
+    assert main(base + ["--json", str(tmp_path / "a2.json")]) == 0
+    assert json.loads((tmp_path / "a2.json").read_text())["rows"] == json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert json.loads((cell / "report.json").read_text())["posttrain_epochs"] == 3  # the run's latest

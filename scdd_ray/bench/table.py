@@ -70,8 +70,15 @@ class TableSpec:
         """Settings other than the preset's name the cells, so tables with other settings never collide.
 
         Recover settings do not touch a random subset: tables that differ only
-        in them share their `random` cells."""
-        return suffix(self.overrides_for(method))
+        in them share their `random` cells. Relabelling and post-training do not
+        touch the distilled set: tables that differ only in them share their
+        cells' sets, and name the cells' reports apart (`variant`)."""
+        return suffix({k: v for k, v in self.overrides_for(method).items() if not _relabels(k)})
+
+    def variant(self, method: str | None = None) -> str:
+        """The relabelling and post-train settings other than the preset's ('' if none): they name a cell's
+        report (`report-table<variant>.json`) within the cell that holds its distilled set."""
+        return suffix({k: v for k, v in self.overrides_for(method).items() if _relabels(k)})
 
     def overrides_for(self, method: str | None) -> dict:
         """The overrides that apply to `method`'s cells (a random subset has no recover stage)."""
@@ -84,6 +91,11 @@ class TableSpec:
         given = {"num_workers": 1, "models_dir": os.path.join(self.work, "models"), **self.overrides_for(method),
                  "method": method, "ipc": ipc, "seed": seed}
         return build_distill_config(self.dataset, out, {**given, **extra})
+
+
+def _relabels(key: str) -> bool:
+    """Whether a setting decides only how a distilled set is relabelled and post-trained, not the set."""
+    return key.startswith("posttrain.") or key == "teacher"
 
 
 def cells(spec: TableSpec) -> list[tuple[str, int, int]]:
@@ -107,13 +119,22 @@ def cell_models(spec: TableSpec, method: str, ipc: int, seed: int) -> dict:
 
 
 def run_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> dict:
-    """The cell's distill report (run unless it exists)."""
+    """The cell's distill report (run unless it exists). A post-train variant of a cell distills nothing
+    again: `distill` resumes the cell's run, whose finished shards are those of every variant (post-train
+    settings are not in its fingerprint), and trains the variant's student."""
     out = cell_dir(spec, method, ipc, seed)
-    path = os.path.join(out, "report.json")
+    path = report_path(spec, method, ipc, seed)
     if not os.path.isfile(path):
-        distill.run(distill.prepare(spec.config(method, ipc, seed, out, **cell_models(spec, method, ipc, seed))))
+        report = distill.run(distill.prepare(spec.config(method, ipc, seed, out,
+                                                         **cell_models(spec, method, ipc, seed))))
+        atomic_write_json(path, report)  # the run's own report.json is its latest post-train's
     with open(path) as f:
         return json.load(f)
+
+
+def report_path(spec: TableSpec, method: str, ipc: int, seed: int) -> str:
+    """The report the table reads for a cell: one per post-train variant of the cell's distilled set."""
+    return os.path.join(cell_dir(spec, method, ipc, seed), f"report-table{spec.variant(method)}.json")
 
 
 def _hard_student(cfg, images: torch.Tensor, labels: torch.Tensor, test, epochs: int) -> float:
@@ -129,7 +150,7 @@ def _hard_student(cfg, images: torch.Tensor, labels: torch.Tensor, test, epochs:
 def run_hard_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> float:
     """Hard-label top-1 of the cell's distilled set (its own post-train budget)."""
     out = cell_dir(spec, method, ipc, seed)
-    path = os.path.join(out, "hard.json")
+    path = os.path.join(out, f"hard{spec.variant(method)}.json")
     if not os.path.isfile(path):
         cfg = spec.config(method, ipc, seed, out)
         images, cls, _ = ShardStore(os.path.join(out, "distilled")).read()
@@ -170,7 +191,7 @@ def run_table(spec: TableSpec, part: tuple[int, int] = (1, 1)) -> dict | None:
         for k, seed in enumerate(spec.seeds):
             if k % n == i - 1:
                 run_full_hard(spec, seed)
-    missing = [c for c in todo if not os.path.isfile(os.path.join(cell_dir(spec, *c), "report.json"))]
+    missing = [c for c in todo if not os.path.isfile(report_path(spec, *c))]
     if missing:
         log.info("table: %d of %d cells done; the other parts still run %s", len(todo) - len(missing), len(todo),
                  ", ".join(f"{m}/ipc{c}/seed{s}" for m, c, s in missing[:5]))

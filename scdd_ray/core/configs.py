@@ -104,3 +104,9 @@ class PosttrainConfig:
                                    "padding=4)", fingerprint="later")
     batch_per_worker: bool = setting(False, "batch_size images per post-train worker (global batch x workers, lr "
                                             "scaled) instead of per step", fingerprint="later")
+    cosine_period: float = setting(1.0, "the cosine lr schedule's period as a multiple of the run: 1 decays to "
+                                        "zero at the end; 3 ends at 0.75 of the rate (the authors' CIFAR scripts)",
+                                   fingerprint="later")
+    teacher_bn: str = setting("eval", "the relabelling teacher's BatchNorm: eval (its running statistics) | "
+                                      "train (each batch's own statistics, as the authors' CIFAR scripts; with "
+                                      "several workers, each worker's slice of the batch)", fingerprint="later")

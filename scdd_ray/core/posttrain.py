@@ -155,7 +155,7 @@ def train_step(student: nn.Module, teacher: nn.Module | None, opt: torch.optim.O
         if labels is not None:
             target = None
         elif sb.targets is None:
-            target = soft_labels(teacher, crops)
+            target = soft_labels(teacher, crops, cfg.teacher_bn)
         else:
             target = to_device(sb.targets[rows], device)
         logits = student(crops)
@@ -182,7 +182,7 @@ def run_epoch(student, teacher, opt, images: torch.Tensor, batches: list[StepBat
     """Train one epoch; returns (sum of this worker's weighted step losses, global step after it)."""
     running = torch.zeros((), device=images.device)
     for s, sb in enumerate(batches):
-        set_lr(opt, cosine_lr(cfg.lr, step, total_steps))
+        set_lr(opt, cosine_lr(cfg.lr, step, total_steps, period=cfg.cosine_period))
         loss, target = train_step(student, teacher, opt, images, sb, rows, weight, cfg, image_size, mean, std,
                                   scaler, labels)
         running += loss
@@ -278,4 +278,4 @@ class PostTrainer:
                 on_epoch(epoch + 1, running, len(batches))
 
     def lr(self) -> float:
-        return cosine_lr(self.cfg.lr, self.state["step"], self.total_steps)
+        return cosine_lr(self.cfg.lr, self.state["step"], self.total_steps, period=self.cfg.cosine_period)

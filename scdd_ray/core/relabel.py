@@ -109,10 +109,13 @@ def make_crops(images_u8: torch.Tensor, plan: CropPlan, image_size: int, mean, s
 
 
 @torch.no_grad()
-def soft_labels(teacher: nn.Module, crops: torch.Tensor) -> torch.Tensor:
-    """Teacher logits (float32) on the given crops; the teacher stays in eval mode."""
-    teacher.eval()
-    return teacher(crops).float()
+def soft_labels(teacher: nn.Module, crops: torch.Tensor, bn: str = "eval") -> torch.Tensor:
+    """Teacher logits (float32) on the given crops. `bn` eval: BatchNorm normalises with the teacher's running
+    statistics; train: with the crops' own batch statistics (the authors' CIFAR post-training never puts its
+    teacher in eval mode). The teacher's weights are frozen either way."""
+    teacher.train(bn == "train")
+    with torch.no_grad():
+        return teacher(crops).float()
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
