@@ -58,7 +58,8 @@ class DiesOnce(SynthesisWorker):
 
     victim = marker = ""
 
-    def run(self, shard):
+    def run(self, shard, inputs):
+        self.load(inputs)
         if shard.id == self.victim and not os.path.exists(self.marker):
             open(self.marker, "w").close()
 
@@ -68,7 +69,7 @@ class DiesOnce(SynthesisWorker):
 
             recover_shard(self.model, shard, self.cfg, self.mean, self.std, self.image_size, self.run_seed,
                           self.device, on_step=die)
-        return SynthesisWorker.run(self, shard)  # no super(): its __class__ cell does not pickle by value
+        return SynthesisWorker.run(self, shard, inputs)  # no super(): its __class__ cell does not pickle by value
 
 
 class Hooked(ShardStore):

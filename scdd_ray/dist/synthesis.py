@@ -38,22 +38,37 @@ POLL = 30.0  # no wait on the cluster is longer than this without a log line
 
 
 class SynthesisWorker:
-    """Ray actor class (wrapped with ray.remote by `run_ray`); `run` synthesises one shard."""
+    """Ray actor class (wrapped with ray.remote by `run_ray`); `run` synthesises one shard.
 
-    def __init__(self, ckpt, cfg: RecoverConfig, image_size: int, run_seed: int, threads: int, use_gpu: bool,
-                 train=None):
+    The backbone (and, for `init` real, the training images) come as object refs with each call, in a
+    tuple (Ray passes it as it is), and are fetched once per process: a worker Ray restarts loads them
+    again on its first call. Constructor arguments in the object store would make Ray warn at every
+    actor start that a restart could fail without them.
+    """
+
+    def __init__(self, cfg: RecoverConfig, image_size: int, run_seed: int, threads: int, use_gpu: bool):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = frozen(ckpt.build().to(self.device, memory_format=torch.channels_last))
-        self.mean, self.std = ckpt.mean, ckpt.std
-        self.cfg, self.image_size, self.run_seed, self.train = cfg, image_size, run_seed, train
+        self.cfg, self.image_size, self.run_seed = cfg, image_size, run_seed
+        self.model = None
 
-    def ready(self) -> int:
+    def load(self, inputs: tuple) -> None:
+        """Build the frozen backbone replica from `inputs` (checkpoint ref, training-images ref or None)."""
+        if self.model is None:
+            ckpt_ref, train_ref = inputs
+            ckpt = ray.get(ckpt_ref)
+            self.model = frozen(ckpt.build().to(self.device, memory_format=torch.channels_last))
+            self.mean, self.std = ckpt.mean, ckpt.std
+            self.train = ray.get(train_ref) if train_ref is not None else None
+
+    def ready(self, inputs: tuple) -> int:
+        self.load(inputs)
         return os.getpid()
 
     @ray.method(retry_exceptions=[RuntimeError])  # a diverged shard would diverge again: not retried
-    def run(self, shard: Shard):
+    def run(self, shard: Shard, inputs: tuple):
         """(shard id, uint8 images, class ids, ipc indices, stats); an error names the shard."""
+        self.load(inputs)
         try:
             res, cls, ipc = recover_shard(self.model, shard, self.cfg, self.mean, self.std, self.image_size,
                                           self.run_seed, self.device, self.train)
@@ -73,8 +88,8 @@ def _finished(shards: list[Shard], num_workers: int) -> dict:
 class _Starting:
     """Actors that were asked for and have not answered `ready()` yet."""
 
-    def __init__(self, actors: list):
-        self.refs = {a.ready.remote(): a for a in actors}
+    def __init__(self, actors: list, inputs: tuple):
+        self.refs = {a.ready.remote(inputs): a for a in actors}
         self.pids: set[int] = set()
 
     def take(self, timeout: float, want: int = 1) -> list:
@@ -134,20 +149,19 @@ def run_ray(ckpt, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, im
     n = min(num_workers, len(todo))
     placement(n, use_gpu, threads, "num_gpus" if use_gpu else "num_workers")
     # The backbone (and the real images for `init real`) go to the object store once.
-    ckpt_ref = ray.put(ckpt)
-    train_ref = ray.put(train) if train is not None else None
+    inputs = (ray.put(ckpt), ray.put(train) if train is not None else None)
     actor = ray.remote(SynthesisWorker).options(num_cpus=threads, num_gpus=1 if use_gpu else 0, max_restarts=-1,
                                                 max_task_retries=MAX_TRIES - 1)
-    actors = [actor.remote(ckpt_ref, cfg, image_size, run_seed, threads, use_gpu, train_ref) for _ in range(n)]
+    actors = [actor.remote(cfg, image_size, run_seed, threads, use_gpu) for _ in range(n)]
     t_start = time.perf_counter()
     try:  # start-up (process, imports, model build) reported apart from synthesis
-        starting = _Starting(actors)
+        starting = _Starting(actors, inputs)
         pool = ActorPool(_first_workers(starting, n, use_gpu, threads))
         startup = time.perf_counter() - t_start
         log.info("recover: %d workers ready in %.1fs", n - len(starting.refs), startup)
         t0 = time.perf_counter()
         with Progress(sum(len(s) for s in todo), f"recover ({n} workers)", "img") as bar:
-            computed, images, pids = _drain(pool, starting, todo, store, bar)
+            computed, images, pids = _drain(pool, starting, todo, store, bar, inputs)
     finally:
         _kill(actors)
     return {"shards_total": len(shards), "shards_computed": computed, "images_computed": images,
@@ -156,10 +170,11 @@ def run_ray(ckpt, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, im
             "restarts": len(pids | starting.pids) - len(starting.pids)}
 
 
-def _drain(pool: ActorPool, starting: _Starting, todo: list[Shard], store: ShardStore, bar) -> tuple[int, int, set]:
+def _drain(pool: ActorPool, starting: _Starting, todo: list[Shard], store: ShardStore, bar,
+           inputs: tuple) -> tuple[int, int, set]:
     """Hand every shard to the pool and write the results as they come; returns (shards, images, worker pids)."""
     for shard in todo:
-        pool.submit(lambda a, s: a.run.remote(s), shard)
+        pool.submit(lambda a, s: a.run.remote(s, inputs), shard)
     computed = images = 0
     pids: set[int] = set()
     while pool.has_next():
@@ -195,5 +210,5 @@ def _kill(actors: list, timeout: float = 10.0) -> None:
     for a in actors:
         ray.kill(a, no_restart=True)
     # answered (with an error) once each is gone; not retried, as calls to a live worker are
-    ray.wait([a.ready.options(max_task_retries=0).remote() for a in actors], num_returns=len(actors),
+    ray.wait([a.ready.options(max_task_retries=0).remote((None, None)) for a in actors], num_returns=len(actors),
              timeout=timeout)
