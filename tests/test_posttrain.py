@@ -253,18 +253,21 @@ def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(job, cras
     assert again.trained_epochs == [1, 2, 3, 4] and again.top1 == res.top1 and again.seconds == 0.0
 
 
-def test_a_posttrain_run_ray_train_cannot_resume_is_cleaned_or_started_over(crashed_run, tmp_path):
+def test_a_posttrain_run_ray_train_cannot_resume_is_cleaned_or_started_over(crashed_run, tmp_path, monkeypatch):
     """What Ray Train registered (read through its public Result API) is kept; a checkpoint it never registered
     is removed; a damaged or planted registered state, or an unreadable record, starts the student over."""
     from test_reliability import plant
 
     run, marker = tmp_path / "run", tmp_path / "code-ran"
     shutil.copytree(crashed_run, run)
+    before = sorted(os.listdir(run))
+    monkeypatch.chdir(tmp_path)  # as `distill --out RELATIVE` names it: a sound run is kept as it is
+    dist_train.clean_run_dir("run")
+    assert sorted(os.listdir(run)) == before
     (run / "epoch-00003").mkdir()  # a checkpoint a kill interrupted before Ray Train registered it
     (run / "epoch-00003" / dist_train.STATE_FILE).write_bytes(b"cut short")
-    before = sorted(os.listdir(run))
     dist_train.clean_run_dir(str(run))
-    assert sorted(os.listdir(run)) == [f for f in before if f != "epoch-00003"]  # what Ray Train resumes from
+    assert sorted(os.listdir(run)) == before  # what Ray Train resumes from, and nothing it did not register
     plant(run / "epoch-00002" / dist_train.STATE_FILE, marker)  # the checkpoint it would resume from, replaced
     dist_train.clean_run_dir(str(run))
     assert not run.exists() and not marker.exists()  # never loaded: the student trains from the start

@@ -236,8 +236,8 @@ def clean_run_dir(run_dir: str) -> None:
     epochs = sorted(d for d in os.listdir(run_dir) if d.startswith("epoch-"))
     if not epochs:
         return
-    try:
-        result = ray.train.Result.from_path(run_dir)
+    try:  # an absolute path: Result.from_path reads it as a file-system URI, and a relative one is refused
+        result = ray.train.Result.from_path(os.path.abspath(run_dir))
         registered = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
     except Exception as e:  # no record of its checkpoints, or an unreadable one: nothing to resume from
         return _start_over(run_dir, f"Ray Train cannot resume it ({type(e).__name__})")
