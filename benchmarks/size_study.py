@@ -1,0 +1,176 @@
+"""The model-size study: scdd vs sre2l recovery from ResNet-18, -50 and -101, each with its own best recover
+settings, against a random real subset, all relabelled by one outside teacher and post-trained alike.
+
+Every cell is a `bench table` cell (a full `distill` run, resumable): per (arch, method) the settings a
+sweep chose (`--best`, a `tune` best.json; a cell it lacks runs at the preset's settings, and the row says
+so), models squeezed once (`--model-seed 0`, shared through `--models-dir`), seeds paired: IOR is the cell's
+top-1 minus the random subset's at the same seed. Rows also carry what each size costs: the backbone's
+squeeze seconds (its checkpoint records them), recover seconds and images x iterations per second,
+post-train seconds. The JSON is written after every cell, with what is missing said.
+
+    python benchmarks/size_study.py --dataset cifar10 --data-dir ../shared/data/cifar10 \\
+        --teacher T.pt --models-dir runs/size/cache --best runs/size/sweep/best.json \\
+        --work runs/size/final --json benchmarks/cifar10_size.json --plot benchmarks/cifar10_size.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+import torch
+
+from scdd_ray.backbones import plan_models
+from scdd_ray.bench.table import TableSpec, run_cell
+from scdd_ray.models.checkpoint import load_checkpoint
+from scdd_ray.store.atomic import atomic_write_json
+
+ARCHS = ("resnet18", "resnet50", "resnet101")
+METHODS = ("sre2l", "scdd")
+
+
+def best_settings(best: dict, arch: str, method: str) -> dict:
+    """The recover settings a sweep chose for (arch, method), as schema keys ({} when it has none)."""
+    cell = best.get("best", {}).get(f"{arch}/{method}")
+    if not cell:
+        return {}
+    out = {}
+    for k, v in cell["config"].items():
+        if k == "first_multiplier":
+            out["recover.bn_weights"] = f"first:{v:g}"
+        else:
+            out[f"recover.{k}"] = v
+    return out
+
+
+def _mean_std(vals: list[float]) -> dict:
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": vals}
+
+
+def row(arch: str, method: str, reports: dict, random: dict, settings: dict) -> dict:
+    """One row: per-seed top-1 and IOR (paired by seed with the random subset), teacher, settings, costs."""
+    seeds = sorted(reports)
+    top = [reports[s]["top1"] for s in seeds]
+    first = reports[seeds[0]]
+    out = {"arch": arch, "method": method, "seeds": seeds, "top1": _mean_std(top),
+           "teacher": first["teacher"], "teacher_top1": first["teacher_top1"], "evaluated_on": first["evaluated_on"],
+           "recover": first["config"]["recover"], "chosen_by_sweep": bool(settings),
+           "recover_seconds": _mean_std([reports[s]["recover_seconds"] for s in seeds]),
+           "posttrain_seconds": _mean_std([reports[s]["posttrain_seconds"] for s in seeds])}
+    paired = [s for s in seeds if s in random]
+    if paired:
+        out["ior"] = _mean_std([reports[s]["top1"] - random[s]["top1"] for s in paired])
+    if method != "random":
+        work = first["num_images"] * first["config"]["recover"]["iterations"]
+        out["recover_img_iters_per_s"] = round(work / out["recover_seconds"]["mean"], 2)
+        meta = load_checkpoint(first["backbone"]).meta
+        out.update(backbone=first["backbone"], backbone_method=first["backbone_method"],
+                   squeeze_seconds=meta.get("seconds"), backbone_val_top1=meta.get("test_top1"))
+    return out
+
+
+def run(a: argparse.Namespace) -> dict:
+    common = {"data_dir": a.data_dir, "teacher": a.teacher, "models_dir": a.models_dir, "width": a.width}
+    if a.holdout:
+        common["holdout"] = True
+    best = json.load(open(a.best)) if a.best else {}
+    seeds = tuple(int(s) for s in a.seeds.split(","))
+    result = {"benchmark": "size_study", "dataset": a.dataset, "command": "python benchmarks/size_study.py "
+              + " ".join(sys.argv[1:]), "commit": _commit(), "machine": platform.processor() or platform.machine(),
+              "cpu_count": os.cpu_count(), "torch": torch.__version__, "ipc": a.ipc, "seeds": list(seeds),
+              "model_seed": 0, "teacher": a.teacher, "best": a.best, "rows": [], "missing": []}
+
+    def spec(method: str, overrides: dict) -> TableSpec:
+        return TableSpec(a.dataset, a.work, (method,), (a.ipc,), seeds, {**common, **overrides}, hlr=False,
+                         model_seed=0)
+
+    random = {s: run_cell(spec("random", {}), "random", a.ipc, s) for s in seeds}
+    result["rows"].append(row("-", "random", random, random, {}))
+    atomic_write_json(a.json, result)
+    for arch in a.archs.split(","):
+        for method in METHODS:
+            settings = best_settings(best, arch, method)
+            cells = spec(method, {"arch": arch, **settings})
+            backbone = plan_models(cells.config(method, a.ipc, 0, a.work)).backbone.path
+            if not os.path.isfile(backbone):  # not squeezed yet (a long job of its own): the row waits, said so
+                result["missing"].append({"arch": arch, "method": method, "why": f"{backbone} is not there yet"})
+                continue
+            reports = {s: run_cell(cells, method, a.ipc, s) for s in seeds}
+            result["rows"].append(row(arch, method, reports, random, settings))
+            atomic_write_json(a.json, result)  # every finished cell is kept, whatever comes next
+    atomic_write_json(a.json, result)
+    return result
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return ""
+
+
+def plot(res: dict, out: str) -> None:
+    """Top-1 against recovery-model size, scdd and sre2l with seed error bars, the random subset dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["rows"] if r["method"] != "random"]
+    archs = [a for a in ARCHS if any(r["arch"] == a for r in rows)]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, color in (("sre2l", "tab:blue"), ("scdd", "tab:orange")):
+        got = [(archs.index(r["arch"]), r) for r in rows if r["method"] == method and r["arch"] in archs]
+        ax.errorbar([x for x, _ in got], [r["top1"]["mean"] for _, r in got], [r["top1"]["std"] for _, r in got],
+                    marker="o", capsize=4, color=color, label=f"{method} ({'SSL' if method == 'scdd' else 'supervised'}"
+                                                          " recovery model)")
+    rnd = next(r for r in res["rows"] if r["method"] == "random")["top1"]
+    ax.axhline(rnd["mean"], ls="--", color="tab:gray", label=f"random real subset ({rnd['mean']:.1f})")
+    ax.set_xticks(range(len(archs)), archs)
+    ax.set_xlabel("recovery model (width 0.25)")
+    ax.set_ylabel(f"student top-1 (%, {rows[0]['evaluated_on'] if rows else ''})")
+    ax.set_title(f"{res['dataset']}, IPC {res['ipc']}, seeds {','.join(map(str, res['seeds']))}, one teacher",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="cifar10")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--teacher", required=True, help="the one outside teacher of every cell")
+    ap.add_argument("--models-dir", required=True, help="where the squeezed recovery models are (and go)")
+    ap.add_argument("--best", default=None, help="a sweep's best.json (its settings per arch and method)")
+    ap.add_argument("--archs", default=",".join(ARCHS))
+    ap.add_argument("--width", type=float, default=None, help="(the preset's unless given)")
+    ap.add_argument("--ipc", type=int, default=None, help="(the preset's unless given)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--holdout", action="store_true", help="top-1 on the validation share (the test split unread)")
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--plot", default=None)
+    a = ap.parse_args()
+    a.ipc = a.ipc or _preset(a, "ipc")
+    a.width = a.width or _preset(a, "width")
+    res = run(a)
+    if a.plot and len(res["rows"]) > 1:
+        plot(res, a.plot)
+    print(json.dumps([{k: r.get(k) for k in ("arch", "method", "top1", "ior")} for r in res["rows"]], default=str))
+    return 0
+
+
+def _preset(a: argparse.Namespace, key: str):
+    from scdd_ray.config import build_config
+
+    return getattr(build_config({"dataset": a.dataset, "data_dir": a.data_dir}, run=False), key)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
