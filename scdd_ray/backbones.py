@@ -12,6 +12,7 @@ random subset of a table are relabelled alike.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -23,13 +24,13 @@ import torch.nn as nn
 from .config import with_squeeze_method
 from .core.configs import SUPERVISED, SqueezeConfig
 from .core.evaluation import top1
-from .core.squeeze import linear_probe, squeeze
+from .core.squeeze import Resume, linear_probe, squeeze
 from .data import DatasetInfo, ImageSet
 from .errors import CheckpointError, ConfigError, Diverged, NotOurCheckpoint
 from .locks import locked
 from .models.checkpoint import Checkpoint, load_checkpoint, nonfinite_weights, save_checkpoint
 from .models.public import import_backbone, model_from_import
-from .schema import TEACHER_BACKBONE, DistillConfig
+from .schema import RESUME_SUFFIX, SQUEEZE_SAVE_EVERY_S, TEACHER_BACKBONE, DistillConfig
 
 log = logging.getLogger("scdd_ray")
 
@@ -239,12 +240,13 @@ def squeeze_and_save(path: str, cfg: DistillConfig, train: ImageSet, device, tes
     """Train `cfg`'s backbone (its arch, width, image size and squeeze settings, seed `cfg.seed`) on `train`,
     measure it on `test` (if given) and save it at `path` with the settings that made it."""
     t0 = time.perf_counter()
-    model = squeeze(train, cfg.arch, cfg.width, cfg.squeeze, device=device, seed=cfg.seed,
-                    small_input=cfg.small_input)
     info = train.info
-    _check_trained(model, f"squeeze ({cfg.squeeze.method})", "`squeeze.lr`")
     extra = {"dataset": cfg.dataset, "epochs": cfg.squeeze.epochs, "seed": cfg.seed, "split": cfg.train_split,
              "squeeze": _squeeze_record(cfg.squeeze)}
+    resume = Resume(path + RESUME_SUFFIX, _resume_key(cfg, train, extra), SQUEEZE_SAVE_EVERY_S)
+    model = squeeze(train, cfg.arch, cfg.width, cfg.squeeze, device=device, seed=cfg.seed,
+                    small_input=cfg.small_input, resume=resume)
+    _check_trained(model, f"squeeze ({cfg.squeeze.method})", "`squeeze.lr`")
     if test is not None:
         acc = top1(model, test, info.mean, info.std, device)
         extra.update(test_top1=acc, seconds=time.perf_counter() - t0)
@@ -252,7 +254,15 @@ def squeeze_and_save(path: str, cfg: DistillConfig, train: ImageSet, device, tes
     save_checkpoint(path, model, arch=cfg.arch, width=cfg.width, num_classes=info.num_classes,
                     image_size=cfg.image_size, small_input=cfg.small_input, mean=info.mean, std=info.std,
                     method=cfg.squeeze.method, meta={**extra, **(meta or {})})
+    resume.clear()  # only once the model is safely in place
     return load_checkpoint(path)
+
+
+def _resume_key(cfg: DistillConfig, train: ImageSet, extra: dict) -> str:
+    """Everything that makes a squeezed model, so that saved progress is only ever resumed by the same run."""
+    made_of = {**extra, "arch": cfg.arch, "width": cfg.width, "image_size": cfg.image_size,
+               "small_input": cfg.small_input, "num_classes": train.info.num_classes, "train_rows": len(train)}
+    return json.dumps(made_of, sort_keys=True, default=str)
 
 
 def _check_trained(model: nn.Module, stage: str, setting: str) -> None:

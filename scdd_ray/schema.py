@@ -26,6 +26,10 @@ TEACHER_BACKBONE = "backbone"  # `teacher` value: relabel with the recovery back
 # Joining a cluster at host:port waits at most this long for its GCS to answer (ray.init alone would wait
 # forever on a port where something else answers TCP: another service, the dashboard).
 JOIN_TIMEOUT_S = 30.0
+# A squeeze saves its progress beside its output (OUT.pt + RESUME_SUFFIX) this often and at each epoch's end:
+# a stopped run loses at most this much training, and saving a ResNet-101's state takes well under a second.
+SQUEEZE_SAVE_EVERY_S = 300.0
+RESUME_SUFFIX = ".partial"
 
 
 def _top(default, help: str, group: str, fingerprint: str = "yes", **meta):

@@ -1,6 +1,7 @@
 import copy
 import dataclasses
 
+import pytest
 import torch
 
 from scdd_ray.config import SqueezeConfig
@@ -99,3 +100,97 @@ def test_a_registered_ssl_objective_is_a_squeeze_method(monkeypatch):
     pretrain_ssl(model, train, dataclasses.replace(CFG, method="cosine"), "cpu", seed=0)
     assert calls == list(range(len(calls))) and len(calls) == len(train) // CFG.batch_size
     assert not torch.equal(before, model.layer1[0].conv1.weight)
+
+
+# --- resumable squeeze: a stopped run goes on where it stopped, as if never stopped --------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(monkeypatch, n_steps: int) -> None:
+    """The next squeeze dies after `n_steps` optimiser steps, as a killed process would (no cleanup of ours runs)."""
+    import scdd_ray.core.squeeze as sq
+
+    class Dying(sq.Progress):
+        def update(self, n=1, **postfix):
+            super().update(n, **postfix)
+            if self.n >= n_steps:
+                raise _Stop
+
+    monkeypatch.setattr(sq, "Progress", Dying)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _run(train, cfg, resume=None):
+    from scdd_ray.core.squeeze import squeeze as run
+
+    return _weights(run(train, "resnet18", 0.125, cfg, seed=1, resume=resume))
+
+
+
+@pytest.mark.parametrize("method,stop_at", [("supervised", 3), ("simclr", 3), ("mocov3", 2)])
+def test_a_stopped_squeeze_resumes_to_the_same_model(tmp_path, monkeypatch, method, stop_at):
+    from scdd_ray.core.squeeze import Resume
+
+    train = load_split("synthetic", "train", image_size=16)
+    cfg = dataclasses.replace(CFG, method=method, epochs=2, probe_epochs=2)  # 72 rows / 16: 4 steps an epoch
+    whole = _run(train, cfg)
+    path = str(tmp_path / "m.pt.partial")
+    with monkeypatch.context() as m:
+        _stop_after(m, stop_at)  # in the middle of the first epoch (in-memory set: resumed mid-epoch)
+        with pytest.raises(_Stop):
+            _run(train, cfg, Resume(path, "k", every_s=0.0))
+    saved = torch.load(path, weights_only=False)
+    # it died inside its step `stop_at`, before that step's save: the file holds the step before
+    assert saved["step"] == stop_at - 1 and saved["order"] is not None
+    resumed = _run(train, cfg, Resume(path, "k", every_s=0.0))
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+
+
+def test_saves_at_epoch_ends_only_when_not_due_and_other_settings_start_over(tmp_path, monkeypatch):
+    from scdd_ray.core.squeeze import Resume
+
+    train = load_split("synthetic", "train", image_size=16)
+    cfg = dataclasses.replace(CFG, method="supervised", epochs=2, probe_epochs=2)
+    whole = _run(train, cfg)
+    path = str(tmp_path / "m.pt.partial")
+    with monkeypatch.context() as m:
+        _stop_after(m, 7)
+        with pytest.raises(_Stop):
+            _run(train, cfg, Resume(path, "k", every_s=1e9))
+    saved = torch.load(path, weights_only=False)
+    assert saved["step"] == 4 and saved["order"] is None  # the first epoch's end; steps 5-6 are lost
+    other = _run(train, cfg, Resume(path, "other settings", every_s=1e9))  # never resumes a foreign run
+    assert all(torch.equal(whole[k], other[k]) for k in whole)
+    resumed = _run(train, cfg, Resume(path, "k", every_s=1e9))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_squeeze_and_save_resumes_and_removes_its_progress_file(tmp_path, monkeypatch):
+    import scdd_ray.backbones as backbones
+    from scdd_ray.config import build_config
+    from scdd_ray.models.checkpoint import load_checkpoint
+    from scdd_ray.schema import RESUME_SUFFIX
+
+    cfg = build_config({"dataset": "synthetic", "squeeze.method": "supervised", "squeeze.epochs": 2,
+                        "width": 0.125}, run=False)
+    train = cfg.split("train")
+    out = str(tmp_path / "b.pt")
+    monkeypatch.setattr(backbones, "SQUEEZE_SAVE_EVERY_S", 0.0)
+    with monkeypatch.context() as m:
+        _stop_after(m, 3)
+        with pytest.raises(_Stop):
+            backbones.squeeze_and_save(out, cfg, train, "cpu")
+    assert not (tmp_path / "b.pt").exists() and (tmp_path / ("b.pt" + RESUME_SUFFIX)).exists()
+    backbones.squeeze_and_save(out, cfg, train, "cpu")
+    assert not (tmp_path / ("b.pt" + RESUME_SUFFIX)).exists()
+    fresh = str(tmp_path / "fresh.pt")
+    backbones.squeeze_and_save(fresh, cfg, train, "cpu")
+    a, b = load_checkpoint(out).state_dict, load_checkpoint(fresh).state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)

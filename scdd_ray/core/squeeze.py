@@ -9,7 +9,11 @@ The SSL objectives themselves live in core.ssl, by name.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import os
+import time
 
 import torch
 import torch.nn as nn
@@ -22,6 +26,7 @@ from . import ssl
 from .augment import color_jitter, normalize, random_flip, random_resized_crop, to_float
 from .configs import SUPERVISED, SqueezeConfig
 from .progress import Progress
+from ..store.atomic import rename_into_place, write_temp
 from .schedules import cosine_lr, set_lr
 
 log = logging.getLogger("scdd_ray")
@@ -48,35 +53,125 @@ def _sgd(params, cfg: SqueezeConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
-def pretrain_ssl(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, seed: int) -> None:
-    """Self-supervised pretraining (`cfg.method`, an objective of core.ssl) of `model`'s backbone in place.
+class Resume:
+    """Where a squeeze keeps its progress, so that a stopped run (a session's end, SIGTERM, kill -9, a lost
+    node) goes on where it stopped instead of from scratch: a ResNet-101 SimCLR squeeze is hours of CPU.
 
-    Its `fc` is untouched.
-    """
-    info = train.info
+    The state (model, optimiser, the objective's own modules, the shuffling and augmentation generator, the
+    step, the epoch's order) is written atomically every `every_s` seconds and at each epoch's end, so a
+    kill loses at most that much work and never leaves a half-written file. `key` names everything that
+    makes the model (data, split, architecture, settings, seed): a file made under another key is not used.
+    A resumed run draws the same batches and augmentations as an uninterrupted one (mid-epoch only for
+    in-memory datasets; a DataLoader's shuffle resumes at epoch boundaries)."""
+
+    def __init__(self, path: str, key: str, every_s: float):
+        self.path, self.key, self.every_s = path, key, every_s
+        self._last = time.monotonic()
+
+    def load(self, device) -> dict | None:
+        if not os.path.isfile(self.path):
+            return None
+        try:
+            state = torch.load(self.path, map_location=device, weights_only=False)
+        except Exception as e:  # a damaged file only costs the work it held
+            log.warning("squeeze: cannot read %s (%s); starting over", self.path, e)
+            return None
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            log.warning("squeeze: %s was made with other settings; starting over", self.path)
+            return None
+        return state
+
+    def due(self, epoch_end: bool) -> bool:
+        return epoch_end or time.monotonic() - self._last >= self.every_s
+
+    def save(self, state: dict) -> None:
+        buf = io.BytesIO()
+        torch.save({**state, "key": self.key}, buf)
+        rename_into_place(write_temp(self.path, buf.getvalue()), self.path)
+        self._last = time.monotonic()
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
+
+
+def _epoch(train: ImageSet, batch: int, g: torch.Generator, device, order: torch.Tensor | None, first: int):
+    """(batch index, the epoch's order or None, images, labels) from batch `first` on; the same draws as
+    data.iterate(shuffle=True, drop_last=True), and an in-memory set's order is handed out so that a save
+    in the middle of the epoch can resume it."""
+    if train.in_memory:
+        order = torch.randperm(len(train), generator=g) if order is None else order
+        for i in range(first, len(train) // batch):
+            idx = order[i * batch:(i + 1) * batch]
+            yield i, order, train.images[idx], train.labels[idx]
+        return
+    for i, (x, y) in enumerate(iterate(train, batch, shuffle=True, generator=g, drop_last=True, device=device)):
+        yield i, None, x, y
+
+
+def _fit(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, seed: int, params, modules: dict,
+         step_loss, name: str, resume: Resume | None) -> torch.Tensor | None:
+    """The squeeze loop shared by SSL pretraining and supervised training: SGD with a warmed-up cosine over
+    `cfg.epochs`; `step_loss(x, y, g, step, total)` is one batch's loss, its augmentations drawn from `g`
+    (the generator that also shuffles, so one state holds all of the run's randomness). Resumes from and
+    saves to `resume`; returns the last batch's loss (None when a finished run was resumed)."""
     g = torch.Generator().manual_seed(seed)
-    objective = ssl.get(cfg.method)(model, model.num_features, cfg.temperature, device)
-    trainable = [p for n, p in model.named_parameters() if not n.startswith("fc.")] + objective.parameters()
-    opt = _sgd(trainable, cfg)
+    opt = _sgd(params, cfg)
     batch = min(cfg.batch_size, len(train))
-    total = cfg.epochs * _steps(len(train), batch)
+    per_epoch = _steps(len(train), batch)
+    total = cfg.epochs * per_epoch
+    step, order, loss = 0, None, None
+    state = resume.load(device) if resume else None
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        for k, m in modules.items():
+            m.load_state_dict(state["modules"][k])
+        g.set_state(state["generator"])
+        step, order = state["step"], state["order"]
+        log.info("%s: resuming at step %d of %d from %s", name, step, total, resume.path)
     model.train()
-    step = 0
-    with Progress(total, f"squeeze {cfg.method}", "step") as bar:
-        for epoch in range(cfg.epochs):
-            for x, _ in iterate(train, batch, shuffle=True, generator=g, drop_last=True, device=device):
+    with Progress(total, name, "step") as bar:
+        bar.update(step)
+        while step < total:
+            epoch, first = divmod(step, per_epoch)
+            for i, order, x, y in _epoch(train, batch, g, device, order if first else None, first):
                 set_lr(opt, cosine_lr(cfg.lr, step, total, warmup=min(10, total // 10)))
-                x = x.to(device, non_blocking=True)
-                v1 = ssl_view(x, info.image_size, cfg, info.mean, info.std, g)
-                v2 = ssl_view(x, info.image_size, cfg, info.mean, info.std, g)
-                with autocast(device):
-                    loss = objective.loss(model, v1, v2, step, total)
+                loss = step_loss(x.to(device, non_blocking=True), y, g, step, total)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
                 bar.update(1, epoch=epoch)
-    log.info("squeeze %s: final loss %.4f", cfg.method, float(loss.detach()))
+                end = i + 1 == per_epoch
+                if resume and resume.due(end) and step < total and (end or order is not None):
+                    resume.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "modules": {k: m.state_dict() for k, m in modules.items()},
+                                 "generator": g.get_state(), "step": step, "order": None if end else order})
+            order = None
+    return loss
+
+
+def pretrain_ssl(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, seed: int,
+                 resume: Resume | None = None) -> None:
+    """Self-supervised pretraining (`cfg.method`, an objective of core.ssl) of `model`'s backbone in place.
+
+    Its `fc` is untouched.
+    """
+    info = train.info
+    objective = ssl.get(cfg.method)(model, model.num_features, cfg.temperature, device)
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("fc.")] + objective.parameters()
+
+    def step_loss(x, _y, g, step, total):
+        v1 = ssl_view(x, info.image_size, cfg, info.mean, info.std, g)
+        v2 = ssl_view(x, info.image_size, cfg, info.mean, info.std, g)
+        with autocast(device):
+            return objective.loss(model, v1, v2, step, total)
+
+    loss = _fit(model, train, cfg, device, seed, trainable, objective.modules(), step_loss,
+                f"squeeze {cfg.method}", resume)
+    if loss is not None:
+        log.info("squeeze %s: final loss %.4f", cfg.method, float(loss.detach()))
 
 
 @torch.no_grad()
@@ -117,38 +212,31 @@ def linear_probe(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, 
             step += 1
 
 
-def train_supervised(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, seed: int) -> None:
+def train_supervised(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, seed: int,
+                     resume: Resume | None = None) -> None:
     info = train.info
-    g = torch.Generator().manual_seed(seed)
-    opt = _sgd(model.parameters(), cfg)
-    batch = min(cfg.batch_size, len(train))
-    total = cfg.epochs * _steps(len(train), batch)
-    model.train()
-    step = 0
-    with Progress(total, "squeeze supervised", "step") as bar:
-        for epoch in range(cfg.epochs):
-            for x, y in iterate(train, batch, shuffle=True, generator=g, drop_last=True, device=device):
-                set_lr(opt, cosine_lr(cfg.lr, step, total, warmup=min(10, total // 10)))
-                v = supervised_view(x.to(device, non_blocking=True), info.image_size, cfg, info.mean, info.std, g)
-                with autocast(device):
-                    loss = F.cross_entropy(model(v), y.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                bar.update(1, epoch=epoch)
+
+    def step_loss(x, y, g, _step, _total):
+        v = supervised_view(x, info.image_size, cfg, info.mean, info.std, g)
+        with autocast(device):
+            return F.cross_entropy(model(v), y.to(device))
+
+    _fit(model, train, cfg, device, seed, model.parameters(), {}, step_loss, "squeeze supervised", resume)
     model.eval()
 
 
 def squeeze(train: ImageSet, arch: str, width: float, cfg: SqueezeConfig, device="cpu", seed: int = 0,
-            small_input: bool = True) -> nn.Module:
-    """Train a backbone + linear head on `train` with `cfg.method`; returns it in eval mode on `device`."""
+            small_input: bool = True, resume: Resume | None = None) -> nn.Module:
+    """Train a backbone + linear head on `train` with `cfg.method`; returns it in eval mode on `device`.
+
+    With `resume`, the training goes on from the progress saved there (the linear probe, minutes, is not
+    saved: it runs again)."""
     torch.manual_seed(seed)  # model initialisation
     model = create_model(arch, train.info.num_classes, width, small_input).to(device, memory_format=torch.channels_last)
     if cfg.method == SUPERVISED:
-        train_supervised(model, train, cfg, device, seed)
+        train_supervised(model, train, cfg, device, seed, resume)
     else:
-        pretrain_ssl(model, train, cfg, device, seed)
+        pretrain_ssl(model, train, cfg, device, seed, resume)
         linear_probe(model, train, cfg, device, seed)
     model.eval()
     return model

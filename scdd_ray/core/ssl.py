@@ -62,6 +62,11 @@ class SSLObjective:
     def loss(self, model: nn.Module, v1: torch.Tensor, v2: torch.Tensor, step: int, total: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def modules(self) -> dict[str, nn.Module]:
+        """Everything of the objective's that training changes (projectors, momentum copies), by name: what a
+        resumed squeeze must restore besides the backbone."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, nn.Module)}
+
 
 _REGISTRY: dict[str, type[SSLObjective]] = {}
 
