@@ -1,8 +1,8 @@
-"""Figures for benchmarks/RESULTS.md, drawn from the JSON the benchmark commands write.
+"""Figures for benchmarks/results/, drawn from the JSON the benchmark commands write.
 
-    python benchmarks/plot.py models benchmarks/models_digits_cpu.json --out benchmarks/models_digits_cpu.png
-    python benchmarks/plot.py ipc benchmarks/digits_ipc.json --out benchmarks/digits_ipc.png
-    python benchmarks/plot.py table benchmarks/cifar10_table.json --out benchmarks/cifar10_table.png
+    python benchmarks/plot.py table benchmarks/results/cifar10_table.json --out benchmarks/results/cifar10_table.png
+    python benchmarks/plot.py models OUT.json --out OUT.png     # a `scdd-ray bench models` JSON
+    python benchmarks/plot.py ipc OUT.json --out OUT.png        # a `benchmarks/digits_grid.py --grid ipc` JSON
 """
 from __future__ import annotations
 
