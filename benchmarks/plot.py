@@ -62,6 +62,8 @@ def plot_ipc(res: dict, out: str) -> None:
     """benchmarks/digits_grid.py --grid ipc: top-1 mean and std over seeds against IPC, one line per method."""
     by_method: dict[str, list[tuple[int, list[float]]]] = {}
     for label, runs in res.items():
+        if label in ("command", "commit", "machine"):  # the provenance benchmarks/_tables.py writes
+            continue
         method, _, ipc = label.split()  # "scdd IPC 10"
         by_method.setdefault(method, []).append((int(ipc), [r["top1"] for r in runs]))
     fig, ax = plt.subplots(figsize=(5, 4))
