@@ -3,6 +3,7 @@ command-line parser, every relative link resolves, the front page stays a front 
 result JSON names the command that made it."""
 import argparse
 import contextlib
+import functools
 import glob
 import io
 import json
@@ -74,9 +75,14 @@ def _fill(action, token: str) -> str:
     return token
 
 
+@functools.lru_cache(maxsize=1)
+def _parser():
+    return build_parser()  # parsing does not change a parser: one serves every line
+
+
 def parse_command(line: str) -> None:
     """Parse one documented line with the CLI's own parser; UsageError names what is wrong."""
-    parser, parsers = build_parser()
+    parser, parsers = _parser()
     words = shlex.split(line)[1:]
     while words[:1] in (["-q"], ["--quiet"]):
         words = words[1:]
@@ -129,7 +135,7 @@ def _inline_flags(text: str) -> set[str]:
 
 
 def _all_flags() -> set[str]:
-    parser, parsers = build_parser()
+    parser, parsers = _parser()
     return {o for p in [parser, *parsers.values()] for o in p._option_string_actions}
 
 
