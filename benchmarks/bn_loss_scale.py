@@ -9,7 +9,7 @@ Weights and image size are the digits preset's (`first:10`, 16 px). No
 training: this isolates how the sum over layers and the layers' widths and
 activation scales inflate the term.
 
-    python benchmarks/bn_loss_scale.py --widths 0.25,1 --md OUT.md
+    python benchmarks/bn_loss_scale.py --widths 0.25,1 --md benchmarks/results/digits_bn_loss_scale.md
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ on the validation share of train; the test split is never read), at one or more 
 lever at several seeds are pooled; a lever's gain over the base setting is paired by seed and method, as
 IOR (method minus random, same seed) is. Post-train levers move the random subset too: compare the IORs.
 
-    python benchmarks/levers.py --md benchmarks/cifar10_levers.md \\
+    python benchmarks/levers.py --md benchmarks/results/cifar10_levers.md \\
         base=runs/table/val-base-s0.json,runs/table/val-base-s1.json \\
         "init real=runs/table/val-init-real-s0.json" ...
 

@@ -1,8 +1,8 @@
-"""Figures for benchmarks/RESULTS.md, drawn from the JSON the benchmark commands write.
+"""Figures for benchmarks/results/, drawn from the JSON the benchmark commands write.
 
-    python benchmarks/plot.py models benchmarks/models_digits_cpu.json --out benchmarks/models_digits_cpu.png
-    python benchmarks/plot.py ipc benchmarks/digits_ipc.json --out benchmarks/digits_ipc.png
-    python benchmarks/plot.py table benchmarks/cifar10_table.json --out benchmarks/cifar10_table.png
+    python benchmarks/plot.py table benchmarks/results/cifar10_table.json --out benchmarks/results/cifar10_table.png
+    python benchmarks/plot.py models OUT.json --out OUT.png     # a `scdd-ray bench models` JSON
+    python benchmarks/plot.py ipc OUT.json --out OUT.png        # a `benchmarks/digits_grid.py --grid ipc` JSON
 """
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ def plot_ipc(res: dict, out: str) -> None:
     """benchmarks/digits_grid.py --grid ipc: top-1 mean and std over seeds against IPC, one line per method."""
     by_method: dict[str, list[tuple[int, list[float]]]] = {}
     for label, runs in res.items():
+        if label in ("command", "commit", "machine"):  # the provenance benchmarks/_tables.py writes
+            continue
         method, _, ipc = label.split()  # "scdd IPC 10"
         by_method.setdefault(method, []).append((int(ipc), [r["top1"] for r in runs]))
     fig, ax = plt.subplots(figsize=(5, 4))

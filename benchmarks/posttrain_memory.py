@@ -18,7 +18,7 @@ Image size, IPC, post-train and recover settings are the imagefolder preset's
 ResNet-18 of width 0.25 (`--set posttrain.student_width=0.25`).
 
     python benchmarks/posttrain_memory.py --dir /tmp/in1k-shaped --set posttrain.student_width=0.25 \
-        --json benchmarks/posttrain_memory_cpu.json
+        --json benchmarks/results/in1k_posttrain_memory.json
 """
 from __future__ import annotations
 

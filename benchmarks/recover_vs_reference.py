@@ -15,7 +15,7 @@ recover settings are a preset's (`--dataset`, default cifar10's CPU preset)
 with `--set` overrides; the committed measurement used
 
     python benchmarks/recover_vs_reference.py --set recover.bn_coef=0.01 --set recover.flip=true \
-        --json benchmarks/recover_vs_reference_cpu2.json
+        --json benchmarks/results/cifar10_recover_vs_reference.json
 """
 from __future__ import annotations
 

@@ -45,6 +45,7 @@ from .pipeline.outdir import check_only_holds
 from .pipeline.posttrain import PosttrainRequest, prepare_posttrain
 from .pipeline.posttrain import run as run_posttrain
 from .pipeline.squeeze import run_squeeze
+from .provenance import stamped
 from .schema import SECTIONS
 from .store.atomic import atomic_write_json
 from .tune_config import read_tune_config
@@ -178,6 +179,7 @@ class Args:
     given: dict
     options: dict
     file: dict | None = None
+    argv: tuple = ()  # the command line as given, recorded in what benchmarks write
 
     def opts(self, cls: type):
         return cls(**{f.name: self.options[f.name] for f in dataclasses.fields(cls) if f.name in self.options})
@@ -256,7 +258,7 @@ def _bench_scaling(a: Args) -> int:
         res = bench_scaling(a.config(), list(o.workers), o.shards)
     except ConnectionError as e:
         raise ConfigError("address", str(e)) from None
-    atomic_write_json(o.json, res)
+    atomic_write_json(o.json, stamped(res, a.argv))
     print(json.dumps(res["results"]))
     return 0
 
@@ -266,7 +268,7 @@ def _bench_recover(a: Args) -> int:
     _positive(o, "num_classes", "batch", "timed_iterations", "repeats")
     res = bench_recover(a.config(), num_classes=o.num_classes, batch=o.batch, iterations=o.timed_iterations,
                         threads=o.threads or os.cpu_count() or 1, repeats=o.repeats)
-    atomic_write_json(o.json, res)
+    atomic_write_json(o.json, stamped(res, a.argv))
     print(json.dumps({k: res[k] for k in ("arch", "width", "image_size", "batch", "threads", "img_iters_per_s")}))
     return 0
 
@@ -281,7 +283,7 @@ def _bench_models(a: Args) -> int:
         for method in o.methods:
             check_run(build_config({**overrides, "arch": arch, "method": method, "out": o.work}))
     res = bench_models(list(o.archs), list(o.methods), work=o.work, threads=o.threads, overrides=overrides)
-    atomic_write_json(o.json, res)
+    atomic_write_json(o.json, stamped(res, a.argv))
     print(json.dumps([{k: r[k] for k in ("arch", "method", "step_img_iters_per_s", "teacher_top1", "top1")}
                       for r in res["results"]]))
     return 0
@@ -313,7 +315,7 @@ def _bench_table(a: Args) -> int:
     if table is None:
         print(json.dumps({"part": o.part, "complete": False}))
         return 0
-    write_table(table, o.json, o.md)
+    write_table(stamped(table, a.argv), o.json, o.md)
     print(markdown(table), end="")
     return 0
 
@@ -419,7 +421,7 @@ def _preset_values(argv: list[str]) -> dict | None:
         return None
 
 
-def _args(ns: argparse.Namespace, cmd: Command) -> Args:
+def _args(ns: argparse.Namespace, cmd: Command, argv: list[str] | tuple = ()) -> Args:
     values = vars(ns)
     given = {k: values[k] for k in cmd.recipe if k in values}
     options = {k[4:]: v for k, v in values.items() if k.startswith("opt:")}
@@ -428,7 +430,7 @@ def _args(ns: argparse.Namespace, cmd: Command) -> Args:
             if f.name in options and isinstance(options[f.name], list):
                 options[f.name] = tuple(options[f.name])
     file = read_config_file(options["config"]) if options.get("config") and cmd.name != "tune" else None
-    return Args(given, options, file)
+    return Args(given, options, file, tuple(argv))
 
 
 def _keys(file: dict) -> set[str]:
@@ -468,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     reset_sigterm()
     handle_sigterm()  # SIGTERM (a scheduler's stop) is handled as Ctrl-C, through Ray's own handlers too
     try:
-        args = _args(ns, cmd)
+        args = _args(ns, cmd, argv)
         if args.options.get("print_config"):  # the resolved configuration, and nothing written
             sys.stdout.write(to_yaml(args.config()))
             return 0

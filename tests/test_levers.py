@@ -30,6 +30,7 @@ def test_lever_table_pairs_gains_and_ior_by_seed(tmp_path):
     assert "missing: no finished run yet" in out.stderr
     data = json.loads((tmp_path / "levers.json").read_text())
     assert data["command"].startswith("python benchmarks/levers.py --md ")
+    assert "commit" in data and data["machine"]["cpu_count"] == os.cpu_count()  # stamped by _tables.py
     rows = {(d["lever"], d["method"]): d for d in data["levers"]}
     assert list(rows) == [("base", "random"), ("base", "scdd"), ("bn train", "random"), ("bn train", "scdd")]
     assert rows[("bn train", "scdd")]["gain_over_base"] == pytest.approx([1.5, 0.5])

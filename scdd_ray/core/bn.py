@@ -70,7 +70,7 @@ class BNMatch:
     normalize: "none" sums the weighted layer terms (the paper's loss);
     "mean" divides that sum by the number of layers; "channel" also normalises
     each layer's term per channel (see `match_term`). The last two make one
-    aim to let one coefficient transfer across depths (measured in README).
+    aim to let one coefficient transfer across depths (measured in docs/benchmarks.md).
     """
 
     def __init__(self, model: nn.Module, weights=None, normalize: str = "none"):
