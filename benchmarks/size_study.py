@@ -10,7 +10,7 @@ post-train seconds. The JSON is written after every cell, with what is missing s
 
     python benchmarks/size_study.py --dataset cifar10 --data-dir ../shared/data/cifar10 \\
         --teacher T.pt --models-dir runs/size/cache --best runs/size/sweep/best.json \\
-        --work runs/size/final --json benchmarks/cifar10_size.json --plot benchmarks/cifar10_size.png
+        --work runs/size/final --json benchmarks/results/cifar10_size.json --plot benchmarks/results/cifar10_size.png
 """
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def test_a_stopped_squeeze_resumes_to_the_same_model(tmp_path, monkeypatch, meth
         _stop_after(m, stop_at)  # in the middle of the first epoch (in-memory set: resumed mid-epoch)
         with pytest.raises(_Stop):
             _run(train, cfg, Resume(path, "k", every_s=0.0))
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     # it died inside its step `stop_at`, before that step's save: the file holds the step before
     assert saved["step"] == stop_at - 1 and saved["order"] is not None
     resumed = _run(train, cfg, Resume(path, "k", every_s=0.0))
@@ -164,7 +164,7 @@ def test_saves_at_epoch_ends_only_when_not_due_and_other_settings_start_over(tmp
         _stop_after(m, 7)
         with pytest.raises(_Stop):
             _run(train, cfg, Resume(path, "k", every_s=1e9))
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     assert saved["step"] == 4 and saved["order"] is None  # the first epoch's end; steps 5-6 are lost
     other = _run(train, cfg, Resume(path, "other settings", every_s=1e9))  # never resumes a foreign run
     assert all(torch.equal(whole[k], other[k]) for k in whole)

@@ -72,7 +72,7 @@ class Resume:
         if not os.path.isfile(self.path):
             return None
         try:
-            state = torch.load(self.path, map_location=device, weights_only=False)
+            state = torch.load(self.path, map_location=device, weights_only=True)  # never code from OUT
         except Exception as e:  # a damaged file only costs the work it held
             log.warning("squeeze: cannot read %s (%s); starting over", self.path, e)
             return None
