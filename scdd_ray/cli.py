@@ -240,7 +240,7 @@ def _inspect_bn(a: Args) -> int:
         if p and os.path.isdir(p):
             raise ConfigError(field, f"{p} is a directory; give a file path")
     groups = inspect_bn([("backbone", list(o.backbone), o.label), ("compare", list(o.compare or ()), o.compare_label)],
-                        o.json, o.plot)
+                        o.json, o.plot, stamped({}, a.argv))
     for g in groups:
         s = g["summary"]
         print(json.dumps({"label": g["label"], "n": len(g["checkpoints"]),

@@ -221,6 +221,7 @@ def test_inspect_bn_cli_writes_groups_and_plot(tmp_path, capsys):
                  "--plot", str(tmp_path / "bn.png")]) == 0
     res = json.loads(out.read_text())
     a, b = res["groups"]
+    assert res["command"].startswith("scdd-ray inspect-bn --backbone ") and "torch" in res["machine"]
     assert (a["label"], len(a["checkpoints"]), b["label"]) == ("simclr", 2, "supervised")
     assert len(a["checkpoints"][0]["layers"]) == 20
     # running_mean ~ N(0, scale^2): the 3x group shows ~9x the across-channel variance

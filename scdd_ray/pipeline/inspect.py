@@ -24,13 +24,15 @@ def inspect_group(field: str, paths: list[str], label: str | None) -> dict:
             "summary": aggregate_summaries([r["summary"] for r in runs])}
 
 
-def inspect_bn(groups: list[tuple[str, list[str], str | None]], json_path: str, plot_path: str | None) -> list[dict]:
-    """groups: (field, checkpoint paths, label); writes the JSON (and the plot) and returns the groups."""
+def inspect_bn(groups: list[tuple[str, list[str], str | None]], json_path: str, plot_path: str | None,
+               provenance: dict | None = None) -> list[dict]:
+    """groups: (field, checkpoint paths, label); writes the JSON (led by `provenance`: command, commit,
+    machine) and the plot; returns the groups."""
     out = [inspect_group(field, paths, label) for field, paths, label in groups if paths]
     if len(out) == 2 and len(out[0]["checkpoints"][0]["layers"]) != len(out[1]["checkpoints"][0]["layers"]):
         raise ConfigError(out[1]["field"], "the compared backbones have a different number of BN layers than "
                                            f"`{out[0]['field']}`")
-    atomic_write_json(json_path, {"groups": out})
+    atomic_write_json(json_path, {**(provenance or {}), "groups": out})
     if plot_path:
         plot_bn(plot_path, [{"label": g["label"], "runs": [r["layers"] for r in g["checkpoints"]]} for g in out])
     return out
