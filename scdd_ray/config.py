@@ -316,6 +316,8 @@ def validate_posttrain(p: PosttrainConfig) -> None:
     _check(isinstance(p.cosine_period, (int, float)) and math.isfinite(p.cosine_period) and p.cosine_period >= 1,
            "posttrain.cosine_period", f"must be a number >= 1 (got {p.cosine_period!r})")
     _choice(p.teacher_bn, TEACHER_BN, "posttrain.teacher_bn")
+    _check(isinstance(p.ema, (int, float)) and 0 <= p.ema < 1, "posttrain.ema",
+           f"must be a decay in [0, 1) (got {p.ema!r}; 0 evaluates the student itself)")
 
 
 def validate(cfg: DistillConfig) -> None:

@@ -110,3 +110,5 @@ class PosttrainConfig:
     teacher_bn: str = setting("eval", "the relabelling teacher's BatchNorm: eval (its running statistics) | "
                                       "train (each batch's own statistics, as the authors' CIFAR scripts; with "
                                       "several workers, each worker's slice of the batch)", fingerprint="later")
+    ema: float = setting(0.0, "evaluate an exponential moving average of the student with this decay, e.g. 0.999 "
+                              "(0: the student itself; EDC)", fingerprint="later")

@@ -133,8 +133,9 @@ def train_and_validate(images: torch.Tensor, teacher_ckpt: Checkpoint, val: Imag
 
     def on_epoch(e1: int, running, steps: int) -> None:
         if e1 % eval_every == 0 or e1 == pcfg.epochs:
-            acc[0] = top1(trainer.student, val, info.mean, info.std, device)
-            report(e1, acc[0], trainer.student)
+            model = trainer.evaluated()
+            acc[0] = top1(model, val, info.mean, info.std, device)
+            report(e1, acc[0], model)
 
     trainer.fit(on_epoch=on_epoch)
     return acc[0]
