@@ -23,11 +23,12 @@ import yaml
 from . import data, presets
 from .core import ssl
 from .core.bn import NORMALIZE, parse_bn_weights
+from .core.committee import SPACES
 from .core.configs import SUPERVISED, PosttrainConfig, RecoverConfig, SqueezeConfig
 from .core.relabel import CROPS, MIX_CODES
 from .errors import ConfigError
 from .models.factory import ARCHS, TIMM_PREFIX, timm_model_exists
-from .schema import SECTIONS, TEACHER_BACKBONE, DistillConfig
+from .schema import SECTIONS, TEACHER_BACKBONE, DistillConfig, teacher_paths
 
 METHODS = ("scdd", "sre2l", "random")
 RECOVERY_METHODS = ("scdd", "sre2l")  # the methods that recover images from a backbone
@@ -316,6 +317,7 @@ def validate_posttrain(p: PosttrainConfig) -> None:
     _check(isinstance(p.cosine_period, (int, float)) and math.isfinite(p.cosine_period) and p.cosine_period >= 1,
            "posttrain.cosine_period", f"must be a number >= 1 (got {p.cosine_period!r})")
     _choice(p.teacher_bn, TEACHER_BN, "posttrain.teacher_bn")
+    _choice(p.committee, SPACES, "posttrain.committee")
     _check(isinstance(p.ema, (int, float)) and 0 <= p.ema < 1, "posttrain.ema",
            f"must be a decay in [0, 1) (got {p.ema!r}; 0 evaluates the student itself)")
 
@@ -335,9 +337,20 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.num_workers is not None:
         _positive_int(cfg.num_workers, "num_workers")
     _positive_int(cfg.posttrain_workers, "posttrain_workers")
+    validate_teacher(cfg.teacher)
     validate_squeeze(cfg.squeeze)
     validate_recover(cfg.recover)
     validate_posttrain(cfg.posttrain)
+
+
+def validate_teacher(teacher: str | None) -> None:
+    """A committee (comma-separated paths) names each member once, by its path."""
+    paths = teacher_paths(teacher)
+    _check(all(paths), "teacher", f"a committee lists checkpoint paths separated by commas (got {teacher!r})")
+    if len(paths) > 1:
+        _check(TEACHER_BACKBONE not in paths, "teacher",
+               f"'{TEACHER_BACKBONE}' relabels alone; a committee lists checkpoint paths (got {teacher!r})")
+        _check(len(set(paths)) == len(paths), "teacher", f"a committee names each checkpoint once (got {teacher!r})")
 
 
 def check_run(cfg: DistillConfig) -> None:

@@ -110,5 +110,8 @@ class PosttrainConfig:
     teacher_bn: str = setting("eval", "the relabelling teacher's BatchNorm: eval (its running statistics) | "
                                       "train (each batch's own statistics, as the authors' CIFAR scripts; with "
                                       "several workers, each worker's slice of the batch)", fingerprint="later")
+    committee: str = setting("prob", "how a committee of teachers (`teacher` lists several) combines its soft "
+                                     "labels: prob (mean probability at the KD temperature) | logit (mean logits)",
+                             fingerprint="later")
     ema: float = setting(0.0, "evaluate an exponential moving average of the student with this decay, e.g. 0.999 "
                               "(0: the student itself; EDC)", fingerprint="later")

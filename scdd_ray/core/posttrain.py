@@ -33,11 +33,11 @@ import torch.nn as nn
 from ..data import DatasetInfo
 from ..errors import Diverged
 from ..models.adapt import adapt_inputs
-from ..models.checkpoint import Checkpoint
 from ..models.factory import create_model
 from ..models.runtime import autocast, frozen
 from ..store.encoded import EncodedImages
 from .augment import to_device
+from .committee import Committee, members
 from .configs import PosttrainConfig
 from .ema import averaged_model, ema_decay, ema_update, init_average
 from .relabel import StepBatch, crop_fill, hard_label_loss, kd_loss, make_crops, mix_weight, plan_crops, soft_labels
@@ -193,10 +193,16 @@ def run_epoch(student, teacher, opt, images: torch.Tensor, batches: list[StepBat
     return running, step
 
 
-def build_teacher(ckpt: Checkpoint, info: DatasetInfo, device) -> nn.Module:
-    """The frozen relabelling teacher, fed inputs normalised with the dataset's statistics."""
+def build_teacher(teacher, info: DatasetInfo, device, cfg: PosttrainConfig | None = None) -> nn.Module:
+    """The frozen relabelling teacher, fed inputs normalised with the dataset's statistics: one checkpoint, or a
+    committee of several (a tuple of checkpoints) whose soft labels combine as `cfg.committee` says."""
     device = torch.device(device)
-    return frozen(adapt_inputs(ckpt.build(), ckpt, info).to(device, memory_format=memory_format(device)))
+    built = [frozen(adapt_inputs(c.build(), c, info).to(device, memory_format=memory_format(device)))
+             for c in members(teacher)]
+    if len(built) == 1:
+        return built[0]
+    cfg = cfg or PosttrainConfig()
+    return frozen(Committee(built, cfg.committee, cfg.temperature))
 
 
 class PostTrainer:

@@ -94,7 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
     images, class_ids = read_images(config["source"], config["images_digest"], rank, device)
     stored, store_to = config.get("soft_labels"), config.get("store_soft_labels")
     needs_teacher = not stored and cfg.labels == "soft"
-    teacher = build_teacher(ray.get(config["teacher"]), info, device) if needs_teacher else None
+    teacher = build_teacher(ray.get(config["teacher"]), info, device, cfg) if needs_teacher else None
     trainer = PostTrainer(cfg, images, teacher, info, image_size=config["image_size"],
                           small_input=config["small_input"], seed=config["seed"], rank=rank, world=world,
                           stored=stored, labels=class_ids)

@@ -76,7 +76,7 @@ def prepare_models(cfg: TuneConfig, out: str) -> dict[tuple[str, str], tuple[Dis
     todo = {}
     for cell in cells.values():
         plan = plan_models(cell)
-        for src in (plan.backbone, plan.teacher):
+        for src in (plan.backbone, *plan.teachers):
             if src is not None and src.missing:
                 todo[src.path] = src
     if todo:
@@ -126,7 +126,7 @@ def train_and_validate(images: torch.Tensor, teacher_ckpt: Checkpoint, val: Imag
     """Short post-train (the one training loop) relabelled by `teacher_ckpt`; `report(epoch, val_top1,
     student)` after every `eval_every` epochs and at the end. Returns the last validation top-1."""
     info, pcfg = val.info, cell.posttrain
-    teacher = build_teacher(teacher_ckpt, info, device)
+    teacher = build_teacher(teacher_ckpt, info, device, pcfg)
     trainer = PostTrainer(pcfg, images.to(device), teacher, info, image_size=cell.image_size,
                           small_input=cell.small_input, seed=cell.seed)
     acc = [0.0]
