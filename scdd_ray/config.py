@@ -293,6 +293,17 @@ def validate_recover(r: RecoverConfig) -> None:
     _choice(r.augment_per, AUGMENT_PER, "recover.augment_per")
     _positive_int(r.ipc_per_shard, "recover.ipc_per_shard")
     _choice(r.compile_backend, COMPILE_BACKENDS, "recover.compile_backend")
+    _nonneg_float(r.class_bn_coef, "recover.class_bn_coef")
+    _check(not (r.class_bn_coef > 0 and r.compile), "recover.class_bn_coef",
+           "category-aware matching runs uncompiled: set `recover.compile` false with it")
+    _nonneg_int(r.init_pool, "recover.init_pool")
+    _nonneg_int(r.init_crops, "recover.init_crops")
+    _positive_int(r.init_patches, "recover.init_patches")
+    _check(r.init_pool == 0 or r.init == "real", "recover.init_pool",
+           f"chooses real starting images: it needs `recover.init` real (got {r.init!r})")
+    for key, off in (("init_crops", 0), ("init_patches", 1)):
+        _check(getattr(r, key) == off or r.init_pool > 0, f"recover.{key}",
+               "applies to images chosen by confidence: set `recover.init_pool` too")
     _choice(r.amp, ("bf16", "none"), "recover.amp")
 
 
@@ -340,6 +351,9 @@ def validate(cfg: DistillConfig) -> None:
     validate_teacher(cfg.teacher)
     validate_squeeze(cfg.squeeze)
     validate_recover(cfg.recover)
+    need = cfg.ipc * cfg.recover.init_patches ** 2  # one patch per pooled image, none used twice
+    _check(cfg.recover.init_pool == 0 or cfg.recover.init_pool >= need, "recover.init_pool",
+           f"must pool at least ipc x init_patches^2 = {need} images per class (got {cfg.recover.init_pool})")
     validate_posttrain(cfg.posttrain)
 
 

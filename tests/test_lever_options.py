@@ -3,21 +3,30 @@ NumPy values, and each off by default (fingerprints of earlier runs unchanged)."
 import dataclasses
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
+from scdd_ray import class_stats
 from scdd_ray.backbones import plan_models, resolve_models
 from scdd_ray.bench.table import TableSpec, cell_models
-from scdd_ray.config import PosttrainConfig, build_config, build_distill_config
+from scdd_ray.class_stats import cached_class_statistics
+from scdd_ray.config import PosttrainConfig, RecoverConfig, build_config, build_distill_config
+from scdd_ray.core.bn import bn_layers
+from scdd_ray.core.class_bn import ClassBNMatch, class_statistics
 from scdd_ray.core.committee import committee_logits
 from scdd_ray.core.configs import fingerprint_view
 from scdd_ray.core.ema import ema_decay, ema_update
 from scdd_ray.core.posttrain import PostTrainer, build_teacher
 from scdd_ray.core.posttrain_job import PosttrainJob
+from scdd_ray.core.real_init import candidates, class_ranking, confident_init, stitch
+from scdd_ray.core.recover import synthesize
+from scdd_ray.data.base import TensorImageSet
 from scdd_ray.models.checkpoint import save_checkpoint
 from scdd_ray.models.factory import create_model
+from scdd_ray.models.runtime import frozen
 from scdd_ray.data import load_split
 from scdd_ray.errors import ConfigError
 
@@ -155,3 +164,157 @@ def test_bad_committees_are_refused(teacher):
         build_distill_config("synthetic", "out", {"teacher": teacher})
     with pytest.raises(ConfigError, match="posttrain.committee"):
         build_distill_config("synthetic", "out", {"posttrain.committee": "vote"})
+
+
+# --- recover: category-aware BN matching (EDC) ---------------------------------------------------------
+
+def _bn_inputs(model, x):
+    """Every BN layer's input for the batch `x`, as NumPy arrays (captured apart from the code under test)."""
+    layers = bn_layers(model)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.__setitem__(mod, inp[0].detach().double().numpy()))
+             for m in layers]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return [seen[m] for m in layers]
+
+
+def test_class_statistics_against_numpy():
+    torch.manual_seed(0)
+    model = create_model("resnet18", 4, 0.125, True)
+    x = torch.randn(13, 3, SIZE, SIZE)
+    y = torch.tensor([0, 1, 2, 0, 1, 0, 2, 2, 1, 0, 0, 1, 2])  # class 3 has no image
+    stats = class_statistics(model, ((x[i:i + 5], y[i:i + 5]) for i in range(0, 13, 5)), 4)
+    acts = _bn_inputs(model, x)
+    assert len(stats) == len(acts) == len(bn_layers(model))
+    for (mean, var), a in zip(stats, acts):
+        for c in range(3):
+            sel = a[y.numpy() == c]
+            np.testing.assert_allclose(mean[c].numpy(), sel.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(var[c].numpy(), sel.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+        assert float(mean[3].abs().sum()) == 0.0
+
+
+def test_class_bn_term_against_numpy():
+    torch.manual_seed(1)
+    model = create_model("resnet18", 4, 0.125, True).eval()
+    ref = class_statistics(model, [(torch.randn(16, 3, SIZE, SIZE), torch.arange(16) % 4)], 4)
+    x, targets = torch.randn(5, 3, SIZE, SIZE), torch.tensor([2, 0, 2, 1, 0])
+    weights = [10.0] + [1.0] * (len(ref) - 1)
+    with ClassBNMatch(model, ref, targets, weights) as m:
+        model(x)
+        got = float(m.loss().detach())
+    want = 0.0
+    for w, a, (rm, rv) in zip(weights, _bn_inputs(model, x), ref):
+        per_class = []
+        for c in (0, 1, 2):  # the batch's classes
+            sel = a[targets.numpy() == c]
+            per_class.append(np.linalg.norm(sel.mean(axis=(0, 2, 3)) - rm[c].numpy())
+                             + np.linalg.norm(sel.var(axis=(0, 2, 3)) - rv[c].numpy()))
+        want += w * np.mean(per_class)
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_class_bn_coef_moves_recover_and_zero_leaves_it():
+    torch.manual_seed(2)
+    model = frozen(create_model("resnet18", 4, 0.125, True))
+    stats = class_statistics(model, [(torch.randn(16, 3, SIZE, SIZE), torch.arange(16) % 4)], 4)
+    cfg = RecoverConfig(iterations=3, lr=0.1, bn_coef=0.1, jitter=2, classes_per_batch=4)
+    targets = torch.arange(4)
+    run = lambda c, s: synthesize(model, targets, c, (0.5,) * 3, (0.25,) * 3, SIZE, 7, class_stats=s).images  # noqa: E731
+    base = run(cfg, None)
+    assert torch.equal(run(cfg, stats), base)  # coefficient 0: statistics given or not, the same images
+    assert not torch.equal(run(dataclasses.replace(cfg, class_bn_coef=1.0), stats), base)
+    with pytest.raises(ValueError, match="class_bn_coef"):
+        run(dataclasses.replace(cfg, class_bn_coef=1.0), None)
+
+
+def test_class_statistics_are_gathered_once_per_model(tmp_path, monkeypatch):
+    cfg = build_distill_config("synthetic", str(tmp_path / "run"), {"models_dir": str(tmp_path / "m")})
+    torch.manual_seed(3)
+    ckpt_path = _teacher_file(tmp_path / "b.pt", 3)
+    from scdd_ray.models.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(ckpt_path)
+    first = cached_class_statistics(cfg, ckpt, "cpu")
+    assert len(os.listdir(tmp_path / "m")) >= 1
+
+    def refuse(*a, **k):
+        raise AssertionError("gathered again")
+    monkeypatch.setattr(class_stats, "class_statistics", refuse)
+    again = cached_class_statistics(cfg, ckpt, "cpu")
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+
+
+# --- recover: real starting images chosen by confidence, several patches each (RDED) ------------------
+
+class Brightness(torch.nn.Module):
+    """A model whose confidence in class 0 grows with an image's brightness: its ranking is known."""
+
+    def forward(self, x):
+        b = x.mean(dim=(1, 2, 3))
+        return torch.stack([10 * b, torch.zeros_like(b), torch.zeros_like(b), torch.zeros_like(b)], dim=1)
+
+
+def test_candidates_are_drawn_from_the_seed_alone():
+    pool = np.arange(100, 140)
+    a, boxes = candidates(pool, 12, 3, seed=5)
+    b, boxes_b = candidates(pool, 12, 3, seed=5)
+    assert np.array_equal(a, b) and torch.equal(boxes, boxes_b)
+    assert len(a) == 36 and len(np.unique(a)) == 12 and set(a) <= set(pool)  # 12 images, 3 crops each
+    assert torch.allclose(boxes[:, 0], boxes[:, 1])  # square crops
+    c, _ = candidates(pool, 12, 3, seed=6)
+    assert not np.array_equal(a, c)
+    whole, full = candidates(pool, 50, 0, seed=5)  # more asked than pooled: all of them, whole images
+    assert sorted(whole) == list(pool) and torch.equal(full[0], torch.tensor([1.0, 1.0, 0.5, 0.5]))
+
+
+def test_stitch_puts_patch_q_in_grid_cell_q():
+    patches = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 4, 4).clone()  # patch q is the constant q
+    img = stitch(patches, 2)
+    assert torch.equal(img[0], torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3.0]]))
+
+
+def test_confident_init_ranks_by_the_model_and_gives_each_ipc_index_its_own_patches():
+    info = load_split("synthetic", "test", None, SIZE).info
+    levels = torch.arange(20, dtype=torch.uint8) * 10  # image i has brightness 10 i
+    images = levels.view(20, 1, 1, 1).expand(20, 3, SIZE, SIZE).clone()
+    train = TensorImageSet(images, torch.zeros(20, dtype=torch.long), info)
+    mean, std = (0.0,) * 3, (1.0,) * 3
+    cfg = RecoverConfig(init="real", init_pool=8)
+    model = Brightness()
+    idx, _ = class_ranking(model, train, 0, cfg, SIZE, mean, std, run_seed=0, device="cpu")
+    assert list(idx) == sorted(idx, reverse=True) and len(idx) == 8  # brightest (most confident) first
+    x = confident_init(model, train, [0, 0, 0], [0, 1, 2], cfg, SIZE, mean, std, 0, "cpu")
+    assert torch.allclose(x[:, 0, 0, 0] * 255, torch.tensor([float(10 * i) for i in idx[:3]]))  # ranks 0, 1, 2
+    four = dataclasses.replace(cfg, init_patches=2)
+    y = confident_init(Brightness(), train, [0, 0], [0, 1], four, SIZE, mean, std, 0, "cpu")
+    cells = y[1, 0, ::SIZE // 2, ::SIZE // 2].flatten() * 255  # IPC index 1: ranks 4..7 in its four cells
+    assert torch.allclose(cells, torch.tensor([float(10 * i) for i in idx[4:8]]), atol=1e-3)
+    with pytest.raises(ValueError, match="init_pool"):
+        confident_init(Brightness(), train, [0], [2], four, SIZE, mean, std, 0, "cpu")  # needs ranks 8..11
+
+
+@pytest.mark.parametrize("values,key", [
+    ({"recover.init_pool": 40}, "recover.init_pool"),  # needs init real
+    ({"recover.init": "real", "recover.init_patches": 2}, "recover.init_patches"),  # needs a pool
+    ({"recover.init": "real", "recover.init_crops": 5}, "recover.init_crops"),
+    ({"recover.init": "real", "recover.init_pool": 7, "ipc": 2, "recover.init_patches": 2}, "recover.init_pool"),
+    ({"recover.class_bn_coef": -1.0}, "recover.class_bn_coef"),
+    ({"recover.class_bn_coef": 0.1, "recover.compile": True}, "recover.class_bn_coef"),
+])
+def test_recover_levers_are_validated(values, key):
+    with pytest.raises(ConfigError, match=key):
+        build_distill_config("synthetic", "out", values)
+
+
+def test_every_lever_is_off_by_default_and_leaves_fingerprints():
+    cfg = build_distill_config("digits", "out", {})
+    assert cfg.fingerprint() == "5c4bc6e9fe4607f8"  # the digits main job
+    view = fingerprint_view(cfg)
+    for key in ("class_bn_coef", "init_pool", "init_crops", "init_patches"):
+        assert key not in view["recover"]
+    on = build_distill_config("digits", "out", {"recover.init": "real", "recover.init_pool": 10,
+                                                "recover.class_bn_coef": 0.01})
+    assert {"init_pool", "class_bn_coef"} <= set(fingerprint_view(on)["recover"])

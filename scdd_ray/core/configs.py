@@ -73,6 +73,17 @@ class RecoverConfig:
     augment_per: str = setting("image", "image: a crop box and flip per image | batch: one for the whole batch "
                                         "(authors')", fingerprint="later")
     ipc_per_shard: int = setting(1, "consecutive IPC indices optimised together in one batch", fingerprint="later")
+    class_bn_coef: float = setting(0.0, "coefficient of category-aware BN matching: each class's feature mean and "
+                                        "variance in the batch matched to that class's over the real training "
+                                        "images (EDC; gathered once, cached beside the models); 0: off",
+                                   fingerprint="later")
+    init_pool: int = setting(0, "init real: real images of each class scored by the recovery model, the ones it "
+                                "is most confident on kept (RDED's realism score); 0: random images",
+                             fingerprint="later")
+    init_crops: int = setting(0, "init real with init_pool: random square crops (area 8-100%) scored per pooled "
+                                 "image, its best kept (RDED); 0: the whole image", fingerprint="later")
+    init_patches: int = setting(1, "init real with init_pool: each starting image a KxK grid of the K*K best "
+                                   "patches (RDED at low IPC); 1: one image", fingerprint="later")
     compile: bool = setting(False, "torch.compile the recover step (off until measured faster: "
                                    "benchmarks/RESULTS.md)", fingerprint="no")
     compile_backend: str = setting("inductor", "torch.compile backend of the recover step (eager: capture "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..backbones import Models, check_checkpoint, load_checkpoint_arg, resolve_models
+from ..class_stats import cached_class_statistics
 from ..config import RUN_FILE, flatten
 from ..core.bn import parse_bn_weights
 from ..core.configs import fingerprint_view
@@ -209,13 +210,14 @@ def _recover(cfg: DistillConfig, info: DatasetInfo, store: ShardStore, backbone:
         return select_random(store, cfg)
     shards = plan_shards(info.num_classes, cfg.ipc, cfg.recover.classes_per_batch, cfg.recover.ipc_per_shard)
     train = cfg.split("train") if cfg.recover.init == "real" else None
+    stats = cached_class_statistics(cfg, backbone, device) if cfg.recover.class_bn_coef > 0 else None
     if uses_ray(cfg):
         connect(cfg.address)
         return run_ray(backbone, shards, store, cfg.recover, cfg.image_size, cfg.seed, num_workers=num_workers(cfg),
-                       use_gpu=cfg.num_gpus > 0, threads=1, train=train)
+                       use_gpu=cfg.num_gpus > 0, threads=1, train=train, class_stats=stats)
     model = frozen(backbone.build().to(device, memory_format=torch.channels_last))
     return run_local(model, shards, store, cfg.recover, backbone.mean, backbone.std, cfg.image_size, cfg.seed,
-                     device, train)
+                     device, train, class_stats=stats)
 
 
 def run(prep: Prepared) -> dict:
