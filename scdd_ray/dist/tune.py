@@ -30,6 +30,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from ..backbones import ModelSource, plan_models, resolve_models, squeeze_cached
+from ..class_stats import cached_class_statistics
 from ..core.evaluation import top1
 from ..core.shards import plan_shards, recover_shard
 from ..core.posttrain import build_teacher, PostTrainer
@@ -109,13 +110,15 @@ def search_space(cfg: TuneConfig) -> dict:
 
 def recover_images(ckpt: Checkpoint, cell: DistillConfig, rcfg, device, train: ImageSet | None):
     """All synthetic images of the trial (uint8) and their classes, in process: a trial owns its CPU slot
-    or GPU share."""
+    or GPU share. Category-aware matching reads the backbone's per-class statistics from the cell's cache
+    (gathered by the first trial that needs them)."""
+    stats = cached_class_statistics(cell, ckpt, device) if rcfg.class_bn_coef > 0 else None
     model = frozen(ckpt.build().to(device, memory_format=torch.channels_last))
     shards = plan_shards(ckpt.num_classes, cell.ipc, rcfg.classes_per_batch, rcfg.ipc_per_shard)
     images, labels = [], []
     for shard in shards:
         res, cls, _ = recover_shard(model, shard, rcfg, ckpt.mean, ckpt.std, cell.image_size, cell.seed, device,
-                                    train)
+                                    train, class_stats=stats)
         images.append(res.images)
         labels += cls
     return torch.cat(images), torch.tensor(labels)
