@@ -22,7 +22,7 @@ from .schema import DistillConfig
 from .store.atomic import atomic_write_bytes
 
 log = logging.getLogger("scdd_ray")
-FORMAT = "scdd-class-bn-1"
+FORMAT = "scdd-class-bn-2"  # per layer: mean, variance, within-image variance
 BATCH = 256
 
 
@@ -53,7 +53,7 @@ def _read(path: str, digest: str) -> list | None:
     if not ok:
         log.warning("class BN statistics %s unusable (%s); gathering them again", path, why)
         return None
-    return [(m, v) for m, v in saved["layers"]]
+    return [tuple(layer) for layer in saved["layers"]]
 
 
 def cached_class_statistics(cfg: DistillConfig, backbone: Checkpoint, device) -> list:
@@ -74,7 +74,7 @@ def cached_class_statistics(cfg: DistillConfig, backbone: Checkpoint, device) ->
         layers = class_statistics(model, batches, train.info.num_classes)
         buf = io.BytesIO()
         torch.save({"format": FORMAT, "weights": digest, "split": cfg.train_split,
-                    "layers": [[m, v] for m, v in layers]}, buf)
+                    "layers": [list(layer) for layer in layers]}, buf)
         atomic_write_bytes(path, buf.getvalue())
         log.info("class BN statistics of %d layers over %d images in %.0fs: %s", len(layers), len(train),
                  time.perf_counter() - t0, path)

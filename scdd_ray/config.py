@@ -23,6 +23,7 @@ import yaml
 from . import data, presets
 from .core import ssl
 from .core.bn import NORMALIZE, parse_bn_weights
+from .core.class_bn import FORMS as CLASS_BN_FORMS
 from .core.committee import SPACES
 from .core.configs import SUPERVISED, PosttrainConfig, RecoverConfig, SqueezeConfig
 from .core.relabel import CROPS, MIX_CODES
@@ -296,6 +297,11 @@ def validate_recover(r: RecoverConfig) -> None:
     _nonneg_float(r.class_bn_coef, "recover.class_bn_coef")
     _check(not (r.class_bn_coef > 0 and r.compile), "recover.class_bn_coef",
            "category-aware matching runs uncompiled: set `recover.compile` false with it")
+    _choice(r.class_bn_form, CLASS_BN_FORMS, "recover.class_bn_form")
+    _check(isinstance(r.bn_smoothing, (int, float)) and 0 <= r.bn_smoothing < 1, "recover.bn_smoothing",
+           f"must be a momentum in [0, 1) (got {r.bn_smoothing!r}; 0: off)")
+    _check(not (r.bn_smoothing > 0 and r.compile), "recover.bn_smoothing",
+           "smoothed matching runs uncompiled: set `recover.compile` false with it")
     _nonneg_int(r.init_pool, "recover.init_pool")
     _nonneg_int(r.init_crops, "recover.init_crops")
     _positive_int(r.init_patches, "recover.init_patches")

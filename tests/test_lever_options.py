@@ -14,7 +14,7 @@ from scdd_ray.backbones import plan_models, resolve_models
 from scdd_ray.bench.table import TableSpec, cell_models
 from scdd_ray.class_stats import cached_class_statistics
 from scdd_ray.config import PosttrainConfig, RecoverConfig, build_config, build_distill_config
-from scdd_ray.core.bn import bn_layers
+from scdd_ray.core.bn import BNMatch, bn_layers, smoothed
 from scdd_ray.core.class_bn import ClassBNMatch, class_statistics
 from scdd_ray.core.committee import committee_logits
 from scdd_ray.core.configs import fingerprint_view
@@ -189,11 +189,12 @@ def test_class_statistics_against_numpy():
     stats = class_statistics(model, ((x[i:i + 5], y[i:i + 5]) for i in range(0, 13, 5)), 4)
     acts = _bn_inputs(model, x)
     assert len(stats) == len(acts) == len(bn_layers(model))
-    for (mean, var), a in zip(stats, acts):
+    for (mean, var, within), a in zip(stats, acts):
         for c in range(3):
             sel = a[y.numpy() == c]
             np.testing.assert_allclose(mean[c].numpy(), sel.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(var[c].numpy(), sel.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(within[c].numpy(), sel.var(axis=(2, 3)).mean(0), rtol=1e-4, atol=1e-5)
         assert float(mean[3].abs().sum()) == 0.0
 
 
@@ -207,7 +208,7 @@ def test_class_bn_term_against_numpy():
         model(x)
         got = float(m.loss().detach())
     want = 0.0
-    for w, a, (rm, rv) in zip(weights, _bn_inputs(model, x), ref):
+    for w, a, (rm, rv, _) in zip(weights, _bn_inputs(model, x), ref):
         per_class = []
         for c in (0, 1, 2):  # the batch's classes
             sel = a[targets.numpy() == c]
@@ -215,6 +216,48 @@ def test_class_bn_term_against_numpy():
                              + np.linalg.norm(sel.var(axis=(0, 2, 3)) - rv[c].numpy()))
         want += w * np.mean(per_class)
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_soft_class_bn_term_against_numpy():
+    # EDC's form: the whole batch's statistics against its rows' classes' mean and within-image variance
+    torch.manual_seed(1)
+    model = create_model("resnet18", 4, 0.125, True).eval()
+    ref = class_statistics(model, [(torch.randn(16, 3, SIZE, SIZE), torch.arange(16) % 4)], 4)
+    x, targets = torch.randn(5, 3, SIZE, SIZE), torch.tensor([2, 0, 2, 1, 0])
+    with ClassBNMatch(model, ref, targets, form="soft") as m:
+        model(x)
+        got = float(m.loss().detach())
+    want = sum(np.linalg.norm(a.mean(axis=(0, 2, 3)) - rm.numpy()[targets.numpy()].mean(0))
+               + np.linalg.norm(a.var(axis=(0, 2, 3)) - within.numpy()[targets.numpy()].mean(0))
+               for a, (rm, _, within) in zip(_bn_inputs(model, x), ref))
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_smoothed_statistics_by_hand():
+    state = {}
+    first = torch.tensor([2.0, 4.0], requires_grad=True)
+    (v1,) = smoothed(state, 0, (first,), 0.75)
+    torch.testing.assert_close(v1.detach(), torch.tensor([2.0, 4.0]))  # the average starts at the first values
+    second = torch.tensor([6.0, 0.0], requires_grad=True)
+    (v2,) = smoothed(state, 0, (second,), 0.75)
+    torch.testing.assert_close(v2.detach(), torch.tensor([3.0, 3.0]))  # 0.75 * 2 + 0.25 * 6, 0.75 * 4 + 0.25 * 0
+    v2.sum().backward()
+    torch.testing.assert_close(second.grad, torch.ones(2))  # the gradient of the current statistics, whole
+    # in BNMatch: the second forward's term is the match of the averaged statistics
+    torch.manual_seed(4)
+    model = create_model("resnet18", 4, 0.125, True).eval()
+    layers = bn_layers(model)
+    x1, x2 = torch.randn(4, 3, SIZE, SIZE), torch.randn(4, 3, SIZE, SIZE)
+    with BNMatch(model, momentum=0.5) as m:
+        model(x1)
+        model(x2)
+        got = m.terms().detach()
+    a1, a2 = _bn_inputs(model, x1), _bn_inputs(model, x2)
+    for i, layer in enumerate(layers):
+        mean = 0.5 * a1[i].mean(axis=(0, 2, 3)) + 0.5 * a2[i].mean(axis=(0, 2, 3))
+        var = 0.5 * a1[i].var(axis=(0, 2, 3)) + 0.5 * a2[i].var(axis=(0, 2, 3))
+        want = (np.linalg.norm(mean - layer.running_mean.numpy()) + np.linalg.norm(var - layer.running_var.numpy()))
+        assert float(got[i]) == pytest.approx(want, rel=1e-4)
 
 
 def test_class_bn_coef_moves_recover_and_zero_leaves_it():
@@ -227,6 +270,8 @@ def test_class_bn_coef_moves_recover_and_zero_leaves_it():
     base = run(cfg, None)
     assert torch.equal(run(cfg, stats), base)  # coefficient 0: statistics given or not, the same images
     assert not torch.equal(run(dataclasses.replace(cfg, class_bn_coef=1.0), stats), base)
+    assert not torch.equal(run(dataclasses.replace(cfg, class_bn_coef=1.0, class_bn_form="soft"), stats), base)
+    assert not torch.equal(run(dataclasses.replace(cfg, bn_smoothing=0.8), None), base)  # flatness
     with pytest.raises(ValueError, match="class_bn_coef"):
         run(dataclasses.replace(cfg, class_bn_coef=1.0), None)
 
@@ -303,6 +348,9 @@ def test_confident_init_ranks_by_the_model_and_gives_each_ipc_index_its_own_patc
     ({"recover.init": "real", "recover.init_pool": 7, "ipc": 2, "recover.init_patches": 2}, "recover.init_pool"),
     ({"recover.class_bn_coef": -1.0}, "recover.class_bn_coef"),
     ({"recover.class_bn_coef": 0.1, "recover.compile": True}, "recover.class_bn_coef"),
+    ({"recover.class_bn_form": "hard"}, "recover.class_bn_form"),
+    ({"recover.bn_smoothing": 1.0}, "recover.bn_smoothing"),
+    ({"recover.bn_smoothing": 0.8, "recover.compile": True}, "recover.bn_smoothing"),
 ])
 def test_recover_levers_are_validated(values, key):
     with pytest.raises(ConfigError, match=key):
@@ -313,7 +361,7 @@ def test_every_lever_is_off_by_default_and_leaves_fingerprints():
     cfg = build_distill_config("digits", "out", {})
     assert cfg.fingerprint() == "5c4bc6e9fe4607f8"  # the digits main job
     view = fingerprint_view(cfg)
-    for key in ("class_bn_coef", "init_pool", "init_crops", "init_patches"):
+    for key in ("class_bn_coef", "class_bn_form", "bn_smoothing", "init_pool", "init_crops", "init_patches"):
         assert key not in view["recover"]
     on = build_distill_config("digits", "out", {"recover.init": "real", "recover.init_pool": 10,
                                                 "recover.class_bn_coef": 0.01})

@@ -77,6 +77,12 @@ class RecoverConfig:
                                         "variance in the batch matched to that class's over the real training "
                                         "images (EDC; gathered once, cached beside the models); 0: off",
                                    fingerprint="later")
+    class_bn_form: str = setting("class", "category-aware matching: class (each class of the batch against its "
+                                          "own statistics) | soft (EDC's code: the batch's statistics against "
+                                          "the average of its classes')", fingerprint="later")
+    bn_smoothing: float = setting(0.0, "flatness (EDC): BN terms match a moving average of the batch statistics "
+                                       "over iterations with this momentum, the gradient of the current ones (EDC's "
+                                       "CIFAR code: 0.8); 0: off", fingerprint="later")
     init_pool: int = setting(0, "init real: real images of each class scored by the recovery model, the ones it "
                                 "is most confident on kept (RDED's realism score); 0: random images",
                              fingerprint="later")

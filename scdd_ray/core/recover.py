@@ -104,13 +104,14 @@ def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean
         objective = compiled_objective(model, weights, cfg.bn_normalize, device, cfg.amp, cfg.compile_backend)
         hooks = contextlib.nullcontext()
     else:
-        hooks = BNMatch(model, weights, cfg.bn_normalize)
+        hooks = BNMatch(model, weights, cfg.bn_normalize, cfg.bn_smoothing)
         objective = functools.partial(recover_objective, model, hooks, device, amp=cfg.amp)
     per_class = None
     if cfg.class_bn_coef > 0:
         if class_stats is None:
             raise ValueError("`recover.class_bn_coef` needs the recovery model's per-class BN statistics")
-        per_class = ClassBNMatch(model, class_stats, targets, weights, cfg.bn_normalize)
+        per_class = ClassBNMatch(model, class_stats, targets, weights, cfg.bn_normalize, cfg.class_bn_form,
+                                 cfg.bn_smoothing)
     with hooks, (per_class or contextlib.nullcontext()):
         for it in range(cfg.iterations):
             set_lr(opt, cosine_lr(cfg.lr, it, cfg.iterations))
