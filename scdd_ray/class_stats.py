@@ -49,7 +49,7 @@ def _read(path: str, digest: str) -> list | None:
     except Exception as e:
         ok, why = False, type(e).__name__
     else:
-        why = "statistics of another model"
+        why = "another model's, or an older format"
     if not ok:
         log.warning("class BN statistics %s unusable (%s); gathering them again", path, why)
         return None
@@ -61,8 +61,9 @@ def cached_class_statistics(cfg: DistillConfig, backbone: Checkpoint, device) ->
     the cache, or gathered (one forward over the split) and written there atomically."""
     digest = weights_digest(backbone)
     path = stats_path(cfg, digest)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with locked(path + ".lock"):
+    locks = os.path.join(os.path.dirname(os.path.abspath(path)), ".locks")  # out of sight, as squeeze_cached's
+    os.makedirs(locks, exist_ok=True)
+    with locked(os.path.join(locks, os.path.basename(path) + ".lock")):
         saved = _read(path, digest)
         if saved is not None:
             return saved

@@ -283,7 +283,8 @@ def test_class_statistics_are_gathered_once_per_model(tmp_path, monkeypatch):
     from scdd_ray.models.checkpoint import load_checkpoint
     ckpt = load_checkpoint(ckpt_path)
     first = cached_class_statistics(cfg, ckpt, "cpu")
-    assert len(os.listdir(tmp_path / "m")) >= 1
+    assert [f for f in os.listdir(tmp_path / "m") if not f.startswith(".")] == [
+        os.path.basename(class_stats.stats_path(cfg, class_stats.weights_digest(ckpt)))]
 
     def refuse(*a, **k):
         raise AssertionError("gathered again")
