@@ -20,7 +20,9 @@ from scdd_ray.core.committee import committee_logits
 from scdd_ray.core.configs import fingerprint_view
 from scdd_ray.core.ema import ema_decay, ema_update
 from scdd_ray.core.posttrain import PostTrainer, build_teacher
+from scdd_ray.core.augment import normalize, to_float
 from scdd_ray.core.posttrain_job import PosttrainJob
+from scdd_ray.core.shards import plan_shards, recover_shard
 from scdd_ray.core.real_init import candidates, class_ranking, confident_init, stitch
 from scdd_ray.core.recover import synthesize
 from scdd_ray.data.base import TensorImageSet
@@ -367,3 +369,22 @@ def test_every_lever_is_off_by_default_and_leaves_fingerprints():
     on = build_distill_config("digits", "out", {"recover.init": "real", "recover.init_pool": 10,
                                                 "recover.class_bn_coef": 0.01})
     assert {"init_pool", "class_bn_coef"} <= set(fingerprint_view(on)["recover"])
+
+
+def test_a_shard_with_every_recover_lever_is_a_function_of_the_run_seed():
+    train = load_split("synthetic", "train", None, SIZE)
+    torch.manual_seed(5)
+    model = frozen(create_model("resnet18", train.info.num_classes, 0.125, True))
+    mean, std = train.info.mean, train.info.std
+    stats = class_statistics(model, [(normalize(to_float(train.load(range(64))), mean, std),
+                                      train.labels[:64])], train.info.num_classes)
+    cfg = RecoverConfig(iterations=2, lr=0.1, bn_coef=0.1, jitter=2, classes_per_batch=4, init="real", init_pool=8,
+                        init_crops=2, init_patches=2, class_bn_coef=0.1, class_bn_form="soft", bn_smoothing=0.5)
+    shard = plan_shards(train.info.num_classes, 2, 4)[1]  # IPC index 1: ranked patches 4..7 of each class
+    run = lambda seed, m: recover_shard(m, shard, cfg, mean, std, SIZE, seed, "cpu", train,  # noqa: E731
+                                        class_stats=stats)[0].images
+    first = run(0, model)
+    twin = frozen(create_model("resnet18", train.info.num_classes, 0.125, True))
+    twin.load_state_dict(model.state_dict())  # another process's replica: no cached ranking
+    assert torch.equal(run(0, twin), first)
+    assert not torch.equal(run(1, twin), first)
