@@ -100,8 +100,9 @@ class ClassBNMatch:
             raise ValueError(f"class statistics hold {len(stats)} layers but the model has {len(self.layers)}")
         n = len(self.layers)
         self.normalize = normalize
-        self.weights = torch.tensor([1.0] * n if weights is None else [float(w) for w in weights])
         device = targets.device
+        # on the batch's device once: a copy every iteration would be a host-to-GPU transfer per step
+        self.weights = torch.tensor([1.0] * n if weights is None else [float(w) for w in weights], device=device)
         classes, inverse = torch.unique(targets, return_inverse=True)
         member = torch.zeros(len(classes), len(targets), device=device)
         member[inverse, torch.arange(len(targets), device=device)] = 1.0
@@ -144,5 +145,5 @@ class ClassBNMatch:
 
     def loss(self) -> torch.Tensor:
         t = torch.stack(self._terms)
-        total = (t * self.weights.to(t.device)).sum()
+        total = (t * self.weights).sum()
         return total if self.normalize == "none" else total / len(self.layers)
