@@ -30,7 +30,7 @@ from .errors import CheckpointError, ConfigError, Diverged, NotOurCheckpoint
 from .locks import locked
 from .models.checkpoint import Checkpoint, load_checkpoint, nonfinite_weights, save_checkpoint
 from .models.public import import_backbone, model_from_import
-from .schema import RESUME_SUFFIX, SQUEEZE_SAVE_EVERY_S, TEACHER_BACKBONE, DistillConfig
+from .schema import RESUME_SUFFIX, SQUEEZE_SAVE_EVERY_S, TEACHER_BACKBONE, DistillConfig, teacher_paths
 
 log = logging.getLogger("scdd_ray")
 
@@ -136,7 +136,14 @@ class ModelSource:
 @dataclass(frozen=True)
 class ModelPlan:
     backbone: ModelSource | None  # None: the random subset recovers nothing
-    teacher: ModelSource  # the backbone's own source when the backbone relabels
+    teachers: tuple[ModelSource, ...]  # one (the backbone's own source when it relabels), or a committee
+
+    @property
+    def teacher(self) -> ModelSource:
+        """The one teacher of a plan without a committee."""
+        if len(self.teachers) != 1:
+            raise ValueError("this run relabels with a committee of teachers: read `teachers`")
+        return self.teachers[0]
 
 
 def plan_models(cfg: DistillConfig) -> ModelPlan:
@@ -146,12 +153,12 @@ def plan_models(cfg: DistillConfig) -> ModelPlan:
         backbone = ModelSource(cfg.backbone, True)
     elif cfg.method != "random":
         backbone = ModelSource(squeezed_path(cfg), False, cfg)
-    if cfg.teacher and cfg.teacher != TEACHER_BACKBONE:
-        return ModelPlan(backbone, ModelSource(cfg.teacher, True))
+    if cfg.teacher and cfg.teacher != TEACHER_BACKBONE:  # one path, or a committee of several
+        return ModelPlan(backbone, tuple(ModelSource(p, True) for p in teacher_paths(cfg.teacher)))
     if cfg.teacher == TEACHER_BACKBONE or _relabels_itself(cfg, backbone):
-        return ModelPlan(backbone, backbone)
+        return ModelPlan(backbone, (backbone,))
     supervised = with_squeeze_method(cfg, SUPERVISED)
-    return ModelPlan(backbone, ModelSource(squeezed_path(supervised), False, supervised))
+    return ModelPlan(backbone, (ModelSource(squeezed_path(supervised), False, supervised),))
 
 
 def _relabels_itself(cfg: DistillConfig, src: ModelSource | None) -> bool:
@@ -171,8 +178,8 @@ def _relabels_itself(cfg: DistillConfig, src: ModelSource | None) -> bool:
 class Models:
     backbone: Checkpoint | None
     backbone_path: str | None
-    teacher: Checkpoint
-    teacher_path: str
+    teacher: Checkpoint | tuple[Checkpoint, ...]  # a committee is a tuple (core.committee)
+    teacher_path: str  # a committee's paths comma-separated, as `teacher` takes them
 
 
 def resolve_models(cfg: DistillConfig, info: DatasetInfo, device, given: dict | None = None) -> Models:
@@ -188,10 +195,12 @@ def resolve_models(cfg: DistillConfig, info: DatasetInfo, device, given: dict | 
         backbone, path = _materialize(plan.backbone, "backbone", cfg, info, device, given)
         if backbone.meta.get("needs_probe"):
             backbone, path = probe_backbone(cfg, info, backbone, device)
-    if plan.teacher is plan.backbone:
+    if plan.teachers == (plan.backbone,):
         return Models(backbone, path, backbone, path)
-    teacher, teacher_path = _materialize(plan.teacher, "teacher", cfg, info, device, given)
-    return Models(backbone, path, teacher, teacher_path)
+    teachers = [_materialize(src, "teacher", cfg, info, device, given) for src in plan.teachers]
+    if len(teachers) == 1:
+        return Models(backbone, path, *teachers[0])
+    return Models(backbone, path, tuple(c for c, _ in teachers), ",".join(p for _, p in teachers))
 
 
 def _materialize(src: ModelSource, field: str, cfg: DistillConfig, info: DatasetInfo, device, given: dict

@@ -23,11 +23,13 @@ import yaml
 from . import data, presets
 from .core import ssl
 from .core.bn import NORMALIZE, parse_bn_weights
+from .core.class_bn import FORMS as CLASS_BN_FORMS
+from .core.committee import SPACES
 from .core.configs import SUPERVISED, PosttrainConfig, RecoverConfig, SqueezeConfig
 from .core.relabel import CROPS, MIX_CODES
 from .errors import ConfigError
 from .models.factory import ARCHS, TIMM_PREFIX, timm_model_exists
-from .schema import SECTIONS, TEACHER_BACKBONE, DistillConfig
+from .schema import SECTIONS, TEACHER_BACKBONE, DistillConfig, teacher_paths
 
 METHODS = ("scdd", "sre2l", "random")
 RECOVERY_METHODS = ("scdd", "sre2l")  # the methods that recover images from a backbone
@@ -292,6 +294,22 @@ def validate_recover(r: RecoverConfig) -> None:
     _choice(r.augment_per, AUGMENT_PER, "recover.augment_per")
     _positive_int(r.ipc_per_shard, "recover.ipc_per_shard")
     _choice(r.compile_backend, COMPILE_BACKENDS, "recover.compile_backend")
+    _nonneg_float(r.class_bn_coef, "recover.class_bn_coef")
+    _check(not (r.class_bn_coef > 0 and r.compile), "recover.class_bn_coef",
+           "category-aware matching runs uncompiled: set `recover.compile` false with it")
+    _choice(r.class_bn_form, CLASS_BN_FORMS, "recover.class_bn_form")
+    _check(isinstance(r.bn_smoothing, (int, float)) and 0 <= r.bn_smoothing < 1, "recover.bn_smoothing",
+           f"must be a momentum in [0, 1) (got {r.bn_smoothing!r}; 0: off)")
+    _check(not (r.bn_smoothing > 0 and r.compile), "recover.bn_smoothing",
+           "smoothed matching runs uncompiled: set `recover.compile` false with it")
+    _nonneg_int(r.init_pool, "recover.init_pool")
+    _nonneg_int(r.init_crops, "recover.init_crops")
+    _positive_int(r.init_patches, "recover.init_patches")
+    _check(r.init_pool == 0 or r.init == "real", "recover.init_pool",
+           f"chooses real starting images: it needs `recover.init` real (got {r.init!r})")
+    for key, off in (("init_crops", 0), ("init_patches", 1)):
+        _check(getattr(r, key) == off or r.init_pool > 0, f"recover.{key}",
+               "applies to images chosen by confidence: set `recover.init_pool` too")
     _choice(r.amp, ("bf16", "none"), "recover.amp")
 
 
@@ -316,6 +334,9 @@ def validate_posttrain(p: PosttrainConfig) -> None:
     _check(isinstance(p.cosine_period, (int, float)) and math.isfinite(p.cosine_period) and p.cosine_period >= 1,
            "posttrain.cosine_period", f"must be a number >= 1 (got {p.cosine_period!r})")
     _choice(p.teacher_bn, TEACHER_BN, "posttrain.teacher_bn")
+    _choice(p.committee, SPACES, "posttrain.committee")
+    _check(isinstance(p.ema, (int, float)) and 0 <= p.ema < 1, "posttrain.ema",
+           f"must be a decay in [0, 1) (got {p.ema!r}; 0 evaluates the student itself)")
 
 
 def validate(cfg: DistillConfig) -> None:
@@ -333,9 +354,23 @@ def validate(cfg: DistillConfig) -> None:
     if cfg.num_workers is not None:
         _positive_int(cfg.num_workers, "num_workers")
     _positive_int(cfg.posttrain_workers, "posttrain_workers")
+    validate_teacher(cfg.teacher)
     validate_squeeze(cfg.squeeze)
     validate_recover(cfg.recover)
+    need = cfg.ipc * cfg.recover.init_patches ** 2  # one patch per pooled image, none used twice
+    _check(cfg.recover.init_pool == 0 or cfg.recover.init_pool >= need, "recover.init_pool",
+           f"must pool at least ipc x init_patches^2 = {need} images per class (got {cfg.recover.init_pool})")
     validate_posttrain(cfg.posttrain)
+
+
+def validate_teacher(teacher: str | None) -> None:
+    """A committee (comma-separated paths) names each member once, by its path."""
+    paths = teacher_paths(teacher)
+    _check(all(paths), "teacher", f"a committee lists checkpoint paths separated by commas (got {teacher!r})")
+    if len(paths) > 1:
+        _check(TEACHER_BACKBONE not in paths, "teacher",
+               f"'{TEACHER_BACKBONE}' relabels alone; a committee lists checkpoint paths (got {teacher!r})")
+        _check(len(set(paths)) == len(paths), "teacher", f"a committee names each checkpoint once (got {teacher!r})")
 
 
 def check_run(cfg: DistillConfig) -> None:

@@ -23,6 +23,12 @@ from .models.factory import small_input
 SECTIONS = ("squeeze", "recover", "posttrain")
 HOLDOUT_SPLITS = {"train": "train-noval", "test": "val"}
 TEACHER_BACKBONE = "backbone"  # `teacher` value: relabel with the recovery backbone instead of the shared teacher
+
+
+def teacher_paths(teacher: str | None) -> tuple[str, ...]:
+    """The checkpoints a `teacher` value names: none (the default teacher), one, or a committee written as
+    comma-separated paths (`a.pt,b.pt`)."""
+    return tuple(p.strip() for p in teacher.split(",")) if teacher else ()
 # Joining a cluster at host:port waits at most this long for its GCS to answer (ray.init alone would wait
 # forever on a port where something else answers TCP: another service, the dashboard).
 JOIN_TIMEOUT_S = 30.0
@@ -65,7 +71,9 @@ class DistillConfig:
     seed: int = _top(0, "run seed: squeezes, recover and post-train draw from it", "run")
     backbone: str | None = _top(None, "checkpoint to recover from (default: squeeze one, cached)", "run")
     teacher: str | None = _top(None, "checkpoint that relabels crops (default: a supervised model of `arch`, the "
-                                     "same for every method; 'backbone': the recovery backbone)", "run", "no")
+                                     "same for every method; 'backbone': the recovery backbone); several, comma-"
+                                     "separated: a committee whose soft labels are averaged (posttrain.committee)",
+                               "run", "no")
     models_dir: str | None = _top(None, "where squeezed backbones and teachers are cached and looked up (default: "
                                         "OUT/backbones); share it between runs, tables and sweeps", "run", "no")
     num_gpus: int = _top(0, "one synthesis actor (and post-train worker) per GPU; 0: CPU actors", "ray", "no")

@@ -8,11 +8,12 @@ PLACEMENT = ("data_dir", "num_gpus", "num_workers", "posttrain_workers", "addres
 
 
 def setting_text(value) -> str:
-    """A setting as it appears in a directory name: tuples as LO,HI, a path as its file's stem, no spaces."""
+    """A setting as it appears in a directory name: tuples as LO,HI, a path as its file's stem (a committee's
+    stems joined by +), no spaces."""
     if isinstance(value, (tuple, list)):
         return ",".join(f"{v:g}" for v in value)
-    if isinstance(value, str) and os.sep in value:
-        return os.path.splitext(os.path.basename(value))[0]
+    if isinstance(value, str) and os.sep in value:  # a path, or several comma-separated (a committee)
+        return "+".join(os.path.splitext(os.path.basename(p.strip()))[0] for p in value.split(","))
     return str(value)
 
 

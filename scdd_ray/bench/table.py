@@ -144,7 +144,7 @@ def _hard_student(cfg, images: torch.Tensor, labels: torch.Tensor, test, epochs:
     trainer = PostTrainer(pcfg, images.to(device), None, test.info, image_size=cfg.image_size,
                           small_input=cfg.small_input, seed=cfg.seed, labels=labels)
     trainer.fit()
-    return top1(trainer.student, test, test.info.mean, test.info.std, device)
+    return top1(trainer.evaluated(), test, test.info.mean, test.info.std, device)
 
 
 def run_hard_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> float:

@@ -60,6 +60,18 @@ def match_term(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor
     return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
 
 
+def smoothed(state: dict, key, current: tuple[torch.Tensor, ...], momentum: float) -> tuple[torch.Tensor, ...]:
+    """The statistics a smoothed (flat) objective matches: their moving average over the iterations so far,
+    carrying the current iteration's gradient (value m * average + (1 - m) * current, gradient of the current
+    term as if unsmoothed). EDC's flatness regularisation; `state[key]` keeps the average, the first call
+    starts it at the current values."""
+    prev = state.get(key)
+    avg = tuple(c.detach() if p is None else momentum * p + (1 - momentum) * c.detach()
+                for c, p in zip(current, prev or (None,) * len(current)))
+    state[key] = avg
+    return tuple(a + c - c.detach() for a, c in zip(avg, current))
+
+
 class BNMatch:
     """Context manager that records each BN layer's matching term during a forward.
 
@@ -73,7 +85,7 @@ class BNMatch:
     aim to let one coefficient transfer across depths (measured in docs/benchmarks.md).
     """
 
-    def __init__(self, model: nn.Module, weights=None, normalize: str = "none"):
+    def __init__(self, model: nn.Module, weights=None, normalize: str = "none", momentum: float = 0.0):
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)} (got {normalize!r})")
         self.normalize = normalize
@@ -88,11 +100,15 @@ class BNMatch:
         self._weights_on: dict[torch.device, torch.Tensor] = {}  # one copy per device, not one per iteration
         self._terms: list[torch.Tensor | None] = [None] * n
         self._handles: list = []
+        self.momentum = momentum
+        self._smoothed: dict = {}
 
     def _hook(self, idx: int):
         def record(module: nn.BatchNorm2d, inputs, output):
             rm = module.running_mean.float()
             mean, var = batch_stats(inputs[0], rm)
+            if self.momentum > 0:
+                mean, var = smoothed(self._smoothed, idx, (mean, var), self.momentum)
             self._terms[idx] = match_term(mean, var, rm, module.running_var.float(), self.normalize)
         return record
 
@@ -105,6 +121,7 @@ class BNMatch:
             h.remove()
         self._handles = []
         self._terms = [None] * len(self.layers)
+        self._smoothed = {}
 
     def weights_on(self, device) -> torch.Tensor:
         """The layer weights on `device` ("cuda" means the current GPU), copied there once."""

@@ -73,6 +73,23 @@ class RecoverConfig:
     augment_per: str = setting("image", "image: a crop box and flip per image | batch: one for the whole batch "
                                         "(authors')", fingerprint="later")
     ipc_per_shard: int = setting(1, "consecutive IPC indices optimised together in one batch", fingerprint="later")
+    class_bn_coef: float = setting(0.0, "coefficient of category-aware BN matching: each class's feature mean and "
+                                        "variance in the batch matched to that class's over the real training "
+                                        "images (EDC; gathered once, cached beside the models); 0: off",
+                                   fingerprint="later")
+    class_bn_form: str = setting("class", "category-aware matching: class (each class of the batch against its "
+                                          "own statistics) | soft (EDC's code: the batch's statistics against "
+                                          "the average of its classes')", fingerprint="later")
+    bn_smoothing: float = setting(0.0, "flatness (EDC): BN terms match a moving average of the batch statistics "
+                                       "over iterations with this momentum, the gradient of the current ones (EDC's "
+                                       "CIFAR code: 0.8); 0: off", fingerprint="later")
+    init_pool: int = setting(0, "init real: real images of each class scored by the recovery model, the ones it "
+                                "is most confident on kept (RDED's realism score); 0: random images",
+                             fingerprint="later")
+    init_crops: int = setting(0, "init real with init_pool: random square crops (area 8-100%) scored per pooled "
+                                 "image, its best kept (RDED); 0: the whole image", fingerprint="later")
+    init_patches: int = setting(1, "init real with init_pool: each starting image a KxK grid of the K*K best "
+                                   "patches (RDED at low IPC); 1: one image", fingerprint="later")
     compile: bool = setting(False, "torch.compile the recover step (off until measured faster: "
                                    "benchmarks/RESULTS.md)", fingerprint="no")
     compile_backend: str = setting("inductor", "torch.compile backend of the recover step (eager: capture "
@@ -110,3 +127,8 @@ class PosttrainConfig:
     teacher_bn: str = setting("eval", "the relabelling teacher's BatchNorm: eval (its running statistics) | "
                                       "train (each batch's own statistics, as the authors' CIFAR scripts; with "
                                       "several workers, each worker's slice of the batch)", fingerprint="later")
+    committee: str = setting("prob", "how a committee of teachers (`teacher` lists several) combines its soft "
+                                     "labels: prob (mean probability at the KD temperature) | logit (mean logits)",
+                             fingerprint="later")
+    ema: float = setting(0.0, "evaluate an exponential moving average of the student with this decay, e.g. 0.999 "
+                              "(0: the student itself; EDC)", fingerprint="later")

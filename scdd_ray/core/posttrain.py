@@ -33,12 +33,13 @@ import torch.nn as nn
 from ..data import DatasetInfo
 from ..errors import Diverged
 from ..models.adapt import adapt_inputs
-from ..models.checkpoint import Checkpoint
 from ..models.factory import create_model
 from ..models.runtime import autocast, frozen
 from ..store.encoded import EncodedImages
 from .augment import to_device
+from .committee import Committee, members
 from .configs import PosttrainConfig
+from .ema import averaged_model, ema_decay, ema_update, init_average
 from .relabel import StepBatch, crop_fill, hard_label_loss, kd_loss, make_crops, mix_weight, plan_crops, soft_labels
 from .schedules import cosine_lr, set_lr
 from .soft_labels import stored_batches
@@ -192,10 +193,16 @@ def run_epoch(student, teacher, opt, images: torch.Tensor, batches: list[StepBat
     return running, step
 
 
-def build_teacher(ckpt: Checkpoint, info: DatasetInfo, device) -> nn.Module:
-    """The frozen relabelling teacher, fed inputs normalised with the dataset's statistics."""
+def build_teacher(teacher, info: DatasetInfo, device, cfg: PosttrainConfig | None = None) -> nn.Module:
+    """The frozen relabelling teacher, fed inputs normalised with the dataset's statistics: one checkpoint, or a
+    committee of several (a tuple of checkpoints) whose soft labels combine as `cfg.committee` says."""
     device = torch.device(device)
-    return frozen(adapt_inputs(ckpt.build(), ckpt, info).to(device, memory_format=memory_format(device)))
+    built = [frozen(adapt_inputs(c.build(), c, info).to(device, memory_format=memory_format(device)))
+             for c in members(teacher)]
+    if len(built) == 1:
+        return built[0]
+    cfg = cfg or PosttrainConfig()
+    return frozen(Committee(built, cfg.committee, cfg.temperature))
 
 
 class PostTrainer:
@@ -231,11 +238,13 @@ class PostTrainer:
         self.opt = make_optimizer(self.student, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and cfg.amp == "fp16" else None
         self.state = {"epoch": 0, "step": 0, "history": [], "trained_epochs": [], "attempts": 0}
+        self.average = init_average(self.student) if cfg.ema > 0 else None  # `cfg.ema`: what is evaluated
 
     def state_dict(self) -> dict:
         """Plain tensors and numbers: everything to resume from."""
         return {**self.state, "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
-                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None}
+                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                **({"ema": {k: v.detach().cpu() for k, v in self.average.items()}} if self.average is not None else {})}
 
     def load_state_dict(self, saved: dict) -> None:
         saved = dict(saved)
@@ -244,7 +253,22 @@ class PostTrainer:
         scaler = saved.pop("scaler", None)
         if self.scaler is not None and scaler:
             self.scaler.load_state_dict(scaler)
+        average = saved.pop("ema", None)
+        if self.average is not None:
+            if average is None:
+                raise ValueError("the checkpoint holds no moving average of the student (`posttrain.ema` was 0)")
+            for k, v in average.items():
+                self.average[k].copy_(v)
         self.state.update(saved)
+
+    def evaluated(self) -> nn.Module:
+        """The model top-1 is measured on: the student, or its moving average with `cfg.ema`."""
+        return self.student if self.average is None else averaged_model(self.student, self.average)
+
+    def _update_average(self) -> None:
+        # state["step"] counts finished steps before this epoch; the optimiser step just taken is one more
+        ema_update(self.average, self.student.state_dict(), ema_decay(self.cfg.ema, self._steps_done))
+        self._steps_done += 1
 
     def batches(self, epoch: int) -> list[StepBatch]:
         if self.stored:
@@ -264,6 +288,9 @@ class PostTrainer:
         for epoch in range(self.state["epoch"], cfg.epochs):
             batches = self.batches(epoch)
             hook = None if on_step is None else (lambda s, sb, target, _e=epoch: on_step(_e, s, sb, target))
+            if self.average is not None:
+                self._steps_done = self.state["step"]
+                hook = self._with_average(hook)
             running, step = run_epoch(self.model, self.teacher, self.opt, self.images, batches, self.rows,
                                       self.weight, cfg, self.image_size, self.info.mean, self.info.std,
                                       step=self.state["step"], total_steps=self.total_steps, scaler=self.scaler,
@@ -276,6 +303,13 @@ class PostTrainer:
             self.state["trained_epochs"].append(epoch + 1)
             if on_epoch is not None:
                 on_epoch(epoch + 1, running, len(batches))
+
+    def _with_average(self, hook):
+        def step(s, sb, target):
+            self._update_average()
+            if hook is not None:
+                hook(s, sb, target)
+        return step
 
     def lr(self) -> float:
         return cosine_lr(self.cfg.lr, self.state["step"], self.total_steps, period=self.cfg.cosine_period)

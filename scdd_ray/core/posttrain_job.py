@@ -13,6 +13,7 @@ from ..data import DatasetInfo, ImageSet
 from ..errors import ConfigError
 from ..models.checkpoint import Checkpoint
 from ..store.soft_labels import SOFT_FORMAT, SOFT_META
+from .committee import members
 from .configs import PosttrainConfig, fingerprint_view
 from .posttrain import global_batch, steps_per_epoch
 
@@ -24,7 +25,7 @@ class PosttrainJob:
     source: str  # a distilled directory: manifest + shards, bare *.parquet, or reference ImageFolder
     images_digest: str
     num_images: int
-    teacher: Checkpoint
+    teacher: Checkpoint | tuple[Checkpoint, ...]  # one teacher, or a committee (core.committee)
     test: ImageSet
     info: DatasetInfo
     cfg: PosttrainConfig
@@ -38,17 +39,22 @@ class PosttrainJob:
     def fingerprint(self) -> str:
         """Everything that decides the student; placement and checkpoint frequency are left out."""
         cfg = fingerprint_view(self.cfg)  # settings added later are left out at their defaults: runs resume
-        teacher = hashlib.sha256()
-        for k_, v in sorted(self.teacher.state_dict.items()):
-            teacher.update(k_.encode())
-            teacher.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        keep = {"cfg": cfg, "images": self.images_digest, "teacher": teacher.hexdigest()[:16],
+        digests = [_weights_digest(c) for c in members(self.teacher)]
+        keep = {"cfg": cfg, "images": self.images_digest, "teacher": ",".join(digests),
                 "test": [self.info.name, self.image_size], "seed": self.seed, "soft_labels": bool(self.soft_labels)}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def batch(self, world: int = 1) -> int:
         """The global batch on `world` workers (`global_batch`)."""
         return global_batch(self.cfg, self.num_images, world)
+
+
+def _weights_digest(ckpt: Checkpoint) -> str:
+    h = hashlib.sha256()
+    for k_, v in sorted(ckpt.state_dict.items()):
+        h.update(k_.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def soft_label_meta(job: PosttrainJob, complete: bool, world: int = 1) -> dict:

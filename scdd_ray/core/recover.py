@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..models.runtime import autocast
 from .augment import denormalize, random_flip, random_resized_crop, random_roll, to_uint8
 from .bn import BNMatch, bn_layers, parse_bn_weights
+from .class_bn import ClassBNMatch
 from .configs import RecoverConfig
 from .schedules import cosine_lr, set_lr
 
@@ -63,12 +64,13 @@ def compiled_objective(model: nn.Module, weights: list[float], normalize: str, d
 
 def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean, std, image_size: int, seed: int,
                device="cpu", init: torch.Tensor | None = None, channels_last: bool | None = None,
-               log_every: int = 50, on_step=None) -> RecoverResult:
+               log_every: int = 50, on_step=None, class_stats=None) -> RecoverResult:
     """Synthesise one image per entry of `targets`, all optimised as one batch.
 
     model:  frozen backbone + head (eval mode, no parameter gradients).
     init:   optional normalised starting images (N, 3, H, W); Gaussian noise otherwise.
     on_step: optional callback(iteration) for progress and fault-injection hooks.
+    class_stats: the model's per-class BN statistics (core.class_bn), matched with `cfg.class_bn_coef`.
     Randomness comes only from `seed`, so the same seed and targets give the
     same images whichever process runs them.
     """
@@ -102,9 +104,15 @@ def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean
         objective = compiled_objective(model, weights, cfg.bn_normalize, device, cfg.amp, cfg.compile_backend)
         hooks = contextlib.nullcontext()
     else:
-        hooks = BNMatch(model, weights, cfg.bn_normalize)
+        hooks = BNMatch(model, weights, cfg.bn_normalize, cfg.bn_smoothing)
         objective = functools.partial(recover_objective, model, hooks, device, amp=cfg.amp)
-    with hooks:
+    per_class = None
+    if cfg.class_bn_coef > 0:
+        if class_stats is None:
+            raise ValueError("`recover.class_bn_coef` needs the recovery model's per-class BN statistics")
+        per_class = ClassBNMatch(model, class_stats, targets, weights, cfg.bn_normalize, cfg.class_bn_form,
+                                 cfg.bn_smoothing)
+    with hooks, (per_class or contextlib.nullcontext()):
         for it in range(cfg.iterations):
             set_lr(opt, cosine_lr(cfg.lr, it, cfg.iterations))
             xi = gray_to_rgb(x, m, s) if cfg.grayscale else x
@@ -116,6 +124,8 @@ def synthesize(model: nn.Module, targets: torch.Tensor, cfg: RecoverConfig, mean
             xi = random_roll(xi, cfg.jitter, g)
             ce, bn = objective(xi, targets)
             loss = ce + cfg.bn_coef * bn
+            if per_class is not None:
+                loss = loss + cfg.class_bn_coef * per_class.loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -24,6 +24,7 @@ from ..store.shards import ShardStore
 from .augment import normalize, to_float
 from .configs import RecoverConfig
 from .progress import Progress
+from .real_init import confident_init
 from .recover import synthesize
 
 log = logging.getLogger("scdd_ray")
@@ -78,17 +79,22 @@ def real_init(train: ImageSet, shard: Shard, seed: int, mean, std) -> torch.Tens
 
 
 def recover_shard(model: nn.Module, shard: Shard, cfg: RecoverConfig, mean, std, image_size: int, run_seed: int,
-                  device="cpu", train: ImageSet | None = None, on_step=None):
-    """Synthesise one shard; returns (RecoverResult, class_ids, ipc_indices)."""
+                  device="cpu", train: ImageSet | None = None, on_step=None, class_stats=None):
+    """Synthesise one shard; returns (RecoverResult, class_ids, ipc_indices). `class_stats`: the model's
+    per-class BN statistics, for `recover.class_bn_coef`."""
     seed = shard_seed(run_seed, shard)
     init = None
+    classes, ipc_indices = shard.rows()
     if cfg.init == "real":
         if train is None:
             raise ValueError("`recover.init` real needs the training split")
-        init = real_init(train, shard, seed, mean, std)
-    classes, ipc_indices = shard.rows()
+        if cfg.init_pool > 0:  # chosen by the model's confidence, one or several patches each
+            init = confident_init(model, train, classes, ipc_indices, cfg, image_size, mean, std, run_seed, device)
+        else:
+            init = real_init(train, shard, seed, mean, std)
     targets = torch.tensor(classes, dtype=torch.long)
-    res = synthesize(model, targets, cfg, mean, std, image_size, seed, device=device, init=init, on_step=on_step)
+    res = synthesize(model, targets, cfg, mean, std, image_size, seed, device=device, init=init, on_step=on_step,
+                     class_stats=class_stats)
     if not (math.isfinite(res.loss_ce) and math.isfinite(res.loss_bn)):  # the images are NaN: never stored
         raise Diverged(f"recover stopped at shard {shard.id}: its loss is {res.loss_ce:g} (cross entropy) + "
                        f"{res.loss_bn:g} (BN); the backbone's outputs or the recover settings (`recover.lr`, "
@@ -97,7 +103,8 @@ def recover_shard(model: nn.Module, shard: Shard, cfg: RecoverConfig, mean, std,
 
 
 def run_local(model: nn.Module, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, mean, std,
-              image_size: int, run_seed: int, device="cpu", train: ImageSet | None = None) -> dict:
+              image_size: int, run_seed: int, device="cpu", train: ImageSet | None = None,
+              class_stats=None) -> dict:
     """Compute every shard the store has not recorded yet, in this process."""
     done = store.done()
     todo = [s for s in shards if s.id not in done]
@@ -105,7 +112,8 @@ def run_local(model: nn.Module, shards: list[Shard], store: ShardStore, cfg: Rec
     images_done = 0
     with Progress(sum(len(s) for s in todo), "recover", "img") as bar:
         for shard in todo:
-            res, cls, ipc = recover_shard(model, shard, cfg, mean, std, image_size, run_seed, device, train)
+            res, cls, ipc = recover_shard(model, shard, cfg, mean, std, image_size, run_seed, device, train,
+                                          class_stats=class_stats)
             store.write_shard(shard.id, cls, ipc, res.images,
                               extra={"loss_ce": res.loss_ce, "loss_bn": res.loss_bn, "seconds": res.seconds})
             images_done += len(shard)

@@ -48,10 +48,6 @@ START_RETRIES = 4
 DECODED_MAX_BYTES = 1 << 30  # larger distilled sets stay encoded on each worker
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def read_images(source: str, digest: str, rank: int, device, keep_encoded: bool | None = None
                 ) -> tuple[torch.Tensor | EncodedImages, torch.Tensor]:
     """The distilled set of this worker and its class ids: decoded on its device, or (`keep_encoded`, by default
@@ -98,7 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
     images, class_ids = read_images(config["source"], config["images_digest"], rank, device)
     stored, store_to = config.get("soft_labels"), config.get("store_soft_labels")
     needs_teacher = not stored and cfg.labels == "soft"
-    teacher = build_teacher(ray.get(config["teacher"]), info, device) if needs_teacher else None
+    teacher = build_teacher(ray.get(config["teacher"]), info, device, cfg) if needs_teacher else None
     trainer = PostTrainer(cfg, images, teacher, info, image_size=config["image_size"],
                           small_input=config["small_input"], seed=config["seed"], rank=rank, world=world,
                           stored=stored, labels=class_ids)
@@ -125,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
             torch.distributed.all_reduce(running)
         rec = {"epoch": e1, "loss": float(running) / steps / world, "lr": trainer.lr()}
         if evaluate and rank == 0:
-            rec["top1"] = top1(_unwrap(trainer.model), test, info.mean, info.std, device)
+            rec["top1"] = top1(trainer.evaluated(), test, info.mean, info.std, device)
         trainer.state["history"].append(rec)
         metrics = {**rec, "startup_seconds": startup, "resumed_from": resumed_from}
         with tempfile.TemporaryDirectory() as d:
@@ -265,7 +261,8 @@ def checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
 
 
 def _result(state: dict, seconds: float, startup: float | None, num_workers: int) -> PosttrainResult:
-    return PosttrainResult(top1=state["history"][-1]["top1"], seconds=seconds, student_state=state["student"],
+    evaluated = state["ema"] if state.get("ema") is not None else state["student"]  # what top-1 measured
+    return PosttrainResult(top1=state["history"][-1]["top1"], seconds=seconds, student_state=evaluated,
                            history=state["history"], epochs=state["epoch"], steps=state["step"],
                            trained_epochs=state["trained_epochs"], startup_seconds=startup,
                            resumed_from=int(state.get("resumed_from", 0)), num_workers=num_workers)

@@ -53,13 +53,15 @@ class SynthesisWorker:
         self.model = None
 
     def load(self, inputs: tuple) -> None:
-        """Build the frozen backbone replica from `inputs` (checkpoint ref, training-images ref or None)."""
+        """Build the frozen backbone replica from `inputs` (checkpoint ref, training-images ref or None, per-class
+        BN statistics ref or None)."""
         if self.model is None:
-            ckpt_ref, train_ref = inputs
+            ckpt_ref, train_ref, stats_ref = inputs
             ckpt = ray.get(ckpt_ref)
             self.model = frozen(ckpt.build().to(self.device, memory_format=torch.channels_last))
             self.mean, self.std = ckpt.mean, ckpt.std
             self.train = ray.get(train_ref) if train_ref is not None else None
+            self.class_stats = ray.get(stats_ref) if stats_ref is not None else None
 
     def ready(self, inputs: tuple) -> int:
         self.load(inputs)
@@ -71,7 +73,7 @@ class SynthesisWorker:
         self.load(inputs)
         try:
             res, cls, ipc = recover_shard(self.model, shard, self.cfg, self.mean, self.std, self.image_size,
-                                          self.run_seed, self.device, self.train)
+                                          self.run_seed, self.device, self.train, class_stats=self.class_stats)
         except Diverged:
             raise
         except Exception as e:  # the driver sees one line of it: say which shard, and what
@@ -135,7 +137,8 @@ def _first_workers(starting: _Starting, n: int, use_gpu: bool, threads: int) -> 
 
 
 def run_ray(ckpt, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, image_size: int, run_seed: int, *,
-            num_workers: int, use_gpu: bool, threads: int = 1, train: ImageSet | None = None) -> dict:
+            num_workers: int, use_gpu: bool, threads: int = 1, train: ImageSet | None = None,
+            class_stats=None) -> dict:
     """Compute every shard the store lacks on `num_workers` Ray actors; write each as it arrives.
 
     A worker count the cluster can never place is refused (ConfigError);
@@ -148,8 +151,9 @@ def run_ray(ckpt, shards: list[Shard], store: ShardStore, cfg: RecoverConfig, im
         return _finished(shards, num_workers)
     n = min(num_workers, len(todo))
     placement(n, use_gpu, threads, "num_gpus" if use_gpu else "num_workers")
-    # The backbone (and the real images for `init real`) go to the object store once.
-    inputs = (ray.put(ckpt), ray.put(train) if train is not None else None)
+    # The backbone (and the real images for `init real`, the per-class statistics) go to the object store once.
+    inputs = (ray.put(ckpt), ray.put(train) if train is not None else None,
+              ray.put(class_stats) if class_stats is not None else None)
     actor = ray.remote(SynthesisWorker).options(num_cpus=threads, num_gpus=1 if use_gpu else 0, max_restarts=-1,
                                                 max_task_retries=MAX_TRIES - 1)
     actors = [actor.remote(cfg, image_size, run_seed, threads, use_gpu) for _ in range(n)]

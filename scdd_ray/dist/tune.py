@@ -30,6 +30,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from ..backbones import ModelSource, plan_models, resolve_models, squeeze_cached
+from ..class_stats import cached_class_statistics
 from ..core.evaluation import top1
 from ..core.shards import plan_shards, recover_shard
 from ..core.posttrain import build_teacher, PostTrainer
@@ -76,7 +77,7 @@ def prepare_models(cfg: TuneConfig, out: str) -> dict[tuple[str, str], tuple[Dis
     todo = {}
     for cell in cells.values():
         plan = plan_models(cell)
-        for src in (plan.backbone, plan.teacher):
+        for src in (plan.backbone, *plan.teachers):
             if src is not None and src.missing:
                 todo[src.path] = src
     if todo:
@@ -109,13 +110,15 @@ def search_space(cfg: TuneConfig) -> dict:
 
 def recover_images(ckpt: Checkpoint, cell: DistillConfig, rcfg, device, train: ImageSet | None):
     """All synthetic images of the trial (uint8) and their classes, in process: a trial owns its CPU slot
-    or GPU share."""
+    or GPU share. Category-aware matching reads the backbone's per-class statistics from the cell's cache
+    (gathered by the first trial that needs them)."""
+    stats = cached_class_statistics(cell, ckpt, device) if rcfg.class_bn_coef > 0 else None
     model = frozen(ckpt.build().to(device, memory_format=torch.channels_last))
     shards = plan_shards(ckpt.num_classes, cell.ipc, rcfg.classes_per_batch, rcfg.ipc_per_shard)
     images, labels = [], []
     for shard in shards:
         res, cls, _ = recover_shard(model, shard, rcfg, ckpt.mean, ckpt.std, cell.image_size, cell.seed, device,
-                                    train)
+                                    train, class_stats=stats)
         images.append(res.images)
         labels += cls
     return torch.cat(images), torch.tensor(labels)
@@ -126,15 +129,16 @@ def train_and_validate(images: torch.Tensor, teacher_ckpt: Checkpoint, val: Imag
     """Short post-train (the one training loop) relabelled by `teacher_ckpt`; `report(epoch, val_top1,
     student)` after every `eval_every` epochs and at the end. Returns the last validation top-1."""
     info, pcfg = val.info, cell.posttrain
-    teacher = build_teacher(teacher_ckpt, info, device)
+    teacher = build_teacher(teacher_ckpt, info, device, pcfg)
     trainer = PostTrainer(pcfg, images.to(device), teacher, info, image_size=cell.image_size,
                           small_input=cell.small_input, seed=cell.seed)
     acc = [0.0]
 
     def on_epoch(e1: int, running, steps: int) -> None:
         if e1 % eval_every == 0 or e1 == pcfg.epochs:
-            acc[0] = top1(trainer.student, val, info.mean, info.std, device)
-            report(e1, acc[0], trainer.student)
+            model = trainer.evaluated()
+            acc[0] = top1(model, val, info.mean, info.std, device)
+            report(e1, acc[0], model)
 
     trainer.fit(on_epoch=on_epoch)
     return acc[0]

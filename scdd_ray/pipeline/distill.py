@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from ..backbones import Models, check_checkpoint, load_checkpoint_arg, resolve_models
+from ..class_stats import cached_class_statistics
 from ..config import RUN_FILE, flatten
 from ..core.bn import parse_bn_weights
 from ..core.configs import fingerprint_view
 from ..core.evaluation import top1
-from ..core.posttrain import global_batch
+from ..core.committee import members
+from ..core.posttrain import build_teacher, global_batch
 from ..core.posttrain_job import PosttrainJob
 from ..core.shards import plan_shards, run_local
 from ..data import DatasetInfo, sample_per_class
@@ -31,12 +33,11 @@ from ..dist.synthesis import run_ray
 from ..errors import ConfigError, StoreError
 from ..exports import export_all
 from ..locks import FileLock
-from ..models.adapt import adapt_inputs
 from ..models.checkpoint import Checkpoint
 from ..models.factory import num_bn_layers
 from ..models.runtime import frozen
 from ..report import write_report
-from ..schema import TEACHER_BACKBONE, DistillConfig
+from ..schema import TEACHER_BACKBONE, DistillConfig, teacher_paths
 from ..store.atomic import atomic_write_json, sweep_temp_files
 from ..store.distilled import plan_problem
 from ..store.encoded import images_digest
@@ -51,7 +52,7 @@ class Prepared:
     cfg: DistillConfig
     info: DatasetInfo
     backbone: Checkpoint | None
-    teacher: Checkpoint | None
+    teacher: dict[str, Checkpoint] | None  # the named teacher checkpoint(s), by path
     lock: FileLock | None = None  # this process's hold on `out`, from the end of `prepare` to the end of `run`
 
 
@@ -64,9 +65,11 @@ def prepare(cfg: DistillConfig) -> Prepared:
     if cfg.backbone:
         backbone = load_checkpoint_arg(cfg.backbone, "backbone", info, cfg.image_size, allow_probe=True)
         check_checkpoint(backbone, cfg, info, "backbone", cfg.backbone, match_arch=True)
-    if cfg.teacher and cfg.teacher != TEACHER_BACKBONE:
-        teacher = load_checkpoint_arg(cfg.teacher, "teacher", info, cfg.image_size)
-        check_checkpoint(teacher, cfg, info, "teacher", cfg.teacher, match_arch=False)
+    if cfg.teacher and cfg.teacher != TEACHER_BACKBONE:  # one checkpoint, or a committee of several
+        teacher = {}
+        for path in teacher_paths(cfg.teacher):
+            teacher[path] = load_checkpoint_arg(path, "teacher", info, cfg.image_size)
+            check_checkpoint(teacher[path], cfg, info, "teacher", path, match_arch=False)
     if cfg.method != "random":
         spec = parse_bn_weights(cfg.recover.bn_weights)  # the grammar was validated with the config
         if spec.kind == "list":
@@ -198,7 +201,7 @@ def select_random(store: ShardStore, cfg: DistillConfig) -> dict:
 
 def _models(prep: Prepared, device) -> Models:
     """The run's recovery backbone and relabelling teacher (backbones.plan_models decides which)."""
-    given = {p: c for p, c in ((prep.cfg.backbone, prep.backbone), (prep.cfg.teacher, prep.teacher)) if c is not None}
+    given = {**(prep.teacher or {}), **({prep.cfg.backbone: prep.backbone} if prep.backbone is not None else {})}
     return resolve_models(prep.cfg, prep.info, device, given)
 
 
@@ -207,13 +210,14 @@ def _recover(cfg: DistillConfig, info: DatasetInfo, store: ShardStore, backbone:
         return select_random(store, cfg)
     shards = plan_shards(info.num_classes, cfg.ipc, cfg.recover.classes_per_batch, cfg.recover.ipc_per_shard)
     train = cfg.split("train") if cfg.recover.init == "real" else None
+    stats = cached_class_statistics(cfg, backbone, device) if cfg.recover.class_bn_coef > 0 else None
     if uses_ray(cfg):
         connect(cfg.address)
         return run_ray(backbone, shards, store, cfg.recover, cfg.image_size, cfg.seed, num_workers=num_workers(cfg),
-                       use_gpu=cfg.num_gpus > 0, threads=1, train=train)
+                       use_gpu=cfg.num_gpus > 0, threads=1, train=train, class_stats=stats)
     model = frozen(backbone.build().to(device, memory_format=torch.channels_last))
     return run_local(model, shards, store, cfg.recover, backbone.mean, backbone.std, cfg.image_size, cfg.seed,
-                     device, train)
+                     device, train, class_stats=stats)
 
 
 def run(prep: Prepared) -> dict:
@@ -261,8 +265,7 @@ def _run(prep: Prepared) -> dict:
     export_all(cfg.out, images, class_ids, ipc_idx, info.class_names)
 
     test = cfg.split("test")
-    teacher_top1 = top1(adapt_inputs(teacher_ckpt.build(), teacher_ckpt, info).to(device), test, info.mean, info.std,
-                        device)
+    teacher_top1 = top1(build_teacher(teacher_ckpt, info, device, cfg.posttrain), test, info.mean, info.std, device)
     release_gpu(device)
     # The same Ray Train post-train as `scdd-ray posttrain`, run under OUT/posttrain/.
     job = PosttrainJob(source=store.root, images_digest=images_digest(images), num_images=len(images),
@@ -276,7 +279,7 @@ def _run(prep: Prepared) -> dict:
         "num_classes": info.num_classes, "num_images": int(len(images)), "image_size": cfg.image_size,
         "top1": round(pt.top1, 3), "teacher_top1": round(teacher_top1, 3), "evaluated_on": cfg.eval_split,
         "teacher": teacher_path,
-        "teacher_method": teacher_ckpt.method, "backbone": backbone_path,
+        "teacher_method": ",".join(c.method for c in members(teacher_ckpt)), "backbone": backbone_path,
         "backbone_method": backbone.method if backbone else None,
         "recover_seconds": round(recover_seconds, 2), "posttrain_seconds": round(pt.seconds, 2),
         "posttrain_startup_seconds": None if pt.startup_seconds is None else round(pt.startup_seconds, 2),

@@ -21,7 +21,7 @@ from ..errors import ConfigError, DataError, StoreError
 from ..models.checkpoint import save_checkpoint
 from ..models.factory import create_model
 from ..plots import save_grid
-from ..schema import DistillConfig, PosttrainOptions
+from ..schema import DistillConfig, PosttrainOptions, teacher_paths
 from ..store.atomic import atomic_write_json
 from ..store.atomic import sweep_temp_files
 from ..store.distilled import plan_problem, read_distilled
@@ -108,7 +108,7 @@ def _config(req: PosttrainRequest, run: dict, images: torch.Tensor) -> DistillCo
     dataset named by the teacher when nothing else names it."""
     values = {**run, **flatten(req.file or {}), **req.given}
     if "dataset" not in values:
-        teacher = load_checkpoint_arg(values["teacher"], "teacher")
+        teacher = load_checkpoint_arg(teacher_paths(values["teacher"])[0], "teacher")
         if teacher.meta.get("dataset") not in data.names():
             raise ConfigError("dataset", f"cannot tell the dataset of {req.opts.distilled}; name it")
         values["dataset"] = teacher.meta["dataset"]
@@ -125,15 +125,17 @@ def prepare_posttrain(req: PosttrainRequest) -> tuple[PosttrainJob, DistillConfi
     o = req.opts
     images, class_ids, src, run, ipc_indices = _read_source(o.distilled)
     cfg = _config(req, run, images)
-    teacher = load_checkpoint_arg(cfg.teacher, "teacher")
+    committee = {p: load_checkpoint_arg(p, "teacher") for p in teacher_paths(cfg.teacher)}  # one, or several
     try:
         test = cfg.split("test")
     except DataError as e:
         raise ConfigError("data_dir", e.message) from None
     info = test.info
-    if teacher.num_classes != info.num_classes:
-        raise ConfigError("teacher", f"{cfg.teacher} has {teacher.num_classes} classes but the distilled "
-                                     f"data ({cfg.dataset}) has {info.num_classes}")
+    for path, ckpt in committee.items():
+        if ckpt.num_classes != info.num_classes:
+            raise ConfigError("teacher", f"{path} has {ckpt.num_classes} classes but the distilled "
+                                         f"data ({cfg.dataset}) has {info.num_classes}")
+    teacher = tuple(committee.values()) if len(committee) > 1 else next(iter(committee.values()))
     if int(class_ids.max()) >= info.num_classes:
         raise ConfigError("distilled", f"class id {int(class_ids.max())} is out of range for {cfg.dataset}")
     _check_plan(req, src, class_ids, ipc_indices, info.num_classes)
