@@ -24,9 +24,9 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     pinned memory with non_blocking it is queued like a kernel. A no-op on CPU.
     """
     device = torch.device(device)
-    if device.type != "cuda" or t.device.type == "cuda":
+    if device.type == "cpu" or t.device.type != "cpu":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .augment import to_device
+
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     """Every BatchNorm2d of `model`, in `model.modules()` order."""
@@ -161,7 +163,7 @@ class BNMatch:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device not in self._weights_on:
-            self._weights_on[device] = self._weights.to(device)
+            self._weights_on[device] = to_device(self._weights, device)
         return self._weights_on[device]
 
     def terms(self) -> torch.Tensor:
