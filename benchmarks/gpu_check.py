@@ -59,9 +59,9 @@ import pyarrow as pa
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from recover_vs_reference import reference_recover
 from torch.utils.flop_counter import FlopCounterMode
 
+from scdd_ray.bench.reference import reference_recover
 from scdd_ray.core.bn import BNMatch, batch_stats, bn_layers, parse_bn_weights
 from scdd_ray.core.evaluation import top1
 from scdd_ray.core.posttrain import PostTrainer, epoch_batches, train_step

@@ -289,3 +289,48 @@ def test_batch_moments_gradient_is_exact():
         v64, m64 = torch.var_mean(x, dim=(0, 2, 3), correction=0)
         ((m64 * wm).sum() + (v64 * wv).sum()).backward()
         torch.testing.assert_close(ours, x.grad, rtol=1e-4, atol=1e-5)
+
+
+def _matched(model, x, fused: bool):
+    """(logits, loss, input gradient) of CE + BN matching, through the fused frozen layers or the hooks."""
+    xi = x.clone().requires_grad_(True)
+    bnm = BNMatch(model)
+    if not fused:  # a forward of the instance's own: BNMatch leaves such a layer to its forward hook
+        for m in bn_layers(model):
+            m.forward = type(m).forward.__get__(m)
+    with bnm:
+        out = model(xi)
+        loss = F.cross_entropy(out, torch.arange(len(x)) % 4) + 0.1 * bnm.loss()
+    if not fused:
+        for m in bn_layers(model):
+            del m.forward
+    loss.backward()
+    return out.detach(), loss.detach(), xi.grad
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_frozen_layer_matched_in_one_function_equals_its_own_forward_and_a_hook(layout):
+    torch.manual_seed(0)
+    model = frozen(create_model("resnet18", 4, width=0.25)).to(memory_format=layout)
+    for m in bn_layers(model):
+        m.running_mean.normal_(0, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+        m.weight.data.uniform_(0.5, 1.5)
+        m.bias.data.normal_(0, 0.2)
+    x = torch.randn(6, 3, 32, 32).contiguous(memory_format=layout)
+    out, loss, grad = _matched(model, x, fused=True)
+    ref_out, ref_loss, ref_grad = _matched(model, x, fused=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    assert grad.is_contiguous(memory_format=layout)
+    assert all("forward" not in m.__dict__ for m in bn_layers(model))  # the class's forward again after
+
+
+def test_layers_that_train_are_matched_by_hooks_and_keep_their_own_forward():
+    model = TwoBN()  # parameters that train: the fused frozen form would drop their gradients
+    model.eval()
+    with BNMatch(model) as bnm:
+        assert all("forward" not in m.__dict__ for m in bn_layers(model))
+        model(torch.randn(4, 3, 8, 8))
+        assert bnm.loss() > 0
