@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tarfile
@@ -39,6 +40,7 @@ ROOT = os.path.dirname(HERE)
 # Deadlines in seconds from the start, on a GPU: gpu_check ends by minute 5, all by minute 9.
 DEADLINES = {"ray": 60.0, "gpu_check": 300.0, "distill": 480.0, "cells": 530.0}
 QUICK_DEADLINES = {"ray": 120.0, "gpu_check": 480.0, "distill": 900.0, "cells": 1300.0}  # a shared CPU: generous
+TERM_GRACE_S = 8.0  # a stopped step's time to shut Ray down before it is killed
 GPU_CHECK_MARGIN_S = 20.0  # gpu_check's own budget ends this long before its deadline (writing, exiting)
 
 # The distill's reduced budget on a GPU (the cifar10 GPU preset otherwise: full-width ResNet-18,
@@ -94,16 +96,33 @@ def steps(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def run_step(name: str, argv: list[str], env: dict, out: str, timeout: float) -> dict:
-    """One step, its output streamed to OUT/<name>.log, stopped at `timeout` seconds."""
+    """One step, its output streamed to OUT/<name>.log, stopped at `timeout` seconds: SIGTERM to its whole
+    process group (our commands shut Ray down on it, as on Ctrl-C), then SIGKILL to what is left after
+    TERM_GRACE_S, so that no process of a stopped step holds the GPU into the next one."""
     log = os.path.join(out, f"{name}.log")
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write("$ " + " ".join(argv) + "\n")
         f.flush()
+        p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = "stopped at its deadline"
+            for sig, wait in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    p.wait(timeout=wait)
+                    if sig == signal.SIGTERM:
+                        os.killpg(p.pid, signal.SIGKILL)  # what the step started and left behind
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+                except ProcessLookupError:
+                    break
     return {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "log": os.path.basename(log)}
 
 
