@@ -39,7 +39,7 @@ ROOT = os.path.dirname(HERE)
 
 # Deadlines in seconds from the start, on a GPU: gpu_check ends by minute 5, all by minute 9.
 DEADLINES = {"ray": 60.0, "gpu_check": 300.0, "distill": 480.0, "cells": 530.0}
-QUICK_DEADLINES = {"ray": 120.0, "gpu_check": 480.0, "distill": 900.0, "cells": 1300.0}  # a shared CPU: generous
+QUICK_DEADLINES = {"ray": 120.0, "gpu_check": 300.0, "distill": 1200.0, "cells": 1500.0}  # a shared CPU: generous
 TERM_GRACE_S = 8.0  # a stopped step's time to shut Ray down before it is killed
 GPU_CHECK_MARGIN_S = 20.0  # gpu_check's own budget ends this long before its deadline (writing, exiting)
 
