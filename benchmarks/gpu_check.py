@@ -1,10 +1,13 @@
 """GPU check: correctness, speed and a small end-to-end run of our GPU code paths; no Ray, no install.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py --out DIR                       # a GPU machine, ~10 min on one H100
-    PYTHONPATH=. python3 benchmarks/gpu_check.py --device cpu --quick --out DIR  # the same code paths on CPU, < 1 min
+    python3 benchmarks/gpu_check.py --out DIR --budget-s 280                 # a GPU machine (benchmarks/device_run.py)
+    python3 benchmarks/gpu_check.py --device cpu --quick --out DIR           # the same code paths on CPU, ~1 min
 
-Prints a table and writes DIR/gpu_check.json (after every part, so a run cut
-short still leaves what it measured). Parts:
+Prints a table and writes DIR/gpu_check.json (after every part and every
+compiled item, so a run cut short still leaves what it measured). Nothing
+new starts once --budget-s is spent; each torch.compile item runs in a
+child process that is stopped when the budget ends (a compile cannot be
+interrupted in-process). `--parts` takes any subset. Parts:
 
   correctness  per-channel BN mean/variance and the BN loss on the device against float64; the
                recover loss and its input gradient in bf16 autocast against fp32; a few hundred
@@ -39,18 +42,27 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
+
+# This folder (recover_vs_reference, _recipe) and the checkout (scdd_ray) on the path however the script is
+# started: as a file, through runpy, or from another directory.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (_HERE, os.path.dirname(_HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from recover_vs_reference import reference_recover  # this script's folder is on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
+from scdd_ray.bench.reference import reference_recover
 from scdd_ray.core.bn import BNMatch, batch_stats, bn_layers, parse_bn_weights
 from scdd_ray.core.evaluation import top1
 from scdd_ray.core.posttrain import PostTrainer, epoch_batches, train_step
@@ -75,6 +87,7 @@ IMAGE_FLOOR_FACTOR = 3.0  # bf16 images may differ from fp32 by 3x what another 
 IMAGE_MIN_TOL = 1.0  # ... and by at least 1 grey level in mean absolute difference
 LOSS_END_RTOL = 0.05  # final CE and BN terms of the bf16 run within 5% of the fp32 run's
 H100_BF16_MATMUL_TFLOPS = 790.0  # the issue's figure for an 8192^3 bf16 matmul on an H100
+MIN_CHILD_S = 30.0  # a compiled item is not started with less of the budget left (start-up alone takes ~10 s)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -289,6 +302,7 @@ VARIANTS = {  # name: (channels_last, amp, compile)
 
 
 UNCOMPILED = "bf16_channels_last"  # what the compiled variant is compared with (the production default)
+COMPILED = [v for v, (_, _, comp) in VARIANTS.items() if comp]
 
 
 def flops_per_image_iteration(model: nn.Module, batch: int, size: int, classes: int, device) -> float:
@@ -363,21 +377,56 @@ def time_recover_model(p: Plan, spec: tuple, device: torch.device, peak: float) 
     return row
 
 
-def compile_recover(p: Plan, rows: dict, device: torch.device, budget: Budget, peak: float) -> None:
-    """The torch.compile variant of each model while the budget lasts (a compile takes minutes)."""
-    compiled = [v for v, (_, _, comp) in VARIANTS.items() if comp]
+def in_child(a: argparse.Namespace, what: str, budget: Budget) -> tuple[dict | None, str | None]:
+    """Run one compiled item (`--child what`) in a child process, stopped when the budget runs out: a compile
+    cannot be interrupted in-process, and it can take minutes. Returns (its result, None) or (None, why not)."""
+    left = budget.left()
+    if left < MIN_CHILD_S:
+        return None, "time budget"
+    argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", what]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=left)
+    except subprocess.TimeoutExpired:
+        return None, f"time budget: stopped after {left:.0f} s"
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("CHILD ")]
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"failed (exit {r.returncode}): {tail[:300]}"
+    return json.loads(lines[-1][len("CHILD "):]), None
+
+
+def child(a: argparse.Namespace, p: Plan, device: torch.device) -> dict:
+    """What `in_child` runs: the compiled variants of one recover model (timed beside the uncompiled default)
+    or of one post-train size."""
+    kind, name = a.child.split(":", 1)
+    if kind == "recover":
+        spec = next(s for s in p.recover_models if s[0] == name)
+        return time_variants(p, spec, COMPILED + [UNCOMPILED], device)
+    spec = next(s for s in p.posttrain if s[0] == name)
+    return time_posttrain(p, spec, device, POSTTRAIN_COMPILED)["variants"]
+
+
+def compile_recover(a: argparse.Namespace, p: Plan, rows: dict, device: torch.device, budget: Budget, peak: float,
+                    save) -> None:
+    """The torch.compile variant of each model, each in a child process bounded by what is left of the
+    budget, each saved as it finishes."""
     for spec in p.recover_models:
-        row = rows[spec[0]]
-        if spec[0] not in p.compile_models or budget.left() < 180:
-            row["skipped"].update({v: "not in this plan" if spec[0] not in p.compile_models else "time budget"
-                                   for v in compiled})
+        row = rows.get(spec[0])
+        if row is None:
             continue
-        # timed again beside the uncompiled default, alternating: the two are compared in one pass
-        rates = time_variants(p, spec, compiled + [UNCOMPILED], device)
-        rate_row(row, {v: rates[v] for v in compiled}, peak)
-        for v in compiled:
-            row["variants"][v]["vs_uncompiled_same_pass"] = round(
-                rates[v]["img_iters_per_s"] / rates[UNCOMPILED]["img_iters_per_s"], 3)
+        if spec[0] not in p.compile_models:
+            row["skipped"].update({v: "not in this plan" for v in COMPILED})
+            continue
+        rates, why = in_child(a, f"recover:{spec[0]}", budget)
+        if rates is None:
+            row["skipped"].update({v: why for v in COMPILED})
+        else:
+            # timed again beside the uncompiled default, alternating: the two are compared in one pass
+            rate_row(row, {v: rates[v] for v in COMPILED}, peak)
+            for v in COMPILED:
+                row["variants"][v]["vs_uncompiled_same_pass"] = round(
+                    rates[v]["img_iters_per_s"] / rates[UNCOMPILED]["img_iters_per_s"], 3)
+        save()
 
 
 # --- post-train speed ------------------------------------------------------------------
@@ -459,12 +508,14 @@ def run_e2e(p: Plan, a: argparse.Namespace, device: torch.device) -> dict:
     shards = [recover_shard(model, s, rcfg, info.mean, info.std, size, rc.seed, device)
               for s in plan_shards(info.num_classes, p.e2e_ipc, rcfg.classes_per_batch, rcfg.ipc_per_shard)]
     t["recover"] = time.perf_counter() - t0
+    res_batches = [len(r.images) for r, _, _ in shards]
     synthetic = torch.cat([r.images for r, _, _ in shards])
     idx, _ = sample_per_class(train, p.e2e_ipc, seed=rc.seed)
     pcfg = dataclasses.replace(rc.posttrain, student_width=p.e2e_width, epochs=p.e2e_posttrain_epochs)
     res = {"source": source, "train_images": len(train), "test_images": len(test), "ipc": p.e2e_ipc,
            "squeeze_epochs": p.e2e_squeeze_epochs, "recover_iterations": p.e2e_recover_iters,
-           "posttrain_epochs": p.e2e_posttrain_epochs, "width": p.e2e_width, "teacher_top1": round(teacher_top1, 2)}
+           "posttrain_epochs": p.e2e_posttrain_epochs, "width": p.e2e_width, "teacher_top1": round(teacher_top1, 2),
+           "recover_batches": res_batches}
     for name, images in (("synthetic", synthetic), ("random_real", train.load(idx))):
         t0 = time.perf_counter()
         tr = PostTrainer(pcfg, images.to(device), model, info, image_size=size, small_input=True, seed=rc.seed)
@@ -505,7 +556,7 @@ def table(res: dict) -> str:
         for k, v in body.items():
             if isinstance(v, dict) and "pass" in v:
                 lines.append(f"  {'ok  ' if v['pass'] else 'FAIL'} {part}.{k}: {v['value']:.3g} (tolerance {v['tolerance']:.3g})")
-    if "peak" in res:
+    if res.get("peak", {}).get("n"):
         lines.append(f"  peak bf16 matmul {res['peak']['n']}^3: {res['peak']['tflops']} TFLOP/s")
     for name, row in res.get("recover", {}).items():
         lines.append(f"  recover {name} batch {row['batch']} ({row['gflops_per_image_iteration']} GFLOP per image-iteration):")
@@ -525,8 +576,13 @@ def table(res: dict) -> str:
     elif e2e:
         lines.append(f"  e2e ({e2e['source']}): teacher {e2e['teacher_top1']}%, IPC {e2e['ipc']} synthetic "
                      f"{e2e['synthetic_top1']}%, random real {e2e['random_real_top1']}%, seconds {e2e['seconds']}")
+    for why in res.get("skipped_parts", []):
+        lines.append(f"  skipped {why}")
     lines.append(f"  {res['seconds']:.1f} s")
     return "\n".join(lines)
+
+
+PARTS = ("correctness", "peak", "recover", "posttrain", "e2e")
 
 
 def plan(a: argparse.Namespace) -> Plan:
@@ -545,12 +601,14 @@ def main() -> int:
     ap.add_argument("--data-dir", default="data_cache/cifar10", help="CIFAR-10 Parquet files for the e2e part")
     ap.add_argument("--parts", default="correctness,peak,recover,posttrain,e2e")
     ap.add_argument("--budget-s", type=float, default=540.0,
-                    help="seconds after which optional items (the compiled variants) are skipped")
+                    help="seconds after which nothing new starts; each compiled item runs in a child process "
+                         "stopped when they are over")
     ap.add_argument("--recover-model", action="append", default=None, metavar="ARCH:WIDTH:SIZE:BATCH",
                     help="time these recover models instead of the plan's (repeatable), all with compile")
     ap.add_argument("--iterations", type=int, default=None, help="recover iterations per timed run")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one compiled item, for `in_child`
     add_recipe_args(ap, "cifar10")
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -562,9 +620,18 @@ def main() -> int:
         torch.set_num_threads(a.threads)  # default 1: two threads on a busy small machine can be far slower
         fixed["recover.compile_backend"] = "eager"  # Dynamo's capture of our code; code generation takes minutes
     p, budget = dataclasses.replace(plan(a), recipe=recipe(a, fixed)), Budget(a.budget_s)
+    if a.child:
+        print("CHILD " + json.dumps(child(a, p, device)), flush=True)
+        return 0
     parts = a.parts.split(",")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        print(f"gpu_check: error: --parts: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PARTS)})",
+              file=sys.stderr)
+        return 2
     os.makedirs(a.out, exist_ok=True)
-    res: dict = {"env": environment(device, a.quick), "plan": dataclasses.asdict(p), "compile_backend":
+    res: dict = {"command": shlex.join(["python3", "benchmarks/gpu_check.py", *sys.argv[1:]]),
+                 "env": environment(device, a.quick), "plan": dataclasses.asdict(p), "compile_backend":
                  p.recipe.recover.compile_backend, "correctness": {}, "seconds": 0.0}
 
     def save():
@@ -576,31 +643,44 @@ def main() -> int:
         res["correctness"] = {"bn_stats": check_bn_stats(device), "losses": check_losses(p, device),
                               "images": check_images(p, device)}
         save()
-    peak = peak_matmul(p, device) if ("peak" in parts or "recover" in parts) else {"tflops": math.nan}
-    res["peak"] = peak
-    if device.type == "cuda" and "H100" in res["env"]["name"]:
-        peak["h100_reference_tflops"] = H100_BF16_MATMUL_TFLOPS
+    peak = {"tflops": math.nan}  # share-of-peak figures are NaN without it
+    if "peak" in parts or "recover" in parts:
+        peak = res["peak"] = peak_matmul(p, device)
+        if device.type == "cuda" and "H100" in res["env"]["name"]:
+            peak["h100_reference_tflops"] = H100_BF16_MATMUL_TFLOPS
+        save()
+    # Past the budget, nothing new starts (a part already running finishes: the device script's own timeout
+    # bounds the whole run); what is skipped says so.
+    res["skipped_parts"] = []
     if "recover" in parts:
         res["recover"] = {}
         for spec in p.recover_models:
+            if budget.left() <= 0:
+                res["skipped_parts"].append(f"recover {spec[0]}: time budget")
+                continue
             res["recover"][spec[0]] = time_recover_model(p, spec, device, peak["tflops"])
             save()
     if "posttrain" in parts:
-        res["posttrain"] = {spec[0]: time_posttrain(p, spec, device, POSTTRAIN_VARIANTS) for spec in p.posttrain}
-        save()
-    if "e2e" in parts:
-        res["e2e"] = run_e2e(p, a, device)
-        save()
-    if "recover" in parts:  # compiling last: what is left of the budget decides how much of it runs
-        compile_recover(p, res["recover"], device, budget, peak["tflops"])
-        save()
-    if "posttrain" in parts:
+        res["posttrain"] = {}
         for spec in p.posttrain:
-            row = res["posttrain"][spec[0]]
-            if budget.left() < 120:
-                row["skipped"] = {v: "time budget" for v in POSTTRAIN_COMPILED}
+            if budget.left() <= 0:
+                res["skipped_parts"].append(f"posttrain {spec[0]}: time budget")
                 continue
-            row["variants"].update(time_posttrain(p, spec, device, POSTTRAIN_COMPILED)["variants"])
+            res["posttrain"][spec[0]] = time_posttrain(p, spec, device, POSTTRAIN_VARIANTS)
+            save()
+    if "e2e" in parts:
+        res["e2e"] = run_e2e(p, a, device) if budget.left() > 0 else {"skipped": "time budget"}
+        save()
+    if "recover" in parts:  # compiling last, each in a child stopped at the budget's end
+        compile_recover(a, p, res["recover"], device, budget, peak["tflops"], save)
+    if "posttrain" in parts:
+        for name, row in res["posttrain"].items():
+            variants, why = in_child(a, f"posttrain:{name}", budget)
+            if variants is None:
+                row["skipped"] = {v: why for v in POSTTRAIN_COMPILED}
+            else:
+                row["variants"].update(variants)
+            save()
     save()
     print(table(res))
     return 0

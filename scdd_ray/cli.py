@@ -269,7 +269,8 @@ def _bench_recover(a: Args) -> int:
     res = bench_recover(a.config(), num_classes=o.num_classes, batch=o.batch, iterations=o.timed_iterations,
                         threads=o.threads or os.cpu_count() or 1, repeats=o.repeats)
     atomic_write_json(o.json, stamped(res, a.argv))
-    print(json.dumps({k: res[k] for k in ("arch", "width", "image_size", "batch", "threads", "img_iters_per_s")}))
+    print(json.dumps({k: res[k] for k in ("arch", "width", "image_size", "batch", "threads", "img_iters_per_s",
+                                          "reference_img_iters_per_s", "vs_reference")}))
     return 0
 
 

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from scdd_ray.core.bn import (
     BNMatch,
@@ -14,6 +15,8 @@ from scdd_ray.core.bn import (
     parse_bn_weights,
     summarize_bn,
 )
+from scdd_ray.models.factory import create_model
+from scdd_ray.models.runtime import frozen
 
 
 class TwoBN(nn.Module):
@@ -248,3 +251,87 @@ def test_channels_last_statistics_match_var_mean_even_far_from_zero():
     a = bn_loss(model, x).item()
     b = bn_loss(model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)).item()
     assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_bn_matching_keeps_no_float32_copy_of_an_activation_for_backward():
+    """Under bf16 autocast (what a GPU runs; torch runs it on CPU too) the BN term saves, for backward,
+    only the layer's own bf16 input: no upcast, shifted or squared float32 copy."""
+    torch.manual_seed(0)
+    model = frozen(create_model("resnet18", 4, width=0.25)).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    biggest = max(m.num_features for m in bn_layers(model)) * 4  # the largest per-channel vector's numel x 4
+    for with_bn in (False, True):
+        saved = []
+        with BNMatch(model) as bnm, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                                              lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), torch.arange(4)) + (bnm.loss() if with_bn else 0)
+        big32 = {t.data_ptr() for t in saved if t.dtype == torch.float32 and t.numel() > biggest and t is not x}
+        if not with_bn:
+            floor = big32
+        else:
+            assert big32 <= floor, f"{len(big32 - floor)} float32 activation copies kept for backward"
+        loss.backward()
+
+
+def test_batch_moments_gradient_is_exact():
+    """The hand-written backward of the BN statistics (both layouts) against autograd in float64."""
+    g = torch.Generator().manual_seed(0)
+    for cl in (False, True):
+        x = (torch.randn(6, 5, 4, 3, generator=g, dtype=torch.float64) * 0.5 + 3).requires_grad_(True)
+        xin = x.contiguous(memory_format=torch.channels_last) if cl else x
+        shift = torch.randn(5, generator=g, dtype=torch.float64) * 0.1 + 3
+        wm, wv = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+        mean, var = batch_stats(xin.float(), shift.float())
+        ((mean.double() * wm).sum() + (var.double() * wv).sum()).backward()
+        ours = x.grad.clone()
+        x.grad = None
+        v64, m64 = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        ((m64 * wm).sum() + (v64 * wv).sum()).backward()
+        torch.testing.assert_close(ours, x.grad, rtol=1e-4, atol=1e-5)
+
+
+def _matched(model, x, fused: bool):
+    """(logits, loss, input gradient) of CE + BN matching, through the fused frozen layers or the hooks."""
+    xi = x.clone().requires_grad_(True)
+    bnm = BNMatch(model)
+    if not fused:  # a forward of the instance's own: BNMatch leaves such a layer to its forward hook
+        for m in bn_layers(model):
+            m.forward = type(m).forward.__get__(m)
+    with bnm:
+        out = model(xi)
+        loss = F.cross_entropy(out, torch.arange(len(x)) % 4) + 0.1 * bnm.loss()
+    if not fused:
+        for m in bn_layers(model):
+            del m.forward
+    loss.backward()
+    return out.detach(), loss.detach(), xi.grad
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_frozen_layer_matched_in_one_function_equals_its_own_forward_and_a_hook(layout):
+    torch.manual_seed(0)
+    model = frozen(create_model("resnet18", 4, width=0.25)).to(memory_format=layout)
+    for m in bn_layers(model):
+        m.running_mean.normal_(0, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+        m.weight.data.uniform_(0.5, 1.5)
+        m.bias.data.normal_(0, 0.2)
+    x = torch.randn(6, 3, 32, 32).contiguous(memory_format=layout)
+    out, loss, grad = _matched(model, x, fused=True)
+    ref_out, ref_loss, ref_grad = _matched(model, x, fused=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    assert grad.is_contiguous(memory_format=layout)
+    assert all("forward" not in m.__dict__ for m in bn_layers(model))  # the class's forward again after
+
+
+def test_layers_that_train_are_matched_by_hooks_and_keep_their_own_forward():
+    model = TwoBN()  # parameters that train: the fused frozen form would drop their gradients
+    model.eval()
+    with BNMatch(model) as bnm:
+        assert all("forward" not in m.__dict__ for m in bn_layers(model))
+        model(torch.randn(4, 3, 8, 8))
+        assert bnm.loss() > 0

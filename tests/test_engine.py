@@ -159,6 +159,9 @@ def test_bench_recover_writes_throughput(tmp_path, capsys):
                  "--batch", "8", "--timed-iterations", "3", "--threads", "1", "--repeats", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["benchmark"] == "recover" and res["img_iters_per_s"] > 0 and res["batch"] == 8
+    # the reference loop timed in turns with ours, and the ratio of the two medians
+    assert len(res["reference_seconds"]) == 1 and res["reference_img_iters_per_s"] > 0
+    assert res["vs_reference"] == pytest.approx(res["img_iters_per_s"] / res["reference_img_iters_per_s"], rel=1e-2)
     assert main(["bench", "recover", "--batch", "0", "--json", str(out)]) == 2
     assert "--batch" in capsys.readouterr().err
 

@@ -1,8 +1,10 @@
 import dataclasses
 
+import pytest
 import torch
 
 from scdd_ray.config import RecoverConfig
+from scdd_ray.core.augment import random_roll
 from scdd_ray.core.recover import synthesize
 from scdd_ray.core.shards import plan_shards, recover_shard, shard_seed
 from scdd_ray.models.factory import create_model
@@ -142,3 +144,67 @@ def test_compiled_objective_is_captured_once_and_gives_the_eager_images(tiny_mod
         got = synthesize(twin, torch.tensor(t), compiled, MEAN, STD, 16, seed=s).images
         assert torch.equal(got, want)
     assert len(graphs) == 1 and backends == ["eager"]  # two shards, one capture, no graph break
+
+
+# --- one layout, one shape, one compile (GPU-path defects held on the CPU) ----------------------------
+
+RCFG = RecoverConfig(iterations=4, lr=0.1, bn_coef=0.1, jitter=4, crop_scale=None, flip=True)
+
+
+def test_roll_keeps_channels_last_for_every_shift():
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    for seed in range(60):  # every (dx, dy) in [0, 4]^2 comes up, zeros included
+        y = random_roll(x, 4, torch.Generator().manual_seed(seed))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        g = torch.Generator().manual_seed(seed)
+        dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()
+        assert torch.equal(y, torch.roll(x.contiguous(), shifts=(dx, dy), dims=(2, 3)))
+
+
+@pytest.mark.parametrize("crop", [None, (0.5, 1.0)])
+def test_recover_feeds_one_layout_and_one_shape_every_iteration_and_shard(crop):
+    """Whatever layout the caller's model has and whatever the augmentation draws, every iteration of a
+    shard feeds the model one shape in channels_last, weights channels_last too."""
+    torch.manual_seed(0)
+    model = frozen(create_model("resnet18", 10, width=0.125))  # built NCHW, as a careless caller would
+    seen = []
+    conv = model.conv1
+    conv.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape, a[0].stride(),
+                                                             m.weight.is_contiguous(memory_format=torch.channels_last))))
+    cfg = dataclasses.replace(RCFG, iterations=12, crop_scale=crop, classes_per_batch=4)
+    shards = plan_shards(10, 1, cfg.classes_per_batch)
+    assert [len(s) for s in shards] == [4, 4, 2]  # a short last shard
+    for shard in shards:
+        seen.clear()
+        recover_shard(model, shard, cfg, MEAN, STD, 16, run_seed=0)
+        shapes, strides, weights_cl = zip(*seen)
+        assert len(set(shapes)) == 1 and len(set(strides)) == 1 and all(weights_cl), (set(shapes), set(strides))
+        x = torch.empty(shapes[0]).contiguous(memory_format=torch.channels_last)
+        assert strides[0] == x.stride()
+
+
+def test_compiled_step_compiles_once_per_model_for_a_run_with_a_short_last_shard(monkeypatch):
+    """Shards of 4, 4 and 2 images: one graph (the batch dimension is dynamic from the start), no recompile
+    for the layout either; the images equal the eager step's."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, backend: real(fn, backend=counting))
+    torch._dynamo.reset()
+    cfg = dataclasses.replace(RCFG, iterations=6, crop_scale=(0.5, 1.0), classes_per_batch=4,
+                              compile_backend="eager")
+    torch.manual_seed(0)
+    eager_model = frozen(create_model("resnet18", 10, width=0.125))
+    compiled_model = frozen(create_model("resnet18", 10, width=0.125))
+    compiled_model.load_state_dict(eager_model.state_dict())
+    shards = plan_shards(10, 1, cfg.classes_per_batch)
+    for shard in shards:
+        want = recover_shard(eager_model, shard, cfg, MEAN, STD, 16, run_seed=0)[0].images
+        got = recover_shard(compiled_model, shard, dataclasses.replace(cfg, compile=True), MEAN, STD, 16,
+                            run_seed=0)[0].images
+        assert (got.int() - want.int()).abs().max() <= 1  # the dynamic graph's float sums may round apart
+    assert len(graphs) == 1, [g.graph for g in graphs]

@@ -24,9 +24,9 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     pinned memory with non_blocking it is queued like a kernel. A no-op on CPU.
     """
     device = torch.device(device)
-    if device.type != "cuda" or t.device.type == "cuda":
+    if device.type == "cpu" or t.device.type != "cpu":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -92,6 +92,10 @@ def random_roll(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Te
     if max_shift <= 0:
         return x
     dx, dy = torch.randint(0, max_shift + 1, (2,), generator=g).tolist()
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # torch.roll of a channels_last batch comes back NCHW when a shift is 0: roll the NHWC view
+        # instead, so the layout (and a compiled step's graph) is the same every iteration.
+        return torch.roll(x.permute(0, 2, 3, 1), shifts=(dx, dy), dims=(1, 2)).permute(0, 3, 1, 2)
     return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
 
 

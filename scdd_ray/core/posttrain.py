@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +131,45 @@ def step_images(images, sb: StepBatch, rows: torch.Tensor) -> torch.Tensor:
     return images[to_device(sb.idx, images.device)]
 
 
+def prefetches(images) -> bool:
+    """Whether an epoch decodes each step's images ahead, in a background thread: for an encoded set feeding
+    an accelerator, which would otherwise idle while the CPU decodes. On a CPU the decoding would take
+    cores from the model instead."""
+    return isinstance(images, EncodedImages) and images.device.type != "cpu"
+
+
+class StepImages:
+    """Each step's images of an epoch (`step_images`); with `prefetches`, step s + 1's are decoded by a
+    background thread while step s trains, otherwise each is gathered when its step asks."""
+
+    def __init__(self, images, batches: list[StepBatch], rows: torch.Tensor):
+        self.images, self.batches, self.rows = images, batches, rows
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="decode") if prefetches(images) else None
+        self.pending: dict[int, Future] = {}
+
+    def _submit(self, s: int) -> None:
+        if self.pool is not None and s < len(self.batches):
+            self.pending[s] = self.pool.submit(step_images, self.images, self.batches[s], self.rows)
+
+    def get(self, s: int) -> torch.Tensor:
+        if self.pool is None:
+            return step_images(self.images, self.batches[s], self.rows)
+        if s not in self.pending:
+            self._submit(s)
+        images = self.pending.pop(s).result()
+        self._submit(s + 1)
+        return images
+
+    def __enter__(self) -> "StepImages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            for f in self.pending.values():
+                f.cancel()
+            self.pool.shutdown(wait=True)
+
+
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CUDA, where it pays. On CPU it does not, and torch 2.14.1 corrupts memory
     (SIGSEGV / double free) training 8-channel (width 0.125) convs in channels_last with 2 threads."""
@@ -138,19 +178,23 @@ def memory_format(device: torch.device) -> torch.memory_format:
 
 def train_step(student: nn.Module, teacher: nn.Module | None, opt: torch.optim.Optimizer, images: torch.Tensor,
                sb: StepBatch, rows: torch.Tensor, weight: float, cfg: PosttrainConfig, image_size: int, mean, std,
-               scaler=None, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               scaler=None, labels: torch.Tensor | None = None,
+               batch_images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimisation step on this worker's `rows` of the global batch `sb`.
 
     The teacher labels the very crop tensor the student is fed (after
     random-resized-crop, flip and CutMix/MixUp). With `labels` (the images'
     classes, on CPU) the student learns them instead, by cross entropy with
     mixed crops weighted by how much of each image they show (no teacher).
+    `batch_images`: the step's images if already gathered (`step_images`).
     Returns (weighted loss, teacher logits or None).
     """
     device = images.device
     # The step's random draws (CPU) travel as queued copies: no host sync inside the loop.
     rows_on = to_device(rows, device)
-    crops = make_crops(step_images(images, sb, rows), sb.plan.to(device), image_size, mean, std, rows_on)
+    if batch_images is None:
+        batch_images = step_images(images, sb, rows)
+    crops = make_crops(batch_images, sb.plan.to(device), image_size, mean, std, rows_on)
     crops = crops.contiguous(memory_format=memory_format(device))
     with autocast(device, cfg.amp):
         if labels is not None:
@@ -164,8 +208,8 @@ def train_step(student: nn.Module, teacher: nn.Module | None, opt: torch.optim.O
         loss = kd_loss(logits, target, cfg.temperature) * weight
     else:
         partner = sb.plan.partner[rows] if sb.plan.partner is not None else rows
-        loss = hard_label_loss(logits, labels[sb.idx[rows]].to(device), labels[sb.idx[partner]].to(device),
-                               mix_weight(sb.plan, image_size)) * weight
+        loss = hard_label_loss(logits, to_device(labels[sb.idx[rows]], device),
+                               to_device(labels[sb.idx[partner]], device), mix_weight(sb.plan, image_size)) * weight
     opt.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -182,14 +226,15 @@ def run_epoch(student, teacher, opt, images: torch.Tensor, batches: list[StepBat
               scaler=None, on_step=None, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Train one epoch; returns (sum of this worker's weighted step losses, global step after it)."""
     running = torch.zeros((), device=images.device)
-    for s, sb in enumerate(batches):
-        set_lr(opt, cosine_lr(cfg.lr, step, total_steps, period=cfg.cosine_period))
-        loss, target = train_step(student, teacher, opt, images, sb, rows, weight, cfg, image_size, mean, std,
-                                  scaler, labels)
-        running += loss
-        if on_step is not None:
-            on_step(s, sb, target)
-        step += 1
+    with StepImages(images, batches, rows) as feed:
+        for s, sb in enumerate(batches):
+            set_lr(opt, cosine_lr(cfg.lr, step, total_steps, period=cfg.cosine_period))
+            loss, target = train_step(student, teacher, opt, images, sb, rows, weight, cfg, image_size, mean, std,
+                                      scaler, labels, feed.get(s))
+            running += loss
+            if on_step is not None:
+                on_step(s, sb, target)
+            step += 1
     return running, step
 
 

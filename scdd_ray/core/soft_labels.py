@@ -36,9 +36,35 @@ def stored_batches(root: str, epoch: int, num_classes: int, temperature: float,
 def soft_label_rows(epoch: int, step: int, sb: StepBatch, rows: torch.Tensor, target_logits: torch.Tensor,
                     temperature: float, k: int) -> dict:
     """Stored-soft-label columns for this worker's rows of one step."""
+    v, i = topk_probs(target_logits, temperature, k)
+    return _columns(epoch, step, sb, rows, v.cpu(), i.cpu())
+
+
+class SoftLabelRecorder:
+    """Stored-soft-label columns of one epoch, step by step: the teacher's top-k stays on the device until
+    `columns` reads every step's back at once (one host sync an epoch, not one a step)."""
+
+    def __init__(self, temperature: float, k: int):
+        self.temperature, self.k = temperature, k
+        self._steps: list = []
+
+    def record(self, epoch: int, step: int, sb: StepBatch, rows: torch.Tensor, target_logits: torch.Tensor) -> None:
+        v, i = topk_probs(target_logits.detach(), self.temperature, self.k)
+        self._steps.append((epoch, step, sb, rows, v, i))
+
+    def columns(self) -> dict:
+        """The recorded steps' columns, concatenated; the record starts over."""
+        steps, self._steps = self._steps, []
+        sizes = [len(s[4]) for s in steps]
+        values = torch.cat([s[4] for s in steps]).cpu().split(sizes)
+        indices = torch.cat([s[5] for s in steps]).cpu().split(sizes)
+        cols = [_columns(e, s, sb, rows, v, i) for (e, s, sb, rows, _, _), v, i in zip(steps, values, indices)]
+        return {c: np.concatenate([r[c] for r in cols]) for c in cols[0]}
+
+
+def _columns(epoch: int, step: int, sb: StepBatch, rows: torch.Tensor, v: torch.Tensor, i: torch.Tensor) -> dict:
     p = sb.plan
     n = len(rows)
-    v, i = topk_probs(target_logits, temperature, k)
     partner = p.partner[rows] if p.partner is not None else rows
     b = p.boxes[rows]
     full = lambda val, dt: np.full(n, val, dt)  # noqa: E731
@@ -50,4 +76,4 @@ def soft_label_rows(epoch: int, step: int, sb: StepBatch, rows: torch.Tensor, ta
             "cut_y0": full(p.box[0], np.int16), "cut_y1": full(p.box[1], np.int16),
             "cut_x0": full(p.box[2], np.int16), "cut_x1": full(p.box[3], np.int16),
             "lam": full(p.lam, np.float32),
-            "topk_index": i.cpu().numpy().astype(np.int16), "topk_prob": v.cpu().numpy().astype(np.float16)}
+            "topk_index": i.numpy().astype(np.int16), "topk_prob": v.numpy().astype(np.float16)}

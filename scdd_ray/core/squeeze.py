@@ -22,24 +22,30 @@ import torch.nn.functional as F
 from ..data import ImageSet, iterate
 from ..models.factory import create_model, features, head
 from ..models.runtime import autocast
+from ..store.atomic import rename_into_place, write_temp
 from . import ssl
-from .augment import color_jitter, normalize, random_flip, random_resized_crop, to_float
+from .augment import color_jitter, normalize, random_flip, random_resized_crop, to_device, to_float
 from .configs import SUPERVISED, SqueezeConfig
 from .progress import Progress
-from ..store.atomic import rename_into_place, write_temp
 from .schedules import cosine_lr, set_lr
 
 log = logging.getLogger("scdd_ray")
 
+def _crop(x_u8: torch.Tensor, size: int, cfg: SqueezeConfig, g: torch.Generator) -> torch.Tensor:
+    """The view's random-resized crop in the model's layout (grid_sample writes NCHW; the backbone is
+    channels_last): converted once here, the view's other ops keep it."""
+    return random_resized_crop(to_float(x_u8), size, cfg.crop_scale, g).contiguous(memory_format=torch.channels_last)
+
+
 def ssl_view(x_u8: torch.Tensor, size: int, cfg: SqueezeConfig, mean, std, g: torch.Generator) -> torch.Tensor:
-    x = random_resized_crop(to_float(x_u8), size, cfg.crop_scale, g)
+    x = _crop(x_u8, size, cfg, g)
     if cfg.flip:
         x = random_flip(x, g)
     return normalize(color_jitter(x, g), mean, std)
 
 
 def supervised_view(x_u8: torch.Tensor, size: int, cfg: SqueezeConfig, mean, std, g: torch.Generator) -> torch.Tensor:
-    x = random_resized_crop(to_float(x_u8), size, cfg.crop_scale, g)
+    x = _crop(x_u8, size, cfg, g)
     if cfg.flip:
         x = random_flip(x, g)
     return normalize(x, mean, std)
@@ -178,9 +184,9 @@ def pretrain_ssl(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, 
 def _embed(model: nn.Module, ds: ImageSet, device) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
     for x, y in iterate(ds, 256, device=device):
-        x = normalize(to_float(x.to(device)), ds.info.mean, ds.info.std)
+        x = normalize(to_float(x.to(device, non_blocking=True)), ds.info.mean, ds.info.std)
         feats.append(features(model, x).float())
-        labels.append(y.to(device))
+        labels.append(y.to(device, non_blocking=True))
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -201,7 +207,7 @@ def linear_probe(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, 
     total = cfg.probe_epochs * ((n + batch - 1) // batch)
     step = 0
     for _ in range(cfg.probe_epochs):
-        order = torch.randperm(n, generator=g).to(device)
+        order = to_device(torch.randperm(n, generator=g), device)
         for s in range(0, n, batch):
             idx = order[s:s + batch]
             set_lr(opt, cosine_lr(1e-2, step, total))
@@ -219,7 +225,7 @@ def train_supervised(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, devi
     def step_loss(x, y, g, _step, _total):
         v = supervised_view(x, info.image_size, cfg, info.mean, info.std, g)
         with autocast(device):
-            return F.cross_entropy(model(v), y.to(device))
+            return F.cross_entropy(model(v), y.to(device, non_blocking=True))
 
     _fit(model, train, cfg, device, seed, model.parameters(), {}, step_loss, "squeeze supervised", resume)
     model.eval()

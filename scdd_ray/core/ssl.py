@@ -8,6 +8,7 @@ add one: a class with the `SSLObjective` shape, decorated with
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import torch
@@ -33,7 +34,7 @@ class NTXentLoss(nn.Module):
         z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
         sim = z @ z.t() / self.temperature
         sim.fill_diagonal_(float("-inf"))
-        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        target = torch.arange(2 * n, device=z.device).roll(n)  # view i's positive is view i + n (mod 2n)
         return F.cross_entropy(sim, target)
 
 
@@ -130,11 +131,17 @@ class MoCoV3(SSLObjective):
         return info_nce(q1, k2, self.temperature) + info_nce(q2, k1, self.temperature)
 
 
+@torch.no_grad()
 def ema(m_model, model, m_proj, proj, step: int, total: int, base: float = 0.99) -> None:
-    """MoCo-v3 momentum update with the momentum cosine-annealed from `base` to 1."""
-    m = 1 - (1 - base) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / max(total, 1)))).item()
-    for dst, src in ((m_model, model), (m_proj, proj)):
-        for pd, ps in zip(dst.parameters(), src.parameters()):
-            pd.mul_(m).add_(ps.detach(), alpha=1 - m)
-        for bd, bs in zip(dst.buffers(), src.buffers()):
-            bd.copy_(bs)
+    """MoCo-v3 momentum update with the momentum cosine-annealed from `base` to 1.
+
+    A few multi-tensor kernels for every parameter and buffer together (`torch._foreach_*`), not two
+    launches per tensor: a ResNet-50 and its projector hold about 330 tensors.
+    """
+    m = 1 - (1 - base) * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+    dst_p = [p for mod in (m_model, m_proj) for p in mod.parameters()]
+    src_p = [p for mod in (model, proj) for p in mod.parameters()]
+    torch._foreach_mul_(dst_p, m)
+    torch._foreach_add_(dst_p, src_p, alpha=1 - m)
+    torch._foreach_copy_([b for mod in (m_model, m_proj) for b in mod.buffers()],
+                         [b for mod in (model, proj) for b in mod.buffers()])

@@ -91,25 +91,35 @@ def iterate(ds: ImageSet, batch_size: int, shuffle: bool = False, generator: tor
             drop_last: bool = False, num_workers: int | None = None, device=None):
     """Yield (uint8 images, labels) batches; in-memory sets skip DataLoader overhead.
 
-    Files are decoded by `num_workers` loader processes; by default up to 8
-    into pinned memory when the batches feed a GPU (decoding JPEGs in the
-    training process starves it), none on CPU, where they would take cores
-    from the model.
+    Batches that feed a GPU are in pinned memory, so that `.to(device,
+    non_blocking=True)` is queued rather than waited for: in-memory sets are
+    gathered straight into a pinned buffer; files are decoded by
+    `num_workers` loader processes, by default up to 8 (decoding JPEGs in the
+    training process starves the GPU), none on CPU, where they would take
+    cores from the model.
     """
     n = len(ds)
+    on_gpu = device is not None and torch.device(device).type == "cuda"
     if ds.in_memory:
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         stop = n - n % batch_size if drop_last else n
         for s in range(0, stop, batch_size):
             idx = order[s:s + batch_size]
-            yield ds.images[idx], ds.labels[idx]
+            yield _gather(ds.images, idx, on_gpu), _gather(ds.labels, idx, on_gpu)
         return
-    on_gpu = device is not None and torch.device(device).type == "cuda"
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if on_gpu else 0
     loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
                         num_workers=num_workers, pin_memory=on_gpu, persistent_workers=False)
     yield from loader
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """Rows `idx` of `t`, written straight into pinned memory when `pinned` (one copy, no pageable stage)."""
+    if not pinned:
+        return t[idx]
+    out = torch.empty((len(idx),) + tuple(t.shape[1:]), dtype=t.dtype, pin_memory=True)
+    return torch.index_select(t, 0, idx, out=out)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -32,7 +31,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ..core.evaluation import top1
 from ..core.posttrain import PostTrainer, PosttrainResult, build_teacher, checkpoint_every
 from ..core.posttrain_job import PosttrainJob
-from ..core.soft_labels import soft_label_rows
+from ..core.soft_labels import SoftLabelRecorder
 from ..errors import CheckpointError, ConfigError, Diverged, EngineError
 from ..models.checkpoint import load_state_file
 from ..store.distilled import read_encoded
@@ -65,15 +64,13 @@ def read_images(source: str, digest: str, rank: int, device, keep_encoded: bool 
 
 def _soft_label_writer(store_to: str, trainer: PostTrainer, rank: int, world: int, k: int):
     """(on_step, on_epoch_end): record the teacher's top-k on every crop, write one file per epoch and rank."""
-    recorded: list[dict] = []
+    recorder = SoftLabelRecorder(trainer.cfg.temperature, k)
 
     def on_step(epoch, s, sb, target):
-        recorded.append(soft_label_rows(epoch, s, sb, trainer.rows, target, trainer.cfg.temperature, k))
+        recorder.record(epoch, s, sb, trainer.rows, target)
 
     def on_epoch_end(epoch):
-        cols = {c: np.concatenate([r[c] for r in recorded]) for c in recorded[0]}
-        recorded.clear()
-        write_soft_labels(store_to, epoch, rank, cols, k)
+        write_soft_labels(store_to, epoch, rank, recorder.columns(), k)
         if rank == 0:  # files of writers beyond this world size (an earlier run) are stale
             for r in range(world, 1024):
                 p = soft_label_file(store_to, epoch, r)

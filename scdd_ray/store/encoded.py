@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ..errors import StoreError
-from .png import decode_png
+from .png import decode_png_hwc
 
 
 def imagefolder_encoded(root: str) -> "EncodedImages":
@@ -71,13 +71,25 @@ class EncodedImages:
 
     def gather(self, idx: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         """uint8 images of rows `idx` on the set's device, positions `need` of `idx` decoded and the others
-        left zero: a training step decodes only the images it crops, not the whole batch."""
-        decoded = self.decode(idx[need].tolist())
-        out = torch.zeros((len(idx),) + tuple(decoded.shape[1:]), dtype=torch.uint8)
-        out[need] = decoded
-        if self.device.type == "cuda":  # from pinned memory the copy is queued, not waited for
-            return out.pin_memory().to(self.device, non_blocking=True)
-        return out.to(self.device)
+        left zero: a training step decodes only the images it crops, not the whole batch.
+
+        Each image is decoded straight into the batch, which for a GPU is pinned
+        memory, so its copy to the device is queued, not waited for."""
+        pos, rows = need.tolist(), idx[need].tolist()
+        first = self._decode_hwc(rows[0])
+        out = torch.zeros((len(idx), first.shape[2]) + tuple(first.shape[:2]), dtype=torch.uint8,
+                          pin_memory=self.device.type == "cuda")
+        for k, (p, r) in enumerate(zip(pos, rows)):
+            img = first if k == 0 else self._decode_hwc(r)
+            chw = torch.from_numpy(img).permute(2, 0, 1)
+            if img.shape != first.shape:  # a StoreError naming both files
+                _stack([torch.from_numpy(first).permute(2, 0, 1), chw], [str(self.sources[x]) for x in (rows[0], r)])
+            out[p].copy_(chw)
+        return out.to(self.device, non_blocking=self.device.type != "cpu")
+
+    def _decode_hwc(self, i: int) -> np.ndarray:
+        """Row `i` decoded as an (H, W, 3) uint8 array; a damaged image is a StoreError naming its file."""
+        return decode_image_hwc(self.chunks[self.where[i, 0]][self.where[i, 1]].as_py(), str(self.sources[i]))
 
     def decode(self, indices) -> torch.Tensor:
         """uint8 (k, 3, H, W) images of rows `indices`; a damaged or odd-sized image is a StoreError naming its file."""
@@ -103,8 +115,13 @@ class EncodedImages:
 
 def decode_image(data: bytes, where: str) -> torch.Tensor:
     """`decode_png`, with an undecodable image a StoreError naming `where` (its file)."""
+    return torch.from_numpy(decode_image_hwc(data, where)).permute(2, 0, 1).contiguous()
+
+
+def decode_image_hwc(data: bytes, where: str) -> np.ndarray:
+    """The (H, W, 3) pixels of an encoded image; an undecodable one is a StoreError naming `where` (its file)."""
     try:
-        return decode_png(data)
+        return decode_png_hwc(data)
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors for damaged images
         raise StoreError(f"{where} holds an image that cannot be decoded ({type(e).__name__})") from None
 

@@ -17,6 +17,11 @@ def encode_png(image: torch.Tensor) -> bytes:
 
 
 def decode_png(data: bytes) -> torch.Tensor:
+    """PNG (or any image PIL reads) bytes -> uint8 CHW RGB tensor."""
+    return torch.from_numpy(decode_png_hwc(data)).permute(2, 0, 1).contiguous()
+
+
+def decode_png_hwc(data: bytes) -> np.ndarray:
+    """The (H, W, 3) RGB pixels of encoded image bytes."""
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.array(im.convert("RGB"))
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        return np.array(im.convert("RGB"))
