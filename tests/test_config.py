@@ -123,3 +123,16 @@ def test_errors_from_flags_name_the_flag_and_from_presets_never_happen(capsys, t
     assert line.startswith("scdd-ray: error: --posttrain-lr: ")
     with pytest.raises(ConfigError):
         build_config({"dataset": "digits", "recover.nope": 1})
+
+
+@pytest.mark.parametrize("dataset,gpu", [("cifar10", False), ("cifar10", True), ("cifar100", True), ("parquet", False)])
+def test_cifar_presets_post_train_as_the_authors_cifar_code(dataset, gpu):
+    """The protocol measurement (benchmarks/results/cifar10_size_protocol.md) decided these: the teacher labels
+    with each batch's BN statistics, and the cosine runs over three times the run, as the authors' CIFAR code."""
+    pt = build_config({"dataset": dataset, "num_gpus": int(gpu)}, run=False).posttrain
+    assert (pt.teacher_bn, pt.cosine_period) == ("train", 3.0)
+
+
+def test_digits_keeps_its_measured_post_training():
+    pt = build_config({"dataset": "digits"}, run=False).posttrain
+    assert (pt.teacher_bn, pt.cosine_period) == ("eval", 1.0)
