@@ -37,13 +37,7 @@ CFG = PosttrainConfig(student="resnet18", student_width=0.125, epochs=3, batch_s
                       mix="cutmix", mix_prob=1.0, crop_scale=(0.5, 1.0), flip=True, checkpoint_every=1)
 
 
-def _info():
-    return load_split("synthetic", "test", None, SIZE).info
-
-
-def _images(n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
+from test_posttrain import _images, _info  # noqa: E402  (the same small synthetic set)
 
 
 def _hard_trainer(cfg):
