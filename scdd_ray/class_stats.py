@@ -3,7 +3,6 @@ gathered once from the run's training split and cached beside its squeezed model
 weights and the split, so every run, table cell and seed that recovers from that model reads one file."""
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -16,7 +15,7 @@ from .core.augment import normalize, to_float
 from .core.class_bn import class_statistics
 from .data import iterate
 from .locks import locked
-from .models.checkpoint import Checkpoint
+from .models.checkpoint import Checkpoint, weights_digest
 from .models.runtime import frozen
 from .schema import DistillConfig
 from .store.atomic import atomic_write_bytes
@@ -25,13 +24,6 @@ log = logging.getLogger("scdd_ray")
 FORMAT = "scdd-class-bn-2"  # per layer: mean, variance, within-image variance
 BATCH = 256
 
-
-def weights_digest(ckpt: Checkpoint) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(ckpt.state_dict.items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def stats_path(cfg: DistillConfig, digest: str) -> str:

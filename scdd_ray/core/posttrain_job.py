@@ -7,11 +7,10 @@ import json
 import os
 from dataclasses import dataclass
 
-import torch
 
 from ..data import DatasetInfo, ImageSet
 from ..errors import ConfigError
-from ..models.checkpoint import Checkpoint
+from ..models.checkpoint import Checkpoint, weights_digest
 from ..store.soft_labels import SOFT_FORMAT, SOFT_META
 from .committee import members
 from .configs import PosttrainConfig, fingerprint_view
@@ -39,7 +38,7 @@ class PosttrainJob:
     def fingerprint(self) -> str:
         """Everything that decides the student; placement and checkpoint frequency are left out."""
         cfg = fingerprint_view(self.cfg)  # settings added later are left out at their defaults: runs resume
-        digests = [_weights_digest(c) for c in members(self.teacher)]
+        digests = [weights_digest(c) for c in members(self.teacher)]
         keep = {"cfg": cfg, "images": self.images_digest, "teacher": ",".join(digests),
                 "test": [self.info.name, self.image_size], "seed": self.seed, "soft_labels": bool(self.soft_labels)}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -48,13 +47,6 @@ class PosttrainJob:
         """The global batch on `world` workers (`global_batch`)."""
         return global_batch(self.cfg, self.num_images, world)
 
-
-def _weights_digest(ckpt: Checkpoint) -> str:
-    h = hashlib.sha256()
-    for k_, v in sorted(ckpt.state_dict.items()):
-        h.update(k_.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def soft_label_meta(job: PosttrainJob, complete: bool, world: int = 1) -> dict:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..data import ImageSet, iterate
 from ..models.factory import create_model, features, head
 from ..models.runtime import autocast
-from ..store.atomic import rename_into_place, write_temp
+from ..store.atomic import atomic_write_bytes
 from . import ssl
 from .augment import color_jitter, normalize, random_flip, random_resized_crop, to_device, to_float
 from .configs import SUPERVISED, SqueezeConfig
@@ -93,7 +93,7 @@ class Resume:
     def save(self, state: dict) -> None:
         buf = io.BytesIO()
         torch.save({**state, "key": self.key}, buf)
-        rename_into_place(write_temp(self.path, buf.getvalue()), self.path)
+        atomic_write_bytes(self.path, buf.getvalue())
         self._last = time.monotonic()
 
     def clear(self) -> None:

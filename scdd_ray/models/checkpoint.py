@@ -2,6 +2,8 @@
 atomically and read without running pickled code."""
 from __future__ import annotations
 
+import hashlib
+
 import io
 import math
 import os
@@ -167,3 +169,13 @@ def load_state_file(path: str) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a training state scdd-ray wrote (a {type(state).__name__})")
     return state
+
+
+def weights_digest(ckpt: Checkpoint) -> str:
+    """16 hex digits of sha256 over the checkpoint's weights (names and bytes): what derived files keyed by a
+    model (post-train fingerprints, cached per-class statistics) name it by."""
+    h = hashlib.sha256()
+    for k, v in sorted(ckpt.state_dict.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
