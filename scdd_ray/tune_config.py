@@ -12,19 +12,22 @@ ConfigError naming the key, so a typo never silently becomes a default.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import build_config, flatten, read_config_file, recipe_fields, validate_recover, validate_recovery_grid
+from .config import (build_config, flatten, read_config_file, recipe_fields, validate, validate_recovery_grid)
 from .core.configs import RecoverConfig
 from .errors import ConfigError
 from .schema import SECTIONS, DistillConfig
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 # Recover settings a sweep may search; `first_multiplier` is shorthand for bn_weights "first:M".
+# The levers of the SRe2L family (docs/levers.md) are searchable like the paper's settings.
 SEARCHABLE = ("bn_coef", "bn_weights", "first_multiplier", "lr", "iterations", "jitter", "bn_normalize", "init",
-              "grayscale")
+              "grayscale", "class_bn_coef", "class_bn_form", "bn_smoothing", "init_pool", "init_crops",
+              "init_patches")
 SCHEDULERS = ("asha", "fifo")
 # What a sweep file holds beyond a base configuration.
 SWEEP_KEYS = ("name", "archs", "methods", "search", "scheduler", "resources", "num_samples", "max_concurrent",
@@ -131,7 +134,7 @@ def recover_for(base: RecoverConfig, sample: dict) -> RecoverConfig:
     return dataclasses.replace(base, **sample)
 
 
-def _search(raw: dict, recover: RecoverConfig) -> dict[str, Param]:
+def _search(raw: dict, base: DistillConfig) -> dict[str, Param]:
     search_raw = raw.get("search") or {}
     if not isinstance(search_raw, dict) or not search_raw:
         raise _err("search", "must map recover settings to distributions, e.g. bn_coef: {loguniform: [0.01, 1]}")
@@ -142,13 +145,19 @@ def _search(raw: dict, recover: RecoverConfig) -> dict[str, Param]:
         search[k] = parse_param(f"search.{k}", spec)
     if "first_multiplier" in search and "bn_weights" in search:
         raise _err("search.first_multiplier", "give either first_multiplier or bn_weights, not both")
-    # Every value the space can produce must make a valid recover config.
-    for k, p in search.items():
-        for v in _values(p):
-            try:
-                validate_recover(recover_for(recover, {k: v}))
-            except (ConfigError, TypeError) as e:
-                raise _err(f"search.{k}", f"value {v!r} is invalid: {e}") from None
+    # Every value the space can produce must make a valid run with every value of the other keys: the levers
+    # depend on each other (a pool needs real starting images, patches a pool large enough), so a value is
+    # judged with its companions, never alone against the base.
+    for combo in itertools.product(*([(k, v) for v in _values(p)] for k, p in search.items())):
+        try:
+            validate(dataclasses.replace(base, recover=recover_for(base.recover, dict(combo))))
+        except (ConfigError, TypeError) as e:
+            key = getattr(e, "field", None) or ""
+            key = key.removeprefix("recover.") if key.removeprefix("recover.") in search else combo[0][0]
+            why = e.render() if isinstance(e, ConfigError) else str(e)
+            what = (f"value {dict(combo)[key]!r}" if len(combo) == 1 else
+                    "the combination " + ", ".join(f"{k}={v!r}" for k, v in combo))
+            raise _err(f"search.{key}", f"{what} is invalid: {why}") from None
     return search
 
 
@@ -223,7 +232,7 @@ def load_tune_config(raw: dict, given: dict | None = None) -> TuneConfig:
     validate_recovery_grid(archs, methods)
     cfg = TuneConfig(
         name=str(raw.get("name", "sweep")), archs=tuple(archs), methods=tuple(methods),
-        search=_search(raw, base.recover), overrides=overrides, base=base,
+        search=_search(raw, base), overrides=overrides, base=base,
         scheduler=_scheduler(raw, base.posttrain), resources=res, num_samples=raw.get("num_samples", 4),
         max_concurrent=raw.get("max_concurrent", 0), eval_every=raw.get("eval_every", 1),
         backbones=_backbones(raw, methods, archs),

@@ -96,7 +96,7 @@ def test_shared_models_seed_names_cells_apart(tmp_path):
 
 
 @pytest.mark.slow
-def test_post_train_variants_share_the_cells_distilled_sets(tmp_path, capsys):
+def test_post_train_variants_share_the_cells_distilled_sets(tmp_path, capsys, monkeypatch):
     """A table that differs only in post-training (or the teacher) distills nothing again: its cells resume
     the same runs, whose shards are kept, and write reports of their own."""
     work = tmp_path / "w"
@@ -116,3 +116,18 @@ def test_post_train_variants_share_the_cells_distilled_sets(tmp_path, capsys):
     assert main(base + ["--json", str(tmp_path / "a2.json")]) == 0
     assert json.loads((tmp_path / "a2.json").read_text())["rows"] == json.loads((tmp_path / "a.json").read_text())["rows"]
     assert json.loads((cell / "report.json").read_text())["posttrain_epochs"] == 3  # the run's latest
+    # a preset whose post-train default changed keeps the cells' names, but their reports are stale: the
+    # cells post-train again under the new default (the distilled sets are kept); nothing old is read back
+    import dataclasses
+
+    import scdd_ray.bench.table as table
+    real = table.build_distill_config
+    monkeypatch.setattr(table, "build_distill_config", lambda dataset, out, given: dataclasses.replace(
+        cfg := real(dataset, out, given), posttrain=dataclasses.replace(cfg.posttrain, epochs=2)))
+    assert main(base + ["--json", str(tmp_path / "a3.json")]) == 0
+    assert {p: os.path.getmtime(p) for p in (cell / "distilled").glob("*.parquet")} == shards
+    for m in ("random", "scdd"):
+        report = json.loads((work / "cells" / f"synthetic-{m}-ipc1-seed0" / "report-table.json").read_text())
+        assert report["posttrain_epochs"] == 2 and report["table_settings"]["posttrain"]["epochs"] == 2
+    rows = {r["method"]: r for r in json.loads((tmp_path / "a3.json").read_text())["rows"]}
+    assert rows["scdd"]["top1"]["values"] == [report["top1"]]

@@ -54,11 +54,33 @@ def test_shipped_configs_are_valid():
     ({"methods": ["random"]}, "methods"),
     ({"num_samples": 0}, "num_samples"),
     ({"backbones": {"scdd/resnet50": "x.pt"}}, "backbones.scdd/resnet50"),
+    ({"search": {"bn_smoothing": {"uniform": [0.5, 1.0]}}}, "search.bn_smoothing"),
+    ({"search": {"class_bn_form": {"choice": ["class", "edc"]}}}, "search.class_bn_form"),
+    # a pool chooses real starting images: with noise starting images it is refused, naming the key
+    ({"search": {"init_pool": {"choice": [0, 20]}}}, "search.init_pool"),
+    # each value is valid alone, but 2x2 patches of ipc 2 need a pool of 8 images per class
+    ({"ipc": 2, "recover": {"iterations": 3, "init": "real"},
+      "search": {"init_pool": {"choice": [4, 20]}, "init_patches": {"choice": [1, 2]}}}, "search.init_pool"),
 ])
 def test_bad_configs_name_the_key(patch, key):
     with pytest.raises(ConfigError) as e:
         load_tune_config({**TINY, **patch})
     assert str(e.value).startswith(key), str(e.value)
+
+
+def test_levers_are_searchable_when_every_combination_is_valid():
+    """The SRe2L family's recover levers (docs/levers.md) are searched like the paper's settings, and each
+    trial's recover config is the base with its sample."""
+    from scdd_ray.tune_config import recover_for
+
+    cfg = load_tune_config({**TINY, "ipc": 2, "recover": {"iterations": 3, "init": "real"}, "search": {
+        "class_bn_coef": {"loguniform": [0.001, 0.1]}, "class_bn_form": {"choice": ["class", "soft"]},
+        "bn_smoothing": {"uniform": [0.0, 0.9]}, "init_pool": {"choice": [8, 20]},
+        "init_crops": {"choice": [0, 5]}, "init_patches": {"choice": [1, 2]}}})
+    assert set(cfg.search) == {"class_bn_coef", "class_bn_form", "bn_smoothing", "init_pool", "init_crops",
+                               "init_patches"}
+    r = recover_for(cfg.base.recover, {"init_pool": 8, "init_patches": 2, "bn_smoothing": 0.8})
+    assert (r.init, r.init_pool, r.init_patches, r.bn_smoothing, r.iterations) == ("real", 8, 2, 0.8, 3)
 
 
 def test_cli_reports_bad_yaml_in_one_line(tmp_path, capsys):

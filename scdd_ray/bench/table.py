@@ -37,6 +37,7 @@ import torch
 
 from ..backbones import resolve_models
 from ..config import build_distill_config
+from ..core.configs import fingerprint_view
 from ..core.evaluation import top1
 from ..core.posttrain import PostTrainer
 from ..data import dataset_info
@@ -124,12 +125,34 @@ def run_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> dict:
     settings are not in its fingerprint), and trains the variant's student."""
     out = cell_dir(spec, method, ipc, seed)
     path = report_path(spec, method, ipc, seed)
-    if not os.path.isfile(path):
+    key = settings_key(spec.config(method, ipc, seed, out))
+    report = _read_current(path, key)
+    if report is None:
         report = distill.run(distill.prepare(spec.config(method, ipc, seed, out,
                                                          **cell_models(spec, method, ipc, seed))))
+        report = {**report, "table_settings": key}
         atomic_write_json(path, report)  # the run's own report.json is its latest post-train's
+    return report
+
+
+def settings_key(cfg) -> dict:
+    """What a cell's result depends on besides its name: the resolved settings, presets included.
+
+    A cell's path is named by the table's overrides only, so a changed preset (a new post-train default,
+    say) keeps the path; results written under other settings are computed again, never read back."""
+    return {"run": cfg.fingerprint(), "posttrain": fingerprint_view(cfg.posttrain)}
+
+
+def _read_current(path: str, key: dict) -> dict | None:
+    """The result at `path` if it was written under the settings `key`; None if absent or stale."""
+    if not os.path.isfile(path):
+        return None
     with open(path) as f:
-        return json.load(f)
+        result = json.load(f)
+    if json.loads(json.dumps(key, default=str)) != result.get("table_settings"):
+        log.info("table: %s was written under other settings (a preset changed since?): not reused", path)
+        return None
+    return result
 
 
 def report_path(spec: TableSpec, method: str, ipc: int, seed: int) -> str:
@@ -151,14 +174,16 @@ def run_hard_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> float:
     """Hard-label top-1 of the cell's distilled set (its own post-train budget)."""
     out = cell_dir(spec, method, ipc, seed)
     path = os.path.join(out, f"hard{spec.variant(method)}.json")
-    if not os.path.isfile(path):
-        cfg = spec.config(method, ipc, seed, out)
+    cfg = spec.config(method, ipc, seed, out)
+    key = settings_key(cfg)
+    result = _read_current(path, key)
+    if result is None:
         images, cls, _ = ShardStore(os.path.join(out, "distilled")).read()
         t0 = time.perf_counter()
         acc = _hard_student(cfg, images, torch.from_numpy(cls), cfg.split("test"), cfg.posttrain.epochs)
-        atomic_write_json(path, {"hard_top1": acc, "seconds": time.perf_counter() - t0})
-    with open(path) as f:
-        return json.load(f)["hard_top1"]
+        result = {"hard_top1": acc, "seconds": time.perf_counter() - t0, "table_settings": key}
+        atomic_write_json(path, result)
+    return result["hard_top1"]
 
 
 def run_full_hard(spec: TableSpec, seed: int) -> float:
@@ -167,15 +192,17 @@ def run_full_hard(spec: TableSpec, seed: int) -> float:
     path = os.path.join(spec.work, "full", f"{spec.dataset}-hard-e{spec.full_epochs}-seed{seed}"
                                            f"{spec.suffix('random')}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    key = {"posttrain": fingerprint_view(cfg.posttrain)}  # a whole-data student has no recover stage
     with locked(path + ".lock"):
-        if not os.path.isfile(path):
+        result = _read_current(path, key)
+        if result is None:
             train = cfg.split("train")
             t0 = time.perf_counter()
             acc = _hard_student(cfg, train.images, train.labels, cfg.split("test"), spec.full_epochs)
-            atomic_write_json(path, {"hard_top1": acc, "epochs": spec.full_epochs, "images": len(train),
-                                     "seconds": time.perf_counter() - t0})
-    with open(path) as f:
-        return json.load(f)["hard_top1"]
+            result = {"hard_top1": acc, "epochs": spec.full_epochs, "images": len(train),
+                      "seconds": time.perf_counter() - t0, "table_settings": key}
+            atomic_write_json(path, result)
+    return result["hard_top1"]
 
 
 def run_table(spec: TableSpec, part: tuple[int, int] = (1, 1)) -> dict | None:
@@ -191,7 +218,8 @@ def run_table(spec: TableSpec, part: tuple[int, int] = (1, 1)) -> dict | None:
         for k, seed in enumerate(spec.seeds):
             if k % n == i - 1:
                 run_full_hard(spec, seed)
-    missing = [c for c in todo if not os.path.isfile(report_path(spec, *c))]
+    missing = [c for c in todo if _read_current(report_path(spec, *c), settings_key(
+        spec.config(c[0], c[1], c[2], cell_dir(spec, *c)))) is None]
     if missing:
         log.info("table: %d of %d cells done; the other parts still run %s", len(todo) - len(missing), len(todo),
                  ", ".join(f"{m}/ipc{c}/seed{s}" for m, c, s in missing[:5]))
