@@ -137,8 +137,7 @@ def _fit(model: nn.Module, train: ImageSet, cfg: SqueezeConfig, device, seed: in
         step, order = state["step"], state["order"]
         log.info("%s: resuming at step %d of %d from %s", name, step, total, resume.path)
     model.train()
-    with Progress(total, name, "step") as bar:
-        bar.update(step)
+    with Progress(total, name, "step", initial=step) as bar:
         while step < total:
             epoch, first = divmod(step, per_epoch)
             for i, order, x, y in _epoch(train, batch, g, device, order if first else None, first):
