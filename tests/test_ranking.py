@@ -128,6 +128,29 @@ def test_post_train_variants_share_the_cells_distilled_sets(tmp_path, capsys, mo
     assert {p: os.path.getmtime(p) for p in (cell / "distilled").glob("*.parquet")} == shards
     for m in ("random", "scdd"):
         report = json.loads((work / "cells" / f"synthetic-{m}-ipc1-seed0" / "report-table.json").read_text())
-        assert report["posttrain_epochs"] == 2 and report["table_settings"]["posttrain"]["epochs"] == 2
+        assert report["posttrain_epochs"] == 2 and report["cell_settings"]["posttrain"]["epochs"] == 2
     rows = {r["method"]: r for r in json.loads((tmp_path / "a3.json").read_text())["rows"]}
     assert rows["scdd"]["top1"]["values"] == [report["top1"]]
+
+
+def test_a_cells_result_is_kept_only_under_the_settings_it_was_made_under(tmp_path):
+    """Cells are named by their overrides; a result is read back only while the resolved settings (presets
+    included) match those it was written under, whichever benchmark wrote it."""
+    import dataclasses
+
+    from scdd_ray.bench.cells import read_current, settings_key
+    from scdd_ray.config import build_distill_config
+    from scdd_ray.store.atomic import atomic_write_json
+
+    cfg = build_distill_config("synthetic", str(tmp_path / "o"), {"ipc": 1})
+    path = str(tmp_path / "report.json")
+    assert read_current(path, settings_key(cfg)) is None
+    atomic_write_json(path, {"top1": 12.5, "cell_settings": settings_key(cfg)})
+    assert read_current(path, settings_key(cfg))["top1"] == 12.5
+    same = build_distill_config("synthetic", str(tmp_path / "o"), {"ipc": 1, "num_workers": 2})  # placement
+    assert read_current(path, settings_key(same))["top1"] == 12.5
+    for changed in (dataclasses.replace(cfg, posttrain=dataclasses.replace(cfg.posttrain, cosine_period=3.0)),
+                    dataclasses.replace(cfg, recover=dataclasses.replace(cfg.recover, iterations=7))):
+        assert read_current(path, settings_key(changed)) is None
+    atomic_write_json(path, {"top1": 12.5})  # written before results carried their settings
+    assert read_current(path, settings_key(cfg)) is None

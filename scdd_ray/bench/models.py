@@ -2,7 +2,6 @@
 (recovery arch, method), with recover throughput and the student's top-1."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 
@@ -13,7 +12,8 @@ from ..core.shards import plan_shards
 from ..models.checkpoint import load_checkpoint
 from ..pipeline import distill
 from ..schema import DistillConfig
-from .cells import suffix
+from ..store.atomic import atomic_write_json
+from .cells import read_current, settings_key, suffix
 from .recover import bench_recover
 
 STEP_ITERATIONS, STEP_REPEATS = 100, 5  # the recover step timing of each arch (median of the repeats)
@@ -53,8 +53,8 @@ def bench_models(archs: list[str], methods: list[str], *, work: str, threads: in
     cell, so only the recovery model changes); top-1 on the real test split. Recover throughput is images
     x iterations per second of the cell's recover stage (one in-process worker, `threads` torch threads).
 
-    A cell whose report.json exists is read, not rerun, so an interrupted
-    table resumes. The job's throughput depends on what else ran on the
+    A cell whose report exists is read, not rerun, so an interrupted table
+    resumes (unless the settings it resolves to changed since, a preset say). The job's throughput depends on what else ran on the
     machine meanwhile, so each arch's recover step is also timed afresh by
     every invocation (`step_img_iters_per_s`, the cells' recover settings and
     batch); run the final, collecting invocation on a quiet machine.
@@ -64,11 +64,11 @@ def bench_models(archs: list[str], methods: list[str], *, work: str, threads: in
     for arch in archs:
         for method in methods:
             cfg = cell_config(work, arch, method, overrides)
-            report_path = os.path.join(cfg.out, "report.json")
-            if not os.path.isfile(report_path):
-                distill.run(distill.prepare(cfg))
-            with open(report_path) as f:
-                report = json.load(f)
+            path, key = os.path.join(cfg.out, "report-bench.json"), settings_key(cfg)
+            report = read_current(path, key)
+            if report is None:
+                report = {**distill.run(distill.prepare(cfg)), "cell_settings": key}
+                atomic_write_json(path, report)
             rows.append(models_row(report, load_checkpoint(report["backbone"]).meta))
             if arch not in step:  # the step does not depend on the weights: one timing per arch
                 batch = len(plan_shards(report["num_classes"], cfg.ipc, cfg.recover.classes_per_batch,

@@ -26,7 +26,6 @@ between cells are squeezed under a file lock.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import statistics
@@ -45,7 +44,7 @@ from ..locks import locked
 from ..pipeline import distill
 from ..store.atomic import atomic_write_bytes, atomic_write_json
 from ..store.shards import ShardStore
-from .cells import suffix
+from .cells import read_current, settings_key, suffix
 
 log = logging.getLogger("scdd_ray")
 METHODS = ("random", "sre2l", "scdd")
@@ -126,33 +125,13 @@ def run_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> dict:
     out = cell_dir(spec, method, ipc, seed)
     path = report_path(spec, method, ipc, seed)
     key = settings_key(spec.config(method, ipc, seed, out))
-    report = _read_current(path, key)
+    report = read_current(path, key)
     if report is None:
         report = distill.run(distill.prepare(spec.config(method, ipc, seed, out,
                                                          **cell_models(spec, method, ipc, seed))))
-        report = {**report, "table_settings": key}
+        report = {**report, "cell_settings": key}
         atomic_write_json(path, report)  # the run's own report.json is its latest post-train's
     return report
-
-
-def settings_key(cfg) -> dict:
-    """What a cell's result depends on besides its name: the resolved settings, presets included.
-
-    A cell's path is named by the table's overrides only, so a changed preset (a new post-train default,
-    say) keeps the path; results written under other settings are computed again, never read back."""
-    return {"run": cfg.fingerprint(), "posttrain": fingerprint_view(cfg.posttrain)}
-
-
-def _read_current(path: str, key: dict) -> dict | None:
-    """The result at `path` if it was written under the settings `key`; None if absent or stale."""
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        result = json.load(f)
-    if json.loads(json.dumps(key, default=str)) != result.get("table_settings"):
-        log.info("table: %s was written under other settings (a preset changed since?): not reused", path)
-        return None
-    return result
 
 
 def report_path(spec: TableSpec, method: str, ipc: int, seed: int) -> str:
@@ -176,12 +155,12 @@ def run_hard_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> float:
     path = os.path.join(out, f"hard{spec.variant(method)}.json")
     cfg = spec.config(method, ipc, seed, out)
     key = settings_key(cfg)
-    result = _read_current(path, key)
+    result = read_current(path, key)
     if result is None:
         images, cls, _ = ShardStore(os.path.join(out, "distilled")).read()
         t0 = time.perf_counter()
         acc = _hard_student(cfg, images, torch.from_numpy(cls), cfg.split("test"), cfg.posttrain.epochs)
-        result = {"hard_top1": acc, "seconds": time.perf_counter() - t0, "table_settings": key}
+        result = {"hard_top1": acc, "seconds": time.perf_counter() - t0, "cell_settings": key}
         atomic_write_json(path, result)
     return result["hard_top1"]
 
@@ -194,13 +173,13 @@ def run_full_hard(spec: TableSpec, seed: int) -> float:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     key = {"posttrain": fingerprint_view(cfg.posttrain)}  # a whole-data student has no recover stage
     with locked(path + ".lock"):
-        result = _read_current(path, key)
+        result = read_current(path, key)
         if result is None:
             train = cfg.split("train")
             t0 = time.perf_counter()
             acc = _hard_student(cfg, train.images, train.labels, cfg.split("test"), spec.full_epochs)
             result = {"hard_top1": acc, "epochs": spec.full_epochs, "images": len(train),
-                      "seconds": time.perf_counter() - t0, "table_settings": key}
+                      "seconds": time.perf_counter() - t0, "cell_settings": key}
             atomic_write_json(path, result)
     return result["hard_top1"]
 
@@ -218,7 +197,7 @@ def run_table(spec: TableSpec, part: tuple[int, int] = (1, 1)) -> dict | None:
         for k, seed in enumerate(spec.seeds):
             if k % n == i - 1:
                 run_full_hard(spec, seed)
-    missing = [c for c in todo if _read_current(report_path(spec, *c), settings_key(
+    missing = [c for c in todo if read_current(report_path(spec, *c), settings_key(
         spec.config(c[0], c[1], c[2], cell_dir(spec, *c)))) is None]
     if missing:
         log.info("table: %d of %d cells done; the other parts still run %s", len(todo) - len(missing), len(todo),
