@@ -1,9 +1,10 @@
 """One table from several `scdd-ray bench table` runs that differ in one setting (a "lever").
 
-Each run is a table of the random subset and distilled methods at one IPC, usually under --holdout (top-1
-on the validation share of train; the test split is never read), at one or more seeds. Runs of the same
-lever at several seeds are pooled; a lever's gain over the base setting is paired by seed and method, as
-IOR (method minus random, same seed) is. Post-train levers move the random subset too: compare the IORs.
+Each run is a table of the random subset and distilled methods at one or more IPCs, usually under --holdout
+(top-1 on the validation share of train; the test split is never read), at one or more seeds. Runs of the
+same lever at several seeds are pooled; a lever's gain over the base setting is paired by seed, method and
+IPC, as IOR (method minus random, same seed and IPC) is. Post-train levers move the random subset too:
+compare the IORs. Rows carry the split top-1 was measured on (`evaluated_on`: val or test).
 
     python benchmarks/levers.py --md benchmarks/results/cifar10_levers.md \\
         base=runs/table/val-base-s0.json,runs/table/val-base-s1.json \\
@@ -23,50 +24,60 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _tables import write_table  # noqa: E402
 
 
-def per_seed(path: str) -> tuple[dict, dict, dict]:
-    """({(method, seed): top-1}, overrides, {method: mean recover seconds}) of one table JSON (one IPC)."""
+def per_seed(path: str) -> tuple[dict, dict, dict, str]:
+    """({(method, ipc, seed): top-1}, overrides, {(method, ipc): mean recover seconds}, split) of one table
+    JSON; split is what top-1 was measured on ("val" under --holdout, else "test")."""
     with open(path) as f:
         t = json.load(f)
-    if len(t["ipcs"]) != 1:
-        raise SystemExit(f"{path}: expected a one-IPC table (got IPCs {t['ipcs']})")
-    top = {(r["method"], s): v for r in t["rows"] for s, v in zip(t["seeds"], r["top1"]["values"])}
-    secs = {r["method"]: r.get("recover_seconds", {}).get("mean") for r in t["rows"]}
-    return top, t["overrides"], secs
+    top = {(r["method"], r["ipc"], s): v for r in t["rows"] for s, v in zip(t["seeds"], r["top1"]["values"])}
+    secs = {(r["method"], r["ipc"]): r.get("recover_seconds", {}).get("mean") for r in t["rows"]}
+    return top, t["overrides"], secs, "val" if t["overrides"].get("holdout") else "test"
 
 
 def ms(vals: list[float]) -> str:
     return f"{statistics.fmean(vals):.1f} ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else f"{vals[0]:.1f}"
 
 
+def stats(vals: list[float]) -> dict:
+    """Mean, sample std (0 for one value) and the values, as bench table writes them."""
+    return {"mean": round(statistics.fmean(vals), 3) if vals else None,
+            "std": round(statistics.stdev(vals), 3) if len(vals) > 1 else 0.0, "values": vals}
+
+
 def lever_table(levers: list[tuple[str, list[str]]]) -> tuple[str, list[dict]]:
     runs = {}
     for name, paths in levers:
-        top, secs, overrides = {}, {}, {}
+        top, secs, overrides, splits = {}, {}, {}, set()
         for p in paths:
-            t, overrides, s = per_seed(p)
+            t, overrides, s, split = per_seed(p)
             top.update(t)
-            secs.update({m: v for m, v in s.items() if v is not None})
-        runs[name] = (top, overrides, secs)
+            splits.add(split)
+            secs.update({k: v for k, v in s.items() if v is not None})
+        if len(splits) > 1:
+            raise SystemExit(f"levers: {name}: its tables were measured on different splits ({sorted(splits)})")
+        runs[name] = (top, overrides, secs, splits.pop())
     base_name = levers[0][0]
     base = runs[base_name][0]
-    head = (f"| lever | method | seeds | top-1 | gain over {base_name} (paired) | IOR (method - random) | per seed | "
-            "recover s |")
+    head = (f"| lever | method | IPC | seeds | top-1 | gain over {base_name} (paired) | IOR (method - random) | "
+            "per seed | recover s |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     data = []
     for name, _ in levers:
-        top, overrides, secs = runs[name]
-        for method in sorted({m for m, _ in top}, key=lambda m: (m != "random", m)):
-            seeds = sorted(s for m, s in top if m == method)
-            vals = [top[(method, s)] for s in seeds]
-            paired = [top[(method, s)] - base[(method, s)] for s in seeds if (method, s) in base]
-            ior = [top[(method, s)] - top[("random", s)] for s in seeds if ("random", s) in top]
+        top, overrides, secs, split = runs[name]
+        for method, ipc in sorted({(m, c) for m, c, _ in top}, key=lambda k: (k[1], k[0] != "random", k[0])):
+            seeds = sorted(s for m, c, s in top if (m, c) == (method, ipc))
+            vals = [top[(method, ipc, s)] for s in seeds]
+            paired = [top[(method, ipc, s)] - base[(method, ipc, s)] for s in seeds if (method, ipc, s) in base]
+            ior = [top[(method, ipc, s)] - top[("random", ipc, s)] for s in seeds if ("random", ipc, s) in top]
             gain = "–" if name == base_name else (ms(paired) if paired else "no common seed")
             shown_ior = "–" if method == "random" or not ior else ms(ior)
-            lines.append(f"| {name} | {method} | {','.join(map(str, seeds))} | {ms(vals)} | {gain} | {shown_ior} | "
-                         f"{', '.join(f'{v:.1f}' for v in vals)} | "
-                         f"{f'{secs[method]:.0f}' if secs.get(method) is not None else '–'} |")
-            data.append({"lever": name, "method": method, "seeds": seeds, "top1": vals, "ior": ior,
-                         "gain_over_base": paired, "overrides": overrides, "recover_seconds": secs.get(method)})
+            sec = secs.get((method, ipc))
+            lines.append(f"| {name} | {method} | {ipc} | {','.join(map(str, seeds))} | {ms(vals)} | {gain} | "
+                         f"{shown_ior} | {', '.join(f'{v:.1f}' for v in vals)} | "
+                         f"{f'{sec:.0f}' if sec is not None else '–'} |")
+            data.append({"lever": name, "method": method, "ipc": ipc, "evaluated_on": split, "seeds": seeds,
+                         "top1": stats(vals), "ior": stats(ior), "gain_over_base": stats(paired),
+                         "overrides": overrides, "recover_seconds": sec})
     return "\n".join(lines) + "\n", data
 
 
