@@ -64,6 +64,12 @@ class DistillConfig:
     # validation share (`train-noval`), and top-1 is measured on that validation share.
     holdout: bool = _top(False, "choose settings without the test split: train on train less its validation "
                                 "share, report top-1 on that share (the test split is never read)", "data", "later")
+    # The one read of the test split after a holdout screen: the screen's models and real images (both from
+    # `train-noval`) stay valid, and the cached models are found by the same names, so nothing is squeezed
+    # again; only top-1 moves from the validation share to the test split.
+    train_noval: bool = _top(False, "train on train less its validation share (as `holdout` does) but report "
+                                    "top-1 on the test split: reads once on test what a holdout screen chose, "
+                                    "with its models", "data", "later")
     arch: str = _top("resnet18", "recovery backbone: resnet18, resnet50, resnet101 or timm:<name>", "run")
     width: float = _top(1.0, "channel width multiplier of the backbones (1.0: the paper's models)", "run")
     ipc: int = _top(10, "images per class", "run")
@@ -102,15 +108,17 @@ class DistillConfig:
 
     def split(self, name: str):
         """One split of this run's dataset (data.ImageSet); under `holdout`, "train" is train-noval and
-        "test" the validation split."""
+        "test" the validation split; under `train_noval`, "train" is train-noval only."""
         if self.holdout:
             name = HOLDOUT_SPLITS.get(name, name)
+        elif self.train_noval and name == "train":
+            name = HOLDOUT_SPLITS["train"]
         return data.load_split(self.dataset, name, self.data_dir, self.image_size, **self.data_options())
 
     @property
     def train_split(self) -> str:
         """The split name models of this run are squeezed on (names cached backbones)."""
-        return HOLDOUT_SPLITS["train"] if self.holdout else "train"
+        return HOLDOUT_SPLITS["train"] if self.holdout or self.train_noval else "train"
 
     @property
     def eval_split(self) -> str:

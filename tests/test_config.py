@@ -136,3 +136,23 @@ def test_cifar_presets_post_train_as_the_authors_cifar_code(dataset, gpu):
 def test_digits_keeps_its_measured_post_training():
     pt = build_config({"dataset": "digits"}, run=False).posttrain
     assert (pt.teacher_bn, pt.cosine_period) == ("eval", 1.0)
+
+
+def test_train_noval_reads_test_with_the_holdout_screens_models(tmp_path):
+    """After a screen on the validation share, `train_noval` keeps training on train less that share (the
+    screen's cached models by the same names, its real-image pool) and moves top-1 to the test split."""
+    from scdd_ray.backbones import plan_models
+    from scdd_ray.config import build_distill_config
+
+    def cfg(**given):
+        return build_distill_config("synthetic", str(tmp_path / "o"), {"models_dir": str(tmp_path / "m"), **given})
+
+    screen, read, plain = cfg(holdout=True), cfg(train_noval=True), cfg()
+    assert (screen.train_split, screen.eval_split) == ("train-noval", "val")
+    assert (read.train_split, read.eval_split) == ("train-noval", "test")
+    assert (plain.train_split, plain.eval_split) == ("train", "test")
+    assert plan_models(read).backbone.path == plan_models(screen).backbone.path != plan_models(plain).backbone.path
+    assert plan_models(read).teachers[0].path == plan_models(screen).teachers[0].path
+    assert len(read.split("train")) == len(screen.split("train")) < len(plain.split("train"))
+    assert len(read.split("test")) == len(plain.split("test"))
+    assert plain.fingerprint() == cfg(train_noval=False).fingerprint() != read.fingerprint()

@@ -44,7 +44,7 @@ class PosttrainRequest:
 
 
 # What a distill run's run.json says of its data, which a post-train of its images keeps.
-RUN_DATA = ("dataset", "data_dir", "image_size", "image_column", "label_column", "holdout")
+RUN_DATA = ("dataset", "data_dir", "image_size", "image_column", "label_column", "holdout", "train_noval")
 
 
 def _read_source(distilled: str):
