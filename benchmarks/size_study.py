@@ -77,6 +77,8 @@ def run(a: argparse.Namespace) -> dict:
     common = {"data_dir": a.data_dir, "teacher": a.teacher, "models_dir": a.models_dir, "width": a.width}
     if a.holdout:
         common["holdout"] = True
+    elif a.train_noval:  # the test read with the models the sweep chose on (squeezed without the val share)
+        common["train_noval"] = True
     best = json.load(open(a.best)) if a.best else {}
     seeds = tuple(int(s) for s in a.seeds.split(","))
     result = {"benchmark": "size_study", "dataset": a.dataset, "command": "python benchmarks/size_study.py "
@@ -153,6 +155,9 @@ def main() -> int:
     ap.add_argument("--ipc", type=int, default=None, help="(the preset's unless given)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--holdout", action="store_true", help="top-1 on the validation share (the test split unread)")
+    ap.add_argument("--train-noval", action="store_true",
+                    help="top-1 on the test split with models trained on train less its validation share (the "
+                         "sweep's own models, found by their cached names: nothing is squeezed again)")
     ap.add_argument("--work", required=True)
     ap.add_argument("--json", required=True)
     ap.add_argument("--plot", default=None)
