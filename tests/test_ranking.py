@@ -22,7 +22,7 @@ def test_table_shares_one_teacher_and_carries_ior_and_hlr(tmp_path, capsys):
     assert reports["random"]["teacher"] == reports["scdd"]["teacher"]
     assert reports["random"]["teacher_method"] == "supervised" and reports["scdd"]["backbone_method"] == "simclr"
     rows = {r["method"]: r for r in table["rows"]}
-    assert rows["random"]["ior"]["mean"] == 0.0
+    assert rows["random"]["ior"]["mean"] == 0.0 and rows["scdd"]["evaluated_on"] == "test"
     assert rows["scdd"]["ior"]["mean"] == pytest.approx(reports["scdd"]["top1"] - reports["random"]["top1"])
     full = table["full_hard_top1"]["0"]
     hard = json.loads((work / "cells" / "synthetic-scdd-ipc1-seed0" / "hard.json").read_text())["hard_top1"]
@@ -71,7 +71,7 @@ def test_holdout_tables_never_read_test_and_share_random_cells(tmp_path, capsys,
                                 / "report.json").read_text()) for t in ("real", "noise")}
     assert all(r["evaluated_on"] == "val" for r in scdd.values())
     rows = {r["method"]: r for r in b["rows"]}
-    assert rows["scdd"]["top1"]["mean"] == scdd["noise"]["top1"]
+    assert rows["scdd"]["top1"]["mean"] == scdd["noise"]["top1"] and rows["scdd"]["evaluated_on"] == "val"
     assert {r["method"]: r for r in a["rows"]}["scdd"]["top1"]["mean"] == scdd["real"]["top1"]
     hard = json.loads((work / "cells" / "synthetic-scdd-ipc1-seed0-holdout-True-recover_init-noise" / "hard.json")
                       .read_text())["hard_top1"]

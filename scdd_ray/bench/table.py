@@ -47,7 +47,7 @@ from ..store.shards import ShardStore
 from .cells import read_current, settings_key, suffix
 
 log = logging.getLogger("scdd_ray")
-METHODS = ("random", "sre2l", "scdd")
+METHODS = ("random", "sre2l", "scdd")  # the default table: the random subset and the paper's two
 HLR_REFERENCES = ("student", "teacher")
 
 
@@ -227,7 +227,8 @@ def summarize(spec: TableSpec) -> dict:
     for ipc in spec.ipcs:
         for method in spec.methods:
             keys = [(method, ipc, s) for s in spec.seeds]
-            row = {"method": method, "ipc": ipc, "top1": _mean_std([top[k]["top1"] for k in keys]),
+            row = {"method": method, "ipc": ipc, "evaluated_on": top[keys[0]]["evaluated_on"],
+                   "top1": _mean_std([top[k]["top1"] for k in keys]),
                    "teacher_top1": _mean_std([top[k]["teacher_top1"] for k in keys]),
                    "teachers": sorted({top[k]["teacher"] for k in keys}),
                    "recover_seconds": _mean_std([top[k]["recover_seconds"] for k in keys])}
