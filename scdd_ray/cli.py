@@ -20,11 +20,11 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from . import schema
+from . import methods, schema
 from .bench.models import bench_models
 from .bench.recover import bench_recover
 from .bench.scaling import bench_scaling
-from .bench.table import HLR_REFERENCES, METHODS, TableSpec, cells, markdown, run_table, write_table
+from .bench.table import HLR_REFERENCES, TableSpec, cells, markdown, run_table, write_table
 from .config import (
     build_config,
     check_run,
@@ -292,8 +292,9 @@ def _bench_models(a: Args) -> int:
 
 def _bench_table(a: Args) -> int:
     o = a.opts(schema.TableOptions)
-    if any(m not in METHODS for m in o.methods) or len(set(o.methods)) != len(o.methods):
-        raise ConfigError("methods", f"must name some of {', '.join(METHODS)}, once each (got {_text(o.methods)})")
+    if any(m not in methods.METHODS for m in o.methods) or len(set(o.methods)) != len(o.methods):
+        raise ConfigError("methods", f"must name some of {', '.join(methods.METHODS)}, once each "
+                                     f"(got {_text(o.methods)})")
     if min(o.ipcs) < 1 or min(o.seeds) < 0:
         raise ConfigError("ipcs" if min(o.ipcs) < 1 else "seeds", "expected positive IPCs and non-negative seeds")
     try:

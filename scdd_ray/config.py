@@ -28,11 +28,10 @@ from .core.committee import SPACES
 from .core.configs import SUPERVISED, PosttrainConfig, RecoverConfig, SqueezeConfig
 from .core.relabel import CROPS, MIX_CODES
 from .errors import ConfigError
+from .methods import METHODS, RECOVERY_METHODS, base_method, recipe_settings
 from .models.factory import ARCHS, TIMM_PREFIX, timm_model_exists
 from .schema import SECTIONS, TEACHER_BACKBONE, DistillConfig, teacher_paths
 
-METHODS = ("scdd", "sre2l", "random")
-RECOVERY_METHODS = ("scdd", "sre2l")  # the methods that recover images from a backbone
 INITS = ("noise", "real")
 OPTIMIZERS = ("adamw", "sgd")
 AMPS = ("bf16", "fp16", "none")
@@ -178,8 +177,12 @@ def build_config(overrides: dict | None = None, file: dict | None = None, *, gpu
     if "image_size" not in given:
         values["image_size"] = data.preset_image_size(dataset, given.get("data_dir"),
                                                       values.get("image_size", schema_default("image_size")))
+    # A named recipe's recover settings sit over the preset, under what the user gives.
+    method = given.get("method")
+    if method in METHODS:
+        values.update(recipe_settings(method))
     # The backbone objective follows the method unless the user chose one.
-    if given.get("method") in ("sre2l", "random") and "squeeze.method" not in given:
+    if method in METHODS and base_method(method) in ("sre2l", "random") and "squeeze.method" not in given:
         values["squeeze.method"] = SUPERVISED
     values.update(given)
     cfg = _construct({k: coerce(v, known[k], k) for k, v in values.items()})
@@ -378,9 +381,9 @@ def check_run(cfg: DistillConfig) -> None:
     _check(bool(cfg.out), "out", "is required")
     _check(not (cfg.teacher == TEACHER_BACKBONE and cfg.method == "random"), "teacher",
            "`method` random recovers nothing: it has no backbone to relabel with")
-    if cfg.method == "scdd":
+    if base_method(cfg.method) == "scdd":
         _check(cfg.squeeze.method in ssl_methods(), "squeeze.method",
-               f"`method` scdd needs a self-supervised backbone (got {cfg.squeeze.method!r})")
+               f"`method` {cfg.method} needs a self-supervised backbone (got {cfg.squeeze.method!r})")
 
 
 def parse_scale(text: str, field: str) -> tuple[float, float] | None:

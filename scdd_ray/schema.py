@@ -73,7 +73,8 @@ class DistillConfig:
     arch: str = _top("resnet18", "recovery backbone: resnet18, resnet50, resnet101 or timm:<name>", "run")
     width: float = _top(1.0, "channel width multiplier of the backbones (1.0: the paper's models)", "run")
     ipc: int = _top(10, "images per class", "run")
-    method: str = _top("scdd", "scdd (SSL backbone) | sre2l (supervised backbone) | random (real images)", "run")
+    method: str = _top("scdd", "scdd (SSL backbone) | sre2l (supervised backbone) | random (real images) | a named "
+                               "recipe: scdd-patches (real patches, a short recovery; docs/levers.md)", "run")
     seed: int = _top(0, "run seed: squeezes, recover and post-train draw from it", "run")
     backbone: str | None = _top(None, "checkpoint to recover from (default: squeeze one, cached)", "run")
     teacher: str | None = _top(None, "checkpoint that relabels crops (default: a supervised model of `arch`, the "
@@ -218,7 +219,8 @@ class ModelsOptions:
 
 @dataclass(frozen=True)
 class TableOptions:
-    methods: tuple[str, ...] = _opt(("random", "sre2l", "scdd"), "comma-separated, random first")
+    methods: tuple[str, ...] = _opt(("random", "sre2l", "scdd"), "comma-separated, random first; a named recipe "
+                                                                  "(scdd-patches) too")
     ipcs: tuple[int, ...] = _opt((1, 10), "comma-separated images per class")
     seeds: tuple[int, ...] = _opt((0, 1, 2), "comma-separated seeds (mean and std over them)")
     full_epochs: int = _opt(30, "epochs of the hard-label student on the whole training split (for HLR)")

@@ -156,3 +156,27 @@ def test_train_noval_reads_test_with_the_holdout_screens_models(tmp_path):
     assert len(read.split("train")) == len(screen.split("train")) < len(plain.split("train"))
     assert len(read.split("test")) == len(plain.split("test"))
     assert plain.fingerprint() == cfg(train_noval=False).fingerprint() != read.fingerprint()
+
+
+def test_a_named_recipe_is_its_base_method_with_its_recover_settings(tmp_path, capsys):
+    """`scdd-patches` recovers from scdd's SSL backbone with its own recover settings over the preset; the
+    user's settings still win, and `scdd` stays the paper's method."""
+    from scdd_ray.backbones import plan_models
+    from scdd_ray.config import build_distill_config
+    from scdd_ray.methods import RECIPES
+
+    out = str(tmp_path / "o")
+    paper = build_distill_config("cifar10", out, {"method": "scdd", "models_dir": str(tmp_path)})
+    recipe = build_distill_config("cifar10", out, {"method": "scdd-patches", "models_dir": str(tmp_path)})
+    r = recipe.recover
+    assert (r.init, r.init_pool, r.init_crops, r.init_patches, r.iterations) == ("real", 100, 5, 2, 100)
+    assert {k: getattr(r, k) for k in RECIPES["scdd-patches"].recover} == RECIPES["scdd-patches"].recover
+    assert (paper.recover.init, paper.recover.iterations) == ("noise", 500)  # the preset's, the paper's
+    assert (r.bn_coef, r.lr) == (paper.recover.bn_coef, paper.recover.lr) and recipe.posttrain == paper.posttrain
+    assert recipe.squeeze.method == paper.squeeze.method == "simclr"
+    assert plan_models(recipe).backbone.path == plan_models(paper).backbone.path  # the same SSL backbone
+    assert recipe.fingerprint() != paper.fingerprint()
+    mine = build_distill_config("cifar10", out, {"method": "scdd-patches", "recover.iterations": 20})
+    assert (mine.recover.iterations, mine.recover.init_patches) == (20, 2)
+    assert run_err(capsys, ["distill", "--dataset", "cifar10", "--method", "scdd-patches", "--squeeze-method",
+                            "supervised", "--out", out]).startswith("scdd-ray: error: --squeeze-method:")
