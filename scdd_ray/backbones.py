@@ -258,7 +258,7 @@ def squeeze_and_save(path: str, cfg: DistillConfig, train: ImageSet, device, tes
     _check_trained(model, f"squeeze ({cfg.squeeze.method})", "`squeeze.lr`")
     if test is not None:
         acc = top1(model, test, info.mean, info.std, device)
-        extra.update(test_top1=acc, seconds=time.perf_counter() - t0)
+        extra.update(test_top1=acc, seconds=resume.before + time.perf_counter() - t0)  # earlier processes' too
         log.info("squeeze %s: %.0fs, held-out top-1 %.2f%%", cfg.squeeze.method, extra["seconds"], acc)
     save_checkpoint(path, model, arch=cfg.arch, width=cfg.width, num_classes=info.num_classes,
                     image_size=cfg.image_size, small_input=cfg.small_input, mean=info.mean, std=info.std,

@@ -188,8 +188,14 @@ def test_squeeze_and_save_resumes_and_removes_its_progress_file(tmp_path, monkey
         with pytest.raises(_Stop):
             backbones.squeeze_and_save(out, cfg, train, "cpu")
     assert not (tmp_path / "b.pt").exists() and (tmp_path / ("b.pt" + RESUME_SUFFIX)).exists()
-    backbones.squeeze_and_save(out, cfg, train, "cpu")
+    # the progress carries the seconds it took; say the stopped processes had run for 500 s
+    partial = tmp_path / ("b.pt" + RESUME_SUFFIX)
+    state = torch.load(partial, weights_only=True)
+    assert 0 < state["seconds"] < 60
+    torch.save({**state, "seconds": 500.0}, partial)
+    backbones.squeeze_and_save(out, cfg, train, "cpu", cfg.split("test"))
     assert not (tmp_path / ("b.pt" + RESUME_SUFFIX)).exists()
+    assert 500 < load_checkpoint(out).meta["seconds"] < 560  # the model's whole cost, not this process's
     fresh = str(tmp_path / "fresh.pt")
     backbones.squeeze_and_save(fresh, cfg, train, "cpu")
     a, b = load_checkpoint(out).state_dict, load_checkpoint(fresh).state_dict

@@ -72,7 +72,8 @@ class Resume:
 
     def __init__(self, path: str, key: str, every_s: float):
         self.path, self.key, self.every_s = path, key, every_s
-        self._last = time.monotonic()
+        self._last = self._start = time.monotonic()
+        self.before = 0.0  # seconds the saved progress took in earlier processes (0 until `load` finds some)
 
     def load(self, device) -> dict | None:
         if not os.path.isfile(self.path):
@@ -85,6 +86,7 @@ class Resume:
         if not isinstance(state, dict) or state.get("key") != self.key:
             log.warning("squeeze: %s was made with other settings; starting over", self.path)
             return None
+        self.before = float(state.get("seconds", 0.0))  # files from before this was recorded: unknown, 0
         return state
 
     def due(self, epoch_end: bool) -> bool:
@@ -92,7 +94,9 @@ class Resume:
 
     def save(self, state: dict) -> None:
         buf = io.BytesIO()
-        torch.save({**state, "key": self.key}, buf)
+        # The squeeze's cost so far travels with its progress, so a model squeezed across several processes
+        # reports all of it (work lost to a kill after the last save is not counted: it made nothing).
+        torch.save({**state, "key": self.key, "seconds": self.before + time.monotonic() - self._start}, buf)
         atomic_write_bytes(self.path, buf.getvalue())
         self._last = time.monotonic()
 
