@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"random": "tab:gray", "sre2l": "tab:blue", "scdd": "tab:orange"}
+COLORS = {"random": "tab:gray", "sre2l": "tab:blue", "scdd": "tab:orange", "scdd-patches": "tab:green"}
 
 
 def plot_models(res: dict, out: str) -> None:
