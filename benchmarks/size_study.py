@@ -74,7 +74,9 @@ def row(arch: str, method: str, reports: dict, random: dict, settings: dict) -> 
 
 
 def run(a: argparse.Namespace) -> dict:
-    common = {"data_dir": a.data_dir, "teacher": a.teacher, "models_dir": a.models_dir, "width": a.width}
+    common = {"data_dir": a.data_dir, "teacher": a.teacher, "models_dir": a.models_dir}
+    if a.width != _preset(a, "width"):  # a setting equal to the preset's would name the cells apart from
+        common["width"] = a.width       # `bench table`'s, whose random subsets they share
     if a.holdout:
         common["holdout"] = True
     elif a.train_noval:  # the test read with the models the sweep chose on (squeezed without the val share)
