@@ -25,7 +25,6 @@ FORMAT = "scdd-class-bn-2"  # per layer: mean, variance, within-image variance
 BATCH = 256
 
 
-
 def stats_path(cfg: DistillConfig, digest: str) -> str:
     return os.path.join(models_dir(cfg), f"class-bn-{digest}-s{cfg.image_size}-{cfg.dataset}-{cfg.train_split}.pt")
 

@@ -179,10 +179,9 @@ def build_config(overrides: dict | None = None, file: dict | None = None, *, gpu
                                                       values.get("image_size", schema_default("image_size")))
     # A named recipe's recover settings sit over the preset, under what the user gives.
     method = given.get("method")
-    if method in METHODS:
-        values.update(recipe_settings(method))
+    values.update(recipe_settings(method))
     # The backbone objective follows the method unless the user chose one.
-    if method in METHODS and base_method(method) in ("sre2l", "random") and "squeeze.method" not in given:
+    if base_method(method) in ("sre2l", "random") and "squeeze.method" not in given:
         values["squeeze.method"] = SUPERVISED
     values.update(given)
     cfg = _construct({k: coerce(v, known[k], k) for k, v in values.items()})

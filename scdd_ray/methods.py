@@ -18,7 +18,6 @@ RANDOM = "random"
 class Recipe:
     base: str  # the paper's method it starts from: which backbone it recovers from
     recover: dict = field(default_factory=dict)  # recover settings over the preset's
-    why: str = ""  # where it was chosen and measured
 
 
 RECIPES: dict[str, Recipe] = {
@@ -26,20 +25,19 @@ RECIPES: dict[str, Recipe] = {
     # recovery (100 iterations) against its BatchNorm statistics. Chosen on CIFAR-10's validation share
     # among the levers of docs/levers.md (benchmarks/results/cifar10_lever_screen.md).
     "scdd-patches": Recipe("scdd", {"init": "real", "init_pool": 100, "init_crops": 5, "init_patches": 2,
-                                    "iterations": 100},
-                           "issue 24's lever screen on CIFAR-10 (benchmarks/results/cifar10_lever_screen.md)"),
+                                    "iterations": 100}),
 }
 
 METHODS = (*PAPER, RANDOM, *RECIPES)
 RECOVERY_METHODS = (*PAPER, *RECIPES)
 
 
-def base_method(name: str) -> str:
+def base_method(name: str | None) -> str | None:
     """The paper's method (or random) `name` is or starts from."""
     return RECIPES[name].base if name in RECIPES else name
 
 
-def recipe_settings(name: str) -> dict:
+def recipe_settings(name: str | None) -> dict:
     """The flat settings (`recover.lr`, ...) the method `name` sets over the preset ({} for the paper's)."""
     recipe = RECIPES.get(name)
     return {f"recover.{k}": v for k, v in recipe.recover.items()} if recipe else {}

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import (build_config, flatten, read_config_file, recipe_fields, validate, validate_recovery_grid)
+from .config import build_config, flatten, read_config_file, recipe_fields, validate, validate_recovery_grid
 from .core.configs import RecoverConfig
 from .errors import ConfigError
 from .schema import SECTIONS, DistillConfig
@@ -152,8 +152,8 @@ def _search(raw: dict, base: DistillConfig) -> dict[str, Param]:
         try:
             validate(dataclasses.replace(base, recover=recover_for(base.recover, dict(combo))))
         except (ConfigError, TypeError) as e:
-            key = getattr(e, "field", None) or ""
-            key = key.removeprefix("recover.") if key.removeprefix("recover.") in search else combo[0][0]
+            named = (getattr(e, "field", None) or "").removeprefix("recover.")
+            key = named if named in search else combo[0][0]
             why = e.render() if isinstance(e, ConfigError) else str(e)
             what = (f"value {dict(combo)[key]!r}" if len(combo) == 1 else
                     "the combination " + ", ".join(f"{k}={v!r}" for k, v in combo))

@@ -54,8 +54,9 @@ def bench_models(archs: list[str], methods: list[str], *, work: str, threads: in
     x iterations per second of the cell's recover stage (one in-process worker, `threads` torch threads).
 
     A cell whose report exists is read, not rerun, so an interrupted table
-    resumes (unless the settings it resolves to changed since, a preset say). The job's throughput depends on what else ran on the
-    machine meanwhile, so each arch's recover step is also timed afresh by
+    resumes (unless the settings it resolves to changed since, a preset
+    say). The job's throughput depends on what else ran on the machine
+    meanwhile, so each arch's recover step is also timed afresh by
     every invocation (`step_img_iters_per_s`, the cells' recover settings and
     batch); run the final, collecting invocation on a quiet machine.
     """

@@ -7,7 +7,6 @@ import json
 import os
 from dataclasses import dataclass
 
-
 from ..data import DatasetInfo, ImageSet
 from ..errors import ConfigError
 from ..models.checkpoint import Checkpoint, weights_digest
@@ -46,7 +45,6 @@ class PosttrainJob:
     def batch(self, world: int = 1) -> int:
         """The global batch on `world` workers (`global_batch`)."""
         return global_batch(self.cfg, self.num_images, world)
-
 
 
 def soft_label_meta(job: PosttrainJob, complete: bool, world: int = 1) -> dict:

@@ -3,7 +3,6 @@ atomically and read without running pickled code."""
 from __future__ import annotations
 
 import hashlib
-
 import io
 import math
 import os
