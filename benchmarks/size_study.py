@@ -10,24 +10,22 @@ post-train seconds. The JSON is written after every cell, with what is missing s
 
     python benchmarks/size_study.py --dataset cifar10 --data-dir ../shared/data/cifar10 \\
         --teacher T.pt --models-dir runs/size/cache --best runs/size/sweep/best.json \\
-        --work runs/size/final --json benchmarks/results/cifar10_size.json --plot benchmarks/results/cifar10_size.png
+        --work runs/size/final --json benchmarks/results/cifar10_size.json --plot benchmarks/results/cifar10_size.png \\
+        --md benchmarks/results/cifar10_size.md
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-
-import torch
 
 from scdd_ray.backbones import plan_models
 from scdd_ray.bench.table import TableSpec, run_cell
 from scdd_ray.models.checkpoint import load_checkpoint
-from scdd_ray.store.atomic import atomic_write_json
+from scdd_ray.provenance import commit, machine
+from scdd_ray.store.atomic import atomic_write_bytes, atomic_write_json
 
 ARCHS = ("resnet18", "resnet50", "resnet101")
 METHODS = ("sre2l", "scdd")
@@ -84,8 +82,7 @@ def run(a: argparse.Namespace) -> dict:
     best = json.load(open(a.best)) if a.best else {}
     seeds = tuple(int(s) for s in a.seeds.split(","))
     result = {"benchmark": "size_study", "dataset": a.dataset, "command": "python benchmarks/size_study.py "
-              + " ".join(sys.argv[1:]), "commit": _commit(), "machine": platform.processor() or platform.machine(),
-              "cpu_count": os.cpu_count(), "torch": torch.__version__, "ipc": a.ipc, "seeds": list(seeds),
+              + " ".join(sys.argv[1:]), "commit": commit(), "machine": machine(), "ipc": a.ipc, "seeds": list(seeds),
               "model_seed": 0, "teacher": a.teacher, "best": a.best, "rows": [], "missing": []}
 
     def spec(method: str, overrides: dict) -> TableSpec:
@@ -110,12 +107,46 @@ def run(a: argparse.Namespace) -> dict:
     return result
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
+def markdown(res: dict) -> str:
+    """The study's page: top-1 and IOR per (recovery model, method) with the settings each ran at, then what
+    each size costs, then what is missing."""
+    def ms(d, digits=1):
+        return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}" if d else "–"
+
+    rows = res["rows"]
+    on = next((r["evaluated_on"] for r in rows), "?")
+    teacher = next((r["teacher"] for r in rows), res.get("teacher"))
+    out = [f"Top-1 on the {on} split, IPC {res['ipc']}, seeds {', '.join(map(str, res['seeds']))} (IOR paired "
+           f"by seed with the random subset); every row relabelled by one teacher, "
+           f"`{os.path.basename(str(teacher))}`.", "",
+           "| recovery model | method | BN coef | BN weights | settings from | top-1 | IOR | top-1 per seed |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"] == "random":
+            coef = weights = src = "–"
+        else:
+            coef, weights = f"{r['recover']['bn_coef']:.3g}", r["recover"]["bn_weights"]
+            src = "sweep" if r["chosen_by_sweep"] else "preset"
+        out.append(f"| {r['arch']} | {r['method']} | {coef} | {weights} | {src} | {ms(r['top1'])} | "
+                   f"{ms(r.get('ior'))} | {', '.join(f'{v:.1f}' for v in r['top1']['values'])} |")
+    out += ["", "What each size costs (seconds on the machine below; recover and post-train a cell, mean over "
+            "seeds):", "",
+            "| recovery model | method | squeeze s | backbone top-1 (val share) | recover s | image x iterations / s "
+            "| post-train s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"] == "random":
+            continue
+        sq = f"{r['squeeze_seconds']:,.0f}" if r.get("squeeze_seconds") else "not recorded"
+        probe = f"{r['backbone_val_top1']:.1f}" if r.get("backbone_val_top1") is not None else "–"
+        out.append(f"| {r['arch']} | {r['method']} | {sq} | {probe} | {ms(r['recover_seconds'], 0)} | "
+                   f"{r['recover_img_iters_per_s']:g} | {ms(r['posttrain_seconds'], 0)} |")
+    if res.get("missing"):
+        out += ["", "Missing:"] + [f"- {m['arch']} {m['method']}: {m['why']}" for m in res["missing"]]
+    mach = res.get("machine") or {}
+    out += ["", f"Machine: {mach.get('arch', '?')}, {mach.get('cpu_count', '?')} CPUs, GPUs: "
+            f"{', '.join(mach.get('gpus') or []) or 'none'}, torch {mach.get('torch', '?')}; commit "
+            f"{res.get('commit')}.", "", "```bash", res["command"], "```"]
+    return "\n".join(out) + "\n"
 
 
 def plot(res: dict, out: str) -> None:
@@ -163,12 +194,15 @@ def main() -> int:
     ap.add_argument("--work", required=True)
     ap.add_argument("--json", required=True)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--md", default=None, help="the page: both tables (top-1 and IOR, costs) and what is missing")
     a = ap.parse_args()
     a.ipc = a.ipc or _preset(a, "ipc")
     a.width = a.width or _preset(a, "width")
     res = run(a)
     if a.plot and len(res["rows"]) > 1:
         plot(res, a.plot)
+    if a.md:
+        atomic_write_bytes(a.md, markdown(res).encode())
     print(json.dumps([{k: r.get(k) for k in ("arch", "method", "top1", "ior")} for r in res["rows"]], default=str))
     return 0
 
