@@ -81,9 +81,10 @@ def run(a: argparse.Namespace) -> dict:
         common["train_noval"] = True
     best = json.load(open(a.best)) if a.best else {}
     seeds = tuple(int(s) for s in a.seeds.split(","))
-    result = {"benchmark": "size_study", "dataset": a.dataset, "command": "python benchmarks/size_study.py "
-              + " ".join(sys.argv[1:]), "commit": commit(), "machine": machine(), "ipc": a.ipc, "seeds": list(seeds),
-              "model_seed": 0, "teacher": a.teacher, "best": a.best, "rows": [], "missing": []}
+    result = {"benchmark": "size_study", "dataset": a.dataset,
+              "command": "python benchmarks/size_study.py " + " ".join(sys.argv[1:]), "commit": commit(),
+              "machine": machine(), "ipc": a.ipc, "seeds": list(seeds), "model_seed": 0,
+              "train_noval": a.train_noval, "teacher": a.teacher, "best": a.best, "rows": [], "missing": []}
 
     def spec(method: str, overrides: dict) -> TableSpec:
         return TableSpec(a.dataset, a.work, (method,), (a.ipc,), seeds, {**common, **overrides}, hlr=False,
@@ -118,7 +119,9 @@ def markdown(res: dict) -> str:
     teacher = next((r["teacher"] for r in rows), res.get("teacher"))
     out = [f"Top-1 on the {on} split, IPC {res['ipc']}, seeds {', '.join(map(str, res['seeds']))} (IOR paired "
            f"by seed with the random subset); every row relabelled by one teacher, "
-           f"`{os.path.basename(str(teacher))}`.", "",
+           f"`{os.path.basename(str(teacher))}`."
+           + (" Models (recovery and teacher) squeezed on the training split less its validation share: the "
+              "ones the sweep chose settings with." if res.get("train_noval") else ""), "",
            "| recovery model | method | BN coef | BN weights | settings from | top-1 | IOR | top-1 per seed |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
