@@ -23,6 +23,7 @@ import sys
 
 from scdd_ray.backbones import plan_models
 from scdd_ray.bench.table import TableSpec, run_cell
+from scdd_ray.errors import ScddError
 from scdd_ray.models.checkpoint import load_checkpoint
 from scdd_ray.provenance import commit, machine
 from scdd_ray.store.atomic import atomic_write_bytes, atomic_write_json
@@ -201,7 +202,11 @@ def main() -> int:
     a = ap.parse_args()
     a.ipc = a.ipc or _preset(a, "ipc")
     a.width = a.width or _preset(a, "width")
-    res = run(a)
+    try:
+        res = run(a)
+    except ScddError as e:  # a cell another process is computing, a bad setting: one line, the JSON kept
+        print(f"size_study: error: {e}", file=sys.stderr)
+        return 2
     if a.plot and len(res["rows"]) > 1:
         plot(res, a.plot)
     if a.md:
