@@ -59,3 +59,16 @@ def test_best_settings_are_schema_keys():
     assert size_study.best_settings(best, "resnet50", "scdd") == {}
     assert json.dumps(size_study.best_settings({}, "resnet18", "scdd")) == "{}"
 
+
+
+def test_an_error_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    from scdd_ray.errors import ConfigError
+
+    def busy(a):
+        raise ConfigError("out", "cells/x is in use by another scdd-ray run")
+
+    monkeypatch.setattr(size_study, "run", busy)
+    monkeypatch.setattr(sys, "argv", ["size_study.py", "--teacher", "t.pt", "--models-dir", "m", "--work", "w",
+                                      "--json", str(tmp_path / "s.json"), "--ipc", "10", "--width", "0.25"])
+    assert size_study.main() == 2
+    assert capsys.readouterr().err == "size_study: error: out: cells/x is in use by another scdd-ray run\n"
