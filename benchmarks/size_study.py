@@ -94,7 +94,10 @@ def run(a: argparse.Namespace) -> dict:
     random = {s: run_cell(spec("random", {}), "random", a.ipc, s) for s in seeds}
     result["rows"].append(row("-", "random", random, random, {}))
     atomic_write_json(a.json, result)
-    for arch in a.archs.split(","):
+    archs = a.archs.split(",")
+    result["missing"] += [{"arch": arch, "method": method, "why": "not in this run's --archs"}
+                          for arch in ARCHS if arch not in archs for method in METHODS]
+    for arch in archs:
         for method in METHODS:
             settings = best_settings(best, arch, method)
             cells = spec(method, {"arch": arch, **settings})
@@ -118,7 +121,8 @@ def markdown(res: dict) -> str:
     rows = res["rows"]
     on = next((r["evaluated_on"] for r in rows), "?")
     teacher = next((r["teacher"] for r in rows), res.get("teacher"))
-    out = [f"Top-1 on the {on} split, IPC {res['ipc']}, seeds {', '.join(map(str, res['seeds']))} (IOR paired "
+    out = [f"# {res['dataset']}: recovery-model size, scdd (SSL) against sre2l (supervised)", "",
+           f"Top-1 on the {on} split, IPC {res['ipc']}, seeds {', '.join(map(str, res['seeds']))} (IOR paired "
            f"by seed with the random subset); every row relabelled by one teacher, "
            f"`{os.path.basename(str(teacher))}`."
            + (" Models (recovery and teacher) squeezed on the training split less its validation share: the "

@@ -36,11 +36,13 @@ def test_rows_pair_ior_by_seed_and_carry_costs(tmp_path):
             {**r, "method": "sre2l", "top1": {"mean": 27.0, "std": 1.0, "values": [27.0]}}]
     size_study.plot({"rows": rows, "dataset": "cifar10", "ipc": 10, "seeds": [0, 1, 2]}, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 10_000
-    page = size_study.markdown({"rows": rows, "ipc": 10, "seeds": [0, 1, 2], "command": "python size_study.py x",
+    page = size_study.markdown({"rows": rows, "dataset": "cifar10", "ipc": 10, "seeds": [0, 1, 2],
+                                "command": "python size_study.py x",
                                 "commit": "abc", "machine": {"arch": "x86_64", "cpu_count": 2, "gpus": []},
                                 "train_noval": True,
                                 "missing": [{"arch": "resnet101", "method": "scdd", "why": "not squeezed"}]})
     lines = page.splitlines()
+    assert lines[0] == "# cifar10: recovery-model size, scdd (SSL) against sre2l (supervised)"
     assert "| resnet50 | scdd | 0.01 | first:10 | sweep | 25.0 ± 1.0 | -9.0 ± 1.0 | 25.0, 24.0, 26.0 |" in lines
     assert "| - | random | – | – | – | 34.0 ± 1.0 | 0.0 ± 0.0 | 35.0, 33.0, 34.0 |" in lines
     # cost: squeeze seconds from the backbone's checkpoint, recover mean over seeds, rate of image x iterations
