@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 
 import matplotlib
@@ -79,6 +81,9 @@ def main() -> int:
     heading = ("# BN statistics across recovery-model sizes, SSL against supervised\n\nAcross-channel variance "
                "of each BN layer's running statistics, the first layer apart from the mean over the others; "
                "ratio above 1: the SSL model's statistics vary more (the paper's premise).")
+    if a.plot:
+        heading += f" Per layer: [{os.path.basename(a.plot)}]({os.path.relpath(a.plot, os.path.dirname(a.md))})."
+    heading += f"\n\n```bash\n{shlex.join(['python', *sys.argv])}\n```"
     write_table(a.md, heading, markdown(rows), {"rows": rows, "sources": [ins.get("command") for ins in inspects]})
     if a.plot:
         plot(inspects, a.plot)

@@ -36,4 +36,6 @@ def test_row_ratio_and_page(tmp_path):
                     "--plot", str(png)], check=True, capture_output=True)
     data = json.loads((tmp_path / "bn.json").read_text())
     assert len(data["rows"]) == 2 and data["sources"] == ["scdd-ray inspect-bn ..."] * 2 and "command" in data
-    assert md.read_text().count("(2.00x)") == 2 and png.stat().st_size > 10_000
+    page = md.read_text()
+    assert page.count("(2.00x)") == 2 and "[bn.png](bn.png)" in page and png.stat().st_size > 10_000
+    assert "```bash\npython " in page and page.split("```bash\n")[1].split("\n")[0].endswith(f"--plot {png}")
