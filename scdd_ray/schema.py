@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import data
 from .core.configs import PosttrainConfig, RecoverConfig, SqueezeConfig, fingerprint_view, setting
+from .methods import TABLE
 from .models.factory import small_input
 
 SECTIONS = ("squeeze", "recover", "posttrain")
@@ -219,8 +220,7 @@ class ModelsOptions:
 
 @dataclass(frozen=True)
 class TableOptions:
-    methods: tuple[str, ...] = _opt(("random", "sre2l", "scdd"), "comma-separated, random first; a named recipe "
-                                                                  "(scdd-patches) too")
+    methods: tuple[str, ...] = _opt(TABLE, "comma-separated, random first; a named recipe (scdd-patches) too")
     ipcs: tuple[int, ...] = _opt((1, 10), "comma-separated images per class")
     seeds: tuple[int, ...] = _opt((0, 1, 2), "comma-separated seeds (mean and std over them)")
     full_epochs: int = _opt(30, "epochs of the hard-label student on the whole training split (for HLR)")

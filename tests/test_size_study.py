@@ -62,7 +62,6 @@ def test_best_settings_are_schema_keys():
     assert json.dumps(size_study.best_settings({}, "resnet18", "scdd")) == "{}"
 
 
-
 def test_an_error_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
     from scdd_ray.errors import ConfigError
 

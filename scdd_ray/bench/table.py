@@ -41,13 +41,13 @@ from ..core.evaluation import top1
 from ..core.posttrain import PostTrainer
 from ..data import dataset_info
 from ..locks import locked
+from ..methods import TABLE
 from ..pipeline import distill
 from ..store.atomic import atomic_write_bytes, atomic_write_json
 from ..store.shards import ShardStore
 from .cells import read_current, settings_key, suffix
 
 log = logging.getLogger("scdd_ray")
-METHODS = ("random", "sre2l", "scdd")  # the default table: the random subset and the paper's two
 HLR_REFERENCES = ("student", "teacher")
 
 
@@ -55,7 +55,7 @@ HLR_REFERENCES = ("student", "teacher")
 class TableSpec:
     dataset: str
     work: str
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = TABLE
     ipcs: tuple[int, ...] = (1, 10)
     seeds: tuple[int, ...] = (0, 1, 2)
     overrides: dict = field(default_factory=dict)  # DistillConfig fields (flat or section.name) for every cell
