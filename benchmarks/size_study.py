@@ -8,6 +8,11 @@ top-1 minus the random subset's at the same seed. Rows also carry what each size
 squeeze seconds (its checkpoint records them), recover seconds and images x iterations per second,
 post-train seconds. The JSON is written after every cell, with what is missing said.
 
+`--reuse EARLIER.json` takes rows an earlier run of this study measured instead of running their cells
+again, when they measure the same thing (`reusable_row`): it lets a table grow by one recovery model after
+the earlier cells' directories and models are gone. `--best` takes several sweeps' best.json files,
+comma-separated (one sweep per arch, say); a cell in two of them is an error.
+
     python benchmarks/size_study.py --dataset cifar10 --data-dir ../shared/data/cifar10 \\
         --teacher T.pt --models-dir runs/size/cache --best runs/size/sweep/best.json \\
         --work runs/size/final --json benchmarks/results/cifar10_size.json --plot benchmarks/results/cifar10_size.png \\
@@ -23,8 +28,8 @@ import sys
 
 from scdd_ray.backbones import plan_models
 from scdd_ray.bench.table import TableSpec, run_cell
-from scdd_ray.errors import ScddError
-from scdd_ray.models.checkpoint import load_checkpoint
+from scdd_ray.errors import ConfigError, ScddError
+from scdd_ray.models.checkpoint import load_checkpoint, weights_digest
 from scdd_ray.provenance import commit, machine
 from scdd_ray.store.atomic import atomic_write_bytes, atomic_write_json
 
@@ -44,6 +49,43 @@ def best_settings(best: dict, arch: str, method: str) -> dict:
         else:
             out[f"recover.{k}"] = v
     return out
+
+
+def merge_best(paths: list[str]) -> dict:
+    """The cells of several sweeps' best.json files as one; a cell two of them choose is refused, since which
+    choice the table ran would otherwise depend on the order of the flag's files."""
+    merged: dict = {"best": {}}
+    for path in paths:
+        for cell, chosen in json.load(open(path)).get("best", {}).items():
+            if cell in merged["best"]:
+                raise ConfigError("best", f"{cell} is chosen in more than one of {', '.join(paths)}")
+            merged["best"][cell] = chosen
+    return merged
+
+
+def reusable_row(prev: dict, arch: str, method: str, recover: dict, random: dict, teacher: str,
+                 teacher_digest: str, study: dict) -> dict | None:
+    """The row of `prev` (an earlier run's JSON) that measured what the cell (arch, method) would, or None.
+
+    The same study (dataset, IPC, seeds, split), the same recover settings, the same teacher file and, when
+    both runs recorded it, the same teacher weights; and this run's random subset scores exactly what the
+    earlier one did, seed by seed. One-thread CPU runs are deterministic, so equal random rows show the
+    teacher and the post-train unchanged; rows from before teacher digests were recorded rest on that check.
+    """
+    if any(prev.get(k) != study.get(k) for k in ("dataset", "ipc", "seeds", "train_noval")):
+        return None
+    old = {(r["arch"], r["method"]): r for r in prev.get("rows", [])}
+    row, old_random = old.get((arch, method)), old.get(("-", "random"))
+    if row is None or old_random is None or row["recover"] != recover:
+        return None
+    if os.path.basename(row["teacher"]) != os.path.basename(teacher):
+        return None
+    if row.get("teacher_digest") and row["teacher_digest"] != teacher_digest:
+        return None
+    then = dict(zip(old_random["seeds"], old_random["top1"]["values"]))
+    if any(then.get(s) != random[s]["top1"] for s in random):
+        return None
+    return {**row, "reused_from": prev.get("commit")}
 
 
 def _mean_std(vals: list[float]) -> dict:
@@ -80,19 +122,22 @@ def run(a: argparse.Namespace) -> dict:
         common["holdout"] = True
     elif a.train_noval:  # the test read with the models the sweep chose on (squeezed without the val share)
         common["train_noval"] = True
-    best = json.load(open(a.best)) if a.best else {}
+    best = merge_best(a.best.split(",")) if a.best else {}
+    prev = json.load(open(a.reuse)) if a.reuse else None
     seeds = tuple(int(s) for s in a.seeds.split(","))
+    teacher_digest = weights_digest(load_checkpoint(a.teacher))
     result = {"benchmark": "size_study", "dataset": a.dataset,
               "command": "python benchmarks/size_study.py " + " ".join(sys.argv[1:]), "commit": commit(),
               "machine": machine(), "ipc": a.ipc, "seeds": list(seeds), "model_seed": 0,
-              "train_noval": a.train_noval, "teacher": a.teacher, "best": a.best, "rows": [], "missing": []}
+              "train_noval": a.train_noval, "teacher": a.teacher, "teacher_digest": teacher_digest,
+              "best": a.best, "rows": [], "missing": []}
 
     def spec(method: str, overrides: dict) -> TableSpec:
         return TableSpec(a.dataset, a.work, (method,), (a.ipc,), seeds, {**common, **overrides}, hlr=False,
                          model_seed=0)
 
     random = {s: run_cell(spec("random", {}), "random", a.ipc, s) for s in seeds}
-    result["rows"].append(row("-", "random", random, random, {}))
+    result["rows"].append({**row("-", "random", random, random, {}), "teacher_digest": teacher_digest})
     atomic_write_json(a.json, result)
     archs = a.archs.split(",")
     result["missing"] += [{"arch": arch, "method": method, "why": "not in this run's --archs"}
@@ -101,12 +146,18 @@ def run(a: argparse.Namespace) -> dict:
         for method in METHODS:
             settings = best_settings(best, arch, method)
             cells = spec(method, {"arch": arch, **settings})
-            backbone = plan_models(cells.config(method, a.ipc, 0, a.work)).backbone.path
+            cfg = cells.config(method, a.ipc, 0, a.work)
+            recover = json.loads(json.dumps(cfg.to_dict()["recover"]))
+            old = prev and reusable_row(prev, arch, method, recover, random, a.teacher, teacher_digest, result)
+            if old:
+                result["rows"].append(old)
+                continue
+            backbone = plan_models(cfg).backbone.path
             if not os.path.isfile(backbone):  # not squeezed yet (a long job of its own): the row waits, said so
                 result["missing"].append({"arch": arch, "method": method, "why": f"{backbone} is not there yet"})
                 continue
             reports = {s: run_cell(cells, method, a.ipc, s) for s in seeds}
-            result["rows"].append(row(arch, method, reports, random, settings))
+            result["rows"].append({**row(arch, method, reports, random, settings), "teacher_digest": teacher_digest})
             atomic_write_json(a.json, result)  # every finished cell is kept, whatever comes next
     atomic_write_json(a.json, result)
     return result
@@ -148,6 +199,12 @@ def markdown(res: dict) -> str:
         probe = f"{r['backbone_val_top1']:.1f}" if r.get("backbone_val_top1") is not None else "–"
         out.append(f"| {r['arch']} | {r['method']} | {sq} | {probe} | {ms(r['recover_seconds'], 0)} | "
                    f"{r['recover_img_iters_per_s']:g} | {ms(r['posttrain_seconds'], 0)} |")
+    reused = [r for r in rows if r.get("reused_from")]
+    if reused:
+        out += ["", "Measured by an earlier run of this study and reused, not run again (the same teacher, "
+                "settings and split, and this run's random subset scored the same top-1 at every seed): "
+                + ", ".join(f"{r['arch']} {r['method']} (commit {str(r['reused_from'])[:7]})" for r in reused)
+                + "."]
     if res.get("missing"):
         out += ["", "Missing:"] + [f"- {m['arch']} {m['method']}: {m['why']}" for m in res["missing"]]
     mach = res.get("machine") or {}
@@ -190,7 +247,10 @@ def main() -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--teacher", required=True, help="the one outside teacher of every cell")
     ap.add_argument("--models-dir", required=True, help="where the squeezed recovery models are (and go)")
-    ap.add_argument("--best", default=None, help="a sweep's best.json (its settings per arch and method)")
+    ap.add_argument("--best", default=None,
+                    help="sweeps' best.json files, comma-separated (their settings per arch and method)")
+    ap.add_argument("--reuse", default=None,
+                    help="an earlier run's JSON: its rows that measured the same cells are kept, not run again")
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--width", type=float, default=None, help="(the preset's unless given)")
     ap.add_argument("--ipc", type=int, default=None, help="(the preset's unless given)")

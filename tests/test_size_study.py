@@ -73,3 +73,58 @@ def test_an_error_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
                                       "--json", str(tmp_path / "s.json"), "--ipc", "10", "--width", "0.25"])
     assert size_study.main() == 2
     assert capsys.readouterr().err == "size_study: error: out: cells/x is in use by another scdd-ray run\n"
+
+
+def _study(rows, **kw):
+    return {"dataset": "cifar10", "ipc": 10, "seeds": [0, 1, 2], "train_noval": True, "commit": "abc1234",
+            "rows": rows, **kw}
+
+
+def test_an_earlier_row_is_reused_only_when_it_measured_the_same_cell():
+    recover = {"iterations": 500, "bn_coef": 0.01, "bn_weights": "first:10"}
+    rnd = {"arch": "-", "method": "random", "seeds": [0, 1, 2], "top1": {"values": [38.3, 37.3, 38.4]}}
+    old = {"arch": "resnet18", "method": "scdd", "recover": recover, "teacher": "runs/a/t.pt",
+           "top1": {"values": [26.3, 29.6, 27.0]}}
+    prev = _study([rnd, old])
+    random_now = {0: {"top1": 38.3}, 1: {"top1": 37.3}, 2: {"top1": 38.4}}
+    study = _study([])
+
+    def reuse(p=prev, arch="resnet18", rec=recover, rnd_now=random_now, teacher="runs/b/t.pt", digest="d1",
+              st=study):
+        return size_study.reusable_row(p, arch, "scdd", rec, rnd_now, teacher, digest, st)
+
+    got = reuse()  # another directory, the same teacher file; no digest recorded then: the random rows decide
+    assert got["top1"]["values"] == [26.3, 29.6, 27.0] and got["reused_from"] == "abc1234"
+    assert reuse(arch="resnet50") is None  # no such row
+    assert reuse(rec={**recover, "bn_coef": 0.02}) is None  # other settings
+    assert reuse(teacher="runs/a/t2.pt") is None  # another teacher
+    assert reuse(rnd_now={**random_now, 2: {"top1": 38.5}}) is None  # teacher or post-train changed
+    assert reuse(st=_study([], seeds=[0, 1])) is None and reuse(st=_study([], train_noval=False)) is None
+    with_digest = _study([rnd, {**old, "teacher_digest": "d0"}])
+    assert reuse(p=with_digest) is None and reuse(p=with_digest, digest="d0") is not None
+
+
+def test_best_files_merge_and_a_cell_chosen_twice_is_refused(tmp_path):
+    from scdd_ray.errors import ConfigError
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"best": {"resnet18/scdd": {"config": {"bn_coef": 0.03}}}}))
+    b.write_text(json.dumps({"best": {"resnet101/scdd": {"config": {"bn_coef": 0.01, "bn_weights": "exp:0.9"}}}}))
+    merged = size_study.merge_best([str(a), str(b)])
+    assert size_study.best_settings(merged, "resnet18", "scdd") == {"recover.bn_coef": 0.03}
+    assert size_study.best_settings(merged, "resnet101", "scdd") == {"recover.bn_coef": 0.01,
+                                                                      "recover.bn_weights": "exp:0.9"}
+    with pytest.raises(ConfigError, match="resnet18/scdd is chosen in more than one"):
+        size_study.merge_best([str(a), str(a)])
+
+
+def test_the_page_names_reused_rows():
+    r = {"arch": "resnet18", "method": "sre2l", "recover": {"bn_coef": 0.002, "bn_weights": "first:1"},
+         "chosen_by_sweep": True, "top1": {"mean": 23.2, "std": 0.4, "values": [22.7, 23.3, 23.6]},
+         "ior": {"mean": -14.8, "std": 0.8}, "teacher": "t.pt", "evaluated_on": "test", "squeeze_seconds": 671.0,
+         "backbone_val_top1": 69.7, "recover_seconds": {"mean": 206, "std": 40},
+         "recover_img_iters_per_s": 242.86, "posttrain_seconds": {"mean": 176, "std": 2},
+         "reused_from": "1e7d332abcdef"}
+    page = size_study.markdown({**_study([r]), "command": "c", "machine": {}})
+    assert ("the same top-1 at every seed): resnet18 sre2l (commit 1e7d332)." in page
+            and "| resnet18 | sre2l | 0.002 | first:1 | sweep | 23.2 ± 0.4 | -14.8 ± 0.8 |" in page)
