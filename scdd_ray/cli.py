@@ -215,7 +215,9 @@ def _posttrain(a: Args) -> int:
 
 def _tune(a: Args) -> int:
     opts = a.opts(schema.TuneOptions)
-    cfg = read_tune_config(opts.config, a.given)
+    if opts.archs is not None:
+        validate_recovery_grid(opts.archs, methods.RECOVERY_METHODS)
+    cfg = read_tune_config(opts.config, a.given, opts.archs)
     if opts.num_samples is not None and opts.num_samples < 1:
         raise ConfigError("num_samples", f"must be a positive integer (got {opts.num_samples})")
     cfg.base.split("val")  # the data must be there before Ray starts or anything is written (the objective)

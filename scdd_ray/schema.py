@@ -179,6 +179,8 @@ class TuneOptions:
     config: str = _opt("", "sweep file (tune_configs/NAME.yaml): a base configuration plus the search space",
                        required=True)
     num_samples: int | None = _opt(None, "samples per arch x method (default: the file's)")
+    archs: tuple[str, ...] | None = _opt(None, "comma-separated recovery archs to sweep, of the file's or others "
+                                               "(default: the file's archs)")
     out: str = _opt("", "sweep directory; rerun the same command to resume", required=True)
 
 

@@ -187,3 +187,16 @@ def test_interrupted_sweep_resumes_instead_of_starting_over(tmp_path):
     scdd, sre2l = best["best"]["resnet18/scdd"], best["best"]["resnet18/sre2l"]
     assert scdd["teacher"] == sre2l["teacher"] == sre2l["backbone"] != scdd["backbone"]
     assert load_checkpoint(scdd["teacher"]).method == "supervised"
+
+
+def test_archs_flag_sweeps_other_archs_than_the_files(tmp_path, capsys):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({**TINY, "archs": ["resnet18", "resnet50"],
+                                 "backbones": {"scdd/resnet18": "a.pt", "scdd/resnet50": "b.pt"}}))
+    assert read_tune_config(str(p)).archs == ("resnet18", "resnet50")
+    cfg = read_tune_config(str(p), archs=("resnet50",))
+    assert cfg.archs == ("resnet50",) and cfg.backbones == {"scdd/resnet50": "b.pt"}
+    assert read_tune_config(str(p), archs=("resnet101",)).backbones == {}
+    line = run_err(capsys, ["tune", "--config", str(p), "--archs", "resnet7", "--out", str(tmp_path / "out")])
+    assert line.startswith("scdd-ray: error: --archs: ") and "resnet7" in line
+    assert not (tmp_path / "out").exists()
