@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 from test_cli_errors import run_err
 
 from scdd_ray.cli import main
@@ -153,4 +154,30 @@ def test_a_cells_result_is_kept_only_under_the_settings_it_was_made_under(tmp_pa
                     dataclasses.replace(cfg, recover=dataclasses.replace(cfg.recover, iterations=7))):
         assert read_current(path, settings_key(changed)) is None
     atomic_write_json(path, {"top1": 12.5})  # written before results carried their settings
+    assert read_current(path, settings_key(cfg)) is None
+
+
+def test_a_cells_result_is_not_read_back_when_its_teacher_file_holds_other_weights(tmp_path):
+    """The same teacher path with other contents (squeezed again by newer code, say) is another cell."""
+    from scdd_ray.bench.cells import read_current, settings_key
+    from scdd_ray.config import build_distill_config
+    from scdd_ray.models.checkpoint import save_checkpoint
+    from scdd_ray.models.factory import create_model
+    from scdd_ray.store.atomic import atomic_write_json
+
+    teacher = str(tmp_path / "t.pt")
+
+    def squeeze(seed):
+        torch.manual_seed(seed)
+        save_checkpoint(teacher, create_model("resnet18", 4, 0.125), arch="resnet18", width=0.125, num_classes=4,
+                        image_size=16, small_input=True, mean=(0.5,) * 3, std=(0.25,) * 3, method="supervised")
+
+    cfg = build_distill_config("synthetic", str(tmp_path / "o"), {"ipc": 1, "method": "random", "teacher": teacher})
+    before = settings_key(cfg)
+    assert before["models"] == {"backbone": None, "teachers": [None]}  # not there yet: the run makes it
+    squeeze(0)
+    path = str(tmp_path / "report.json")
+    atomic_write_json(path, {"top1": 12.5, "cell_settings": settings_key(cfg)})
+    assert read_current(path, before) is None and read_current(path, settings_key(cfg))["top1"] == 12.5
+    squeeze(1)  # the same file name, other weights
     assert read_current(path, settings_key(cfg)) is None

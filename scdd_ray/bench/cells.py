@@ -2,10 +2,13 @@
 kept only while the settings it resolves to (presets included) are those it was made under."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
 
+from ..backbones import plan_models
 from ..core.configs import fingerprint_view
 
 log = logging.getLogger("scdd_ray")
@@ -31,12 +34,41 @@ def suffix(overrides: dict, skip: tuple[str, ...] = ()) -> str:
                    if k not in PLACEMENT + skip)
 
 
-def settings_key(cfg) -> dict:
-    """What a cell's result depends on besides its name: the resolved settings, presets included.
+def settings_key(cfg, models=None) -> dict:
+    """What a cell's result depends on besides its name: the resolved settings, presets included, and the
+    model files it runs with (`models`: the configuration that names them, when another than `cfg`'s).
 
     A cell's path is named by the table's overrides only, so a changed preset (a new post-train default,
-    say) keeps the path; results written under other settings are computed again, never read back."""
-    return {"run": cfg.fingerprint(), "posttrain": fingerprint_view(cfg.posttrain)}
+    say) keeps the path; results written under other settings are computed again, never read back. So are
+    results made with other weights under the same file name: a teacher squeezed again by newer code, say."""
+    return {"run": cfg.fingerprint(), "posttrain": fingerprint_view(cfg.posttrain),
+            "models": model_digests(models or cfg)}
+
+
+def model_digests(cfg) -> dict:
+    """Content digests of the recovery backbone and teacher files `cfg` runs with; None for one not there
+    yet (the run squeezes it: its caller takes the key again once the run is done)."""
+    plan = plan_models(cfg)
+    return {"backbone": _file_digest(plan.backbone.path) if plan.backbone else None,
+            "teachers": [_file_digest(t.path) for t in plan.teachers]}
+
+
+def _file_digest(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:  # not squeezed yet, or not a file (a public model's name)
+        return None
+    return _digest_of(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    """16 hex digits of sha256 over the file's bytes (size and mtime key the cache: a rewrite is read anew)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def read_current(path: str, key: dict) -> dict | None:

@@ -68,7 +68,7 @@ def bench_models(archs: list[str], methods: list[str], *, work: str, threads: in
             path, key = os.path.join(cfg.out, "report-bench.json"), settings_key(cfg)
             report = read_current(path, key)
             if report is None:
-                report = {**distill.run(distill.prepare(cfg)), "cell_settings": key}
+                report = {**distill.run(distill.prepare(cfg)), "cell_settings": settings_key(cfg)}
                 atomic_write_json(path, report)
             rows.append(models_row(report, load_checkpoint(report["backbone"]).meta))
             if arch not in step:  # the step does not depend on the weights: one timing per arch

@@ -124,14 +124,19 @@ def run_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> dict:
     settings are not in its fingerprint), and trains the variant's student."""
     out = cell_dir(spec, method, ipc, seed)
     path = report_path(spec, method, ipc, seed)
-    key = settings_key(spec.config(method, ipc, seed, out))
-    report = read_current(path, key)
+    report = read_current(path, cell_key(spec, method, ipc, seed))
     if report is None:
         report = distill.run(distill.prepare(spec.config(method, ipc, seed, out,
                                                          **cell_models(spec, method, ipc, seed))))
-        report = {**report, "cell_settings": key}
+        report = {**report, "cell_settings": cell_key(spec, method, ipc, seed)}  # its models exist now
         atomic_write_json(path, report)  # the run's own report.json is its latest post-train's
     return report
+
+
+def cell_key(spec: TableSpec, method: str, ipc: int, seed: int) -> dict:
+    """The cell's settings key, with the model files of the table's model seed that `cell_models` resolves."""
+    models = spec.config(method, ipc, spec.models_seed(seed), os.path.join(spec.work, "models"))
+    return settings_key(spec.config(method, ipc, seed, cell_dir(spec, method, ipc, seed)), models)
 
 
 def report_path(spec: TableSpec, method: str, ipc: int, seed: int) -> str:
@@ -154,7 +159,7 @@ def run_hard_cell(spec: TableSpec, method: str, ipc: int, seed: int) -> float:
     out = cell_dir(spec, method, ipc, seed)
     path = os.path.join(out, f"hard{spec.variant(method)}.json")
     cfg = spec.config(method, ipc, seed, out)
-    key = settings_key(cfg)
+    key = cell_key(spec, method, ipc, seed)
     result = read_current(path, key)
     if result is None:
         images, cls, _ = ShardStore(os.path.join(out, "distilled")).read()
@@ -197,8 +202,7 @@ def run_table(spec: TableSpec, part: tuple[int, int] = (1, 1)) -> dict | None:
         for k, seed in enumerate(spec.seeds):
             if k % n == i - 1:
                 run_full_hard(spec, seed)
-    missing = [c for c in todo if read_current(report_path(spec, *c), settings_key(
-        spec.config(c[0], c[1], c[2], cell_dir(spec, *c)))) is None]
+    missing = [c for c in todo if read_current(report_path(spec, *c), cell_key(spec, *c)) is None]
     if missing:
         log.info("table: %d of %d cells done; the other parts still run %s", len(todo) - len(missing), len(todo),
                  ", ".join(f"{m}/ipc{c}/seed{s}" for m, c, s in missing[:5]))
