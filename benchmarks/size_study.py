@@ -140,10 +140,11 @@ def run(a: argparse.Namespace) -> dict:
     result["rows"].append({**row("-", "random", random, random, {}), "teacher_digest": teacher_digest})
     atomic_write_json(a.json, result)
     archs = a.archs.split(",")
-    result["missing"] += [{"arch": arch, "method": method, "why": "not in this run's --archs"}
-                          for arch in ARCHS if arch not in archs for method in METHODS]
+    methods = a.methods.split(",")
+    result["missing"] += [{"arch": arch, "method": method, "why": "not in this run's --archs or --methods"}
+                          for arch in ARCHS for method in METHODS if arch not in archs or method not in methods]
     for arch in archs:
-        for method in METHODS:
+        for method in (m for m in METHODS if m in methods):
             settings = best_settings(best, arch, method)
             cells = spec(method, {"arch": arch, **settings})
             cfg = cells.config(method, a.ipc, 0, a.work)
@@ -252,6 +253,8 @@ def main() -> int:
     ap.add_argument("--reuse", default=None,
                     help="an earlier run's JSON: its rows that measured the same cells are kept, not run again")
     ap.add_argument("--archs", default=",".join(ARCHS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="run these methods' rows only (one whose sweep "
+                                                                  "has not finished waits)")
     ap.add_argument("--width", type=float, default=None, help="(the preset's unless given)")
     ap.add_argument("--ipc", type=int, default=None, help="(the preset's unless given)")
     ap.add_argument("--seeds", default="0,1,2")
@@ -264,6 +267,10 @@ def main() -> int:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--md", default=None, help="the page: both tables (top-1 and IOR, costs) and what is missing")
     a = ap.parse_args()
+    bad = [m for m in a.methods.split(",") if m not in METHODS]
+    if bad:
+        print(f"size_study: error: --methods: {', '.join(bad)} is not one of {', '.join(METHODS)}", file=sys.stderr)
+        return 2
     a.ipc = a.ipc or _preset(a, "ipc")
     a.width = a.width or _preset(a, "width")
     try:

@@ -128,3 +128,11 @@ def test_the_page_names_reused_rows():
     page = size_study.markdown({**_study([r]), "command": "c", "machine": {}})
     assert ("the same top-1 at every seed): resnet18 sre2l (commit 1e7d332)." in page
             and "| resnet18 | sre2l | 0.002 | first:1 | sweep | 23.2 ± 0.4 | -14.8 ± 0.8 |" in page)
+
+
+def test_an_unknown_method_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["size_study.py", "--teacher", "t.pt", "--models-dir", "m", "--work", "w",
+                                      "--json", str(tmp_path / "s.json"), "--methods", "sre2l,random"])
+    assert size_study.main() == 2
+    assert capsys.readouterr().err == "size_study: error: --methods: random is not one of sre2l, scdd\n"
+    assert not (tmp_path / "s.json").exists()
