@@ -191,7 +191,7 @@ def markdown(res: dict) -> str:
                    f"{ms(r.get('ior'))} | {', '.join(f'{v:.1f}' for v in r['top1']['values'])} |")
     out += ["", "What each size costs (seconds on the machine below; recover and post-train a cell, mean over "
             "seeds):", "",
-            "| recovery model | method | squeeze s | backbone top-1 (val share) | recover s | image x iterations / s "
+            "| recovery model | method | squeeze s | backbone top-1 (squeeze) | recover s | image x iterations / s "
             "| post-train s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"] == "random":
@@ -200,6 +200,8 @@ def markdown(res: dict) -> str:
         probe = f"{r['backbone_val_top1']:.1f}" if r.get("backbone_val_top1") is not None else "–"
         out.append(f"| {r['arch']} | {r['method']} | {sq} | {probe} | {ms(r['recover_seconds'], 0)} | "
                    f"{r['recover_img_iters_per_s']:g} | {ms(r['posttrain_seconds'], 0)} |")
+    out += ["", "Backbone top-1 is what its squeeze reported: on the validation share when a sweep (`--holdout`) "
+            "squeezed it, on the test split when `squeeze --train-noval` did (the checkpoint does not say which)."]
     reused = [r for r in rows if r.get("reused_from")]
     if reused:
         out += ["", "Measured by an earlier run of this study and reused, not run again (the same teacher, "
