@@ -69,8 +69,8 @@ def reusable_row(prev: dict, arch: str, method: str, recover: dict, random: dict
 
     The same study (dataset, IPC, seeds, split), the same recover settings, the same teacher file and, when
     both runs recorded it, the same teacher weights; and this run's random subset scores exactly what the
-    earlier one did, seed by seed. One-thread CPU runs are deterministic, so equal random rows show the
-    teacher and the post-train unchanged; rows from before teacher digests were recorded rest on that check.
+    earlier one did, seed by seed: equal random rows show the teacher and the post-train unchanged (were
+    runs not repeatable, nothing would be reused); rows from before teacher digests were recorded rest on it.
     """
     if any(prev.get(k) != study.get(k) for k in ("dataset", "ipc", "seeds", "train_noval")):
         return None
