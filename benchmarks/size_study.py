@@ -108,9 +108,12 @@ def row(arch: str, method: str, reports: dict, random: dict, settings: dict) -> 
     if method != "random":
         work = first["num_images"] * first["config"]["recover"]["iterations"]
         out["recover_img_iters_per_s"] = round(work / out["recover_seconds"]["mean"], 2)
-        meta = load_checkpoint(first["backbone"]).meta
+        # the digest names the recovery model itself: a path under runs/ outlives neither a lost runs/ nor
+        # a squeeze run again, and rows of two models with one name must not read as one
+        ckpt = load_checkpoint(first["backbone"])
         out.update(backbone=first["backbone"], backbone_method=first["backbone_method"],
-                   squeeze_seconds=meta.get("seconds"), backbone_val_top1=meta.get("test_top1"))
+                   backbone_digest=weights_digest(ckpt), squeeze_seconds=ckpt.meta.get("seconds"),
+                   backbone_val_top1=ckpt.meta.get("test_top1"))
     return out
 
 

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import size_study  # noqa: E402
 
-from scdd_ray.models.checkpoint import save_checkpoint  # noqa: E402
+from scdd_ray.models.checkpoint import load_checkpoint, save_checkpoint, weights_digest  # noqa: E402
 from scdd_ray.models.factory import create_model  # noqa: E402
 
 
@@ -31,6 +31,7 @@ def test_rows_pair_ior_by_seed_and_carry_costs(tmp_path):
     assert r["ior"]["values"] == [-10.0, -9.0, -8.0] and r["ior"]["mean"] == pytest.approx(-9.0)
     assert r["top1"]["mean"] == pytest.approx(25.0) and r["teacher"] == "t.pt" and r["chosen_by_sweep"]
     assert r["squeeze_seconds"] == 1608.0 and r["backbone_val_top1"] == 51.3
+    assert r["backbone_digest"] == weights_digest(load_checkpoint(str(bb)))
     assert r["recover_img_iters_per_s"] == round(100 * 200 / ((50 + 50 + 70) / 3), 2)
     rows = [size_study.row("-", "random", random, random, {}), r,
             {**r, "method": "sre2l", "top1": {"mean": 27.0, "std": 1.0, "values": [27.0]}}]
