@@ -215,9 +215,12 @@ def _posttrain(a: Args) -> int:
 
 def _tune(a: Args) -> int:
     opts = a.opts(schema.TuneOptions)
-    if opts.archs is not None:
-        validate_recovery_grid(opts.archs, methods.RECOVERY_METHODS)
-    cfg = read_tune_config(opts.config, a.given, opts.archs)
+    if opts.archs is not None or opts.methods is not None:  # before the file: a bad flag is named as the flag
+        validate_recovery_grid(opts.archs or ("resnet18",), opts.methods or methods.RECOVERY_METHODS)
+    if opts.max_concurrent is not None and opts.max_concurrent < 0:
+        raise ConfigError("max_concurrent", f"must be a non-negative integer (got {opts.max_concurrent})")
+    cfg = read_tune_config(opts.config, a.given,
+                           {"archs": opts.archs, "methods": opts.methods, "max_concurrent": opts.max_concurrent})
     if opts.num_samples is not None and opts.num_samples < 1:
         raise ConfigError("num_samples", f"must be a positive integer (got {opts.num_samples})")
     cfg.base.split("val")  # the data must be there before Ray starts or anything is written (the objective)

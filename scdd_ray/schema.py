@@ -181,6 +181,10 @@ class TuneOptions:
     num_samples: int | None = _opt(None, "samples per arch x method (default: the file's)")
     archs: tuple[str, ...] | None = _opt(None, "comma-separated recovery archs to sweep, of the file's or others "
                                                "(default: the file's archs)")
+    methods: tuple[str, ...] | None = _opt(None, "comma-separated recovery methods to sweep (default: the file's "
+                                                 "methods)")
+    max_concurrent: int | None = _opt(None, "trials at once per cell, 0: as many as the resources hold (default: "
+                                            "the file's)")
     out: str = _opt("", "sweep directory; rerun the same command to resume", required=True)
 
 

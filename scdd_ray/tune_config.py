@@ -241,16 +241,21 @@ def load_tune_config(raw: dict, given: dict | None = None) -> TuneConfig:
     return cfg
 
 
-def read_tune_config(path: str, given: dict | None = None, archs: tuple[str, ...] | None = None) -> TuneConfig:
-    """The sweep in the YAML file `path` (`given`: schema fields set on the command line; `archs`: the
-    recovery archs to sweep instead of the file's, validated by the caller); its errors are about `config`
-    and name the file, then the key as the YAML writes it (`num_samples`, not a flag)."""
+def read_tune_config(path: str, given: dict | None = None, sweep: dict | None = None) -> TuneConfig:
+    """The sweep in the YAML file `path` (`given`: schema fields set on the command line; `sweep`: sweep keys
+    set on the command line over the file's, `archs`, `methods` and `max_concurrent`, validated by the
+    caller); its errors are about `config` and name the file, then the key as the YAML writes it
+    (`num_samples`, not a flag)."""
     raw = read_config_file(path)
-    if archs and isinstance(raw, dict):  # one arch at a time, as its models exist: the file's other cells drop
+    sweep = {k: v for k, v in (sweep or {}).items() if v is not None}
+    if sweep and isinstance(raw, dict):  # cells one at a time, as their models exist: the file's others drop
+        raw = {**raw, **{k: list(v) if isinstance(v, tuple) else v for k, v in sweep.items()}}
         bb = raw.get("backbones")
-        raw = {**raw, "archs": list(archs)}
         if isinstance(bb, dict):
-            raw["backbones"] = {k: v for k, v in bb.items() if str(k).split("/")[-1] in archs}
+            archs, methods = raw.get("archs"), raw.get("methods")
+            raw["backbones"] = {k: v for k, v in bb.items()
+                                if (archs is None or str(k).split("/")[-1] in archs)
+                                and (methods is None or str(k).split("/")[0] in methods)}
     try:
         return load_tune_config(raw, given)
     except ConfigError as e:

@@ -194,9 +194,27 @@ def test_archs_flag_sweeps_other_archs_than_the_files(tmp_path, capsys):
     p.write_text(yaml.safe_dump({**TINY, "archs": ["resnet18", "resnet50"],
                                  "backbones": {"scdd/resnet18": "a.pt", "scdd/resnet50": "b.pt"}}))
     assert read_tune_config(str(p)).archs == ("resnet18", "resnet50")
-    cfg = read_tune_config(str(p), archs=("resnet50",))
+    cfg = read_tune_config(str(p), sweep={"archs": ("resnet50",)})
     assert cfg.archs == ("resnet50",) and cfg.backbones == {"scdd/resnet50": "b.pt"}
-    assert read_tune_config(str(p), archs=("resnet101",)).backbones == {}
+    assert read_tune_config(str(p), sweep={"archs": ("resnet101",)}).backbones == {}
     line = run_err(capsys, ["tune", "--config", str(p), "--archs", "resnet7", "--out", str(tmp_path / "out")])
     assert line.startswith("scdd-ray: error: --archs: ") and "resnet7" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_methods_and_max_concurrent_flags_over_the_files(tmp_path, capsys):
+    """One method's cells at a time, one trial at a time, from the committed file (no edited copy): the file's
+    backbones for the other methods drop; unset flags keep the file's values."""
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({**TINY, "methods": ["scdd", "sre2l"], "max_concurrent": 2,
+                                 "backbones": {"scdd/resnet18": "a.pt", "sre2l/resnet18": "b.pt"}}))
+    whole = read_tune_config(str(p), sweep={"archs": None, "methods": None, "max_concurrent": None})
+    assert whole.methods == ("scdd", "sre2l") and whole.max_concurrent == 2 and len(whole.backbones) == 2
+    cfg = read_tune_config(str(p), sweep={"methods": ("sre2l",), "max_concurrent": 1})
+    assert cfg.methods == ("sre2l",) and cfg.max_concurrent == 1 and cfg.backbones == {"sre2l/resnet18": "b.pt"}
+    out = str(tmp_path / "out")
+    line = run_err(capsys, ["tune", "--config", str(p), "--methods", "sre2l,scd", "--out", out])
+    assert line.startswith("scdd-ray: error: --methods: ") and "scd" in line
+    line = run_err(capsys, ["tune", "--config", str(p), "--max-concurrent", "-1", "--out", out])
+    assert line == "scdd-ray: error: --max-concurrent: must be a non-negative integer (got -1)"
     assert not (tmp_path / "out").exists()
