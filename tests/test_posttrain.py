@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -239,7 +240,10 @@ def crashed_run(ray_session, job, tmp_path_factory):
 
 def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(job, crashed_run, tmp_path):
     shutil.copytree(crashed_run, tmp_path / "run")
+    before = dist_train.load_state_file(str(tmp_path / "run" / "epoch-00002" / dist_train.STATE_FILE))
+    t0 = time.time()
     res = run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1)
+    wall = time.time() - t0
     per_epoch = steps_per_epoch(12, 5)
     assert res.resumed_from == 2
     assert res.trained_epochs == [1, 2, 3, 4]  # epochs 1-2 before the crash, 3-4 after: none twice, none more
@@ -250,7 +254,18 @@ def test_interrupted_posttrain_resumes_and_stops_at_the_planned_epochs(job, cras
     kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("epoch-"))
     assert kept == ["epoch-00003", "epoch-00004"]  # the last two checkpoints
     again = run_posttrain(job, storage_path=str(tmp_path), name="run", num_workers=1)  # finished: nothing to do
-    assert again.trained_epochs == [1, 2, 3, 4] and again.top1 == res.top1 and again.seconds == 0.0
+    # its seconds count the crashed process's time to its checkpoint too, and a finished run reports them again
+    assert before["elapsed_seconds"] > 0 and before["elapsed_seconds"] < res.seconds <= before["elapsed_seconds"] + wall
+    assert again.trained_epochs == [1, 2, 3, 4] and again.top1 == res.top1 and again.seconds == res.seconds
+
+
+def test_a_resumed_run_counts_the_time_before_this_call_once():
+    """A checkpoint of an earlier call carries all its time; a worker Ray Train restarted within this call
+    resumes a checkpoint of this call, whose time the call's own clock already counts."""
+    assert dist_train._elapsed_before({"epoch": 0}, call_t0=100.0) == 0.0  # fresh
+    earlier = {"elapsed_seconds": 250.0, "elapsed_before": 40.0, "call_t0": 90.0}
+    assert dist_train._elapsed_before(earlier, call_t0=100.0) == 250.0
+    assert dist_train._elapsed_before({**earlier, "call_t0": 100.0}, call_t0=100.0) == 40.0
 
 
 def test_a_posttrain_run_ray_train_cannot_resume_is_cleaned_or_started_over(crashed_run, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import size_study  # noqa: E402
@@ -50,6 +51,21 @@ def test_rows_pair_ior_by_seed_and_carry_costs(tmp_path):
     assert f"| resnet50 | scdd | 1,608 | 51.3 | 57 ± 12 | {r['recover_img_iters_per_s']:g} | 120 ± 0 |" in lines
     assert "- resnet101 scdd: not squeezed" in lines and "teacher, `t.pt`. Models (recovery and teacher)" in page
     assert lines[-2] == "python size_study.py x"
+
+
+def test_recover_cost_counts_every_process_that_wrote_the_set(tmp_path):
+    from scdd_ray.store.shards import ShardStore
+
+    st = ShardStore(str(tmp_path / "cell" / "distilled"))
+    st.open("f")
+    for i, sec in enumerate((31.0, 33.0)):
+        st.write_shard(f"s{i}", [i], [0], torch.zeros(1, 3, 4, 4, dtype=torch.uint8), extra={"seconds": sec})
+    resumed = {"recover_seconds": 0.03, "config": {"out": str(tmp_path / "cell")}}  # its set done before
+    assert size_study.recover_cost(resumed) == 64.0  # a report from before the sum: read from the manifest
+    assert size_study.recover_cost({**resumed, "recover_actor_seconds": 70.0}) == 70.0
+    assert size_study.recover_cost({"recover_seconds": 0.3, "config": {"out": str(tmp_path / "none")}}) == 0.3
+    both = size_study._mean_std([None, 360.0, 380.0])  # a post-train kept from before its time was recorded
+    assert both["values"] == [360.0, 380.0] and both["mean"] == 370.0 and size_study._mean_std([None]) is None
 
 
 def test_best_settings_are_schema_keys():

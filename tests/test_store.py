@@ -47,6 +47,17 @@ def test_store_refuses_another_configuration(tmp_path):
         ShardStore(str(tmp_path)).open("xyz")
 
 
+def test_recover_seconds_sum_every_shard_whoever_wrote_it(tmp_path):
+    st = ShardStore(str(tmp_path))
+    assert st.recover_seconds() is None  # no set yet
+    st.open("abc")
+    st.write_shard("s0", [0], [0], _imgs(1), extra={"seconds": 30.5})
+    ShardStore(str(tmp_path)).write_shard("s1", [1], [0], _imgs(1, 1), extra={"seconds": 12.0})  # a later process
+    assert st.recover_seconds() == 42.5
+    st.write_shard("s2", [2], [0], _imgs(1, 2))  # a shard that did not record its time: the sum would undercount
+    assert st.recover_seconds() is None
+
+
 def test_orphan_file_without_manifest_entry_is_ignored(tmp_path):
     st = ShardStore(str(tmp_path))
     st.open("abc")

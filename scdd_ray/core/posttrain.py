@@ -51,7 +51,7 @@ log = logging.getLogger("scdd_ray")
 @dataclass
 class PosttrainResult:
     top1: float
-    seconds: float
+    seconds: float | None  # the run's, over every process that trained it (None: a run from before this was kept)
     student_state: dict
     history: list[dict] = field(default_factory=list)
     epochs: int = 0

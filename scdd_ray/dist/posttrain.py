@@ -100,6 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
         trainer.load_state_dict(checkpoint_state(resumed))
     resumed_from = trainer.state["epoch"]
     trainer.state["attempts"] += 1
+    before = _elapsed_before(trainer.state, config["t0"])
     trainer.model = ray.train.torch.prepare_model(trainer.student)  # DDP when world > 1
     test = ray.get(config["test"]) if rank == 0 else None
     startup = t_enter - config["t0"]
@@ -120,12 +121,14 @@ def train_loop_per_worker(config: dict) -> None:
         if evaluate and rank == 0:
             rec["top1"] = top1(trainer.evaluated(), test, info.mean, info.std, device)
         trainer.state["history"].append(rec)
+        elapsed = {"elapsed_seconds": before + time.time() - config["t0"], "elapsed_before": before,
+                   "call_t0": config["t0"]}
         metrics = {**rec, "startup_seconds": startup, "resumed_from": resumed_from}
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
                 torch.save({**trainer.state_dict(), "startup_seconds": startup, "resumed_from": resumed_from,
-                            "world_size": world}, os.path.join(d, STATE_FILE))
+                            "world_size": world, **elapsed}, os.path.join(d, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{e1:05d}")
         if rank == 0:
@@ -134,6 +137,15 @@ def train_loop_per_worker(config: dict) -> None:
                      f" top-1 {rec['top1']:.2f}%" if "top1" in rec else "", (cfg.epochs - e1) / rate)
 
     trainer.fit(on_epoch=on_epoch, on_step=on_step)
+
+
+def _elapsed_before(state: dict, call_t0: float) -> float:
+    """Seconds the run took before this driver call, from the state it resumes (0 when fresh): a run killed
+    and rerun counts every process's time, not the last one's. A worker Ray Train restarted within this
+    same call resumes a checkpoint of this call, whose time `call_t0` already counts."""
+    if state.get("call_t0") == call_t0:
+        return float(state.get("elapsed_before", 0.0))
+    return float(state.get("elapsed_seconds", 0.0))
 
 
 def check_workers(job: PosttrainJob, num_workers: int, use_gpu: bool, threads: int = 1, field: str = "num_workers",
@@ -157,8 +169,8 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
         name = f"{name}-w{num_workers}"
     clean_run_dir(os.path.join(storage_path, name))
     done = finished_state(storage_path, name, job.cfg.epochs)
-    if done is not None:  # a finished run: nothing to train, nothing to start
-        return _result(done, 0.0, None, num_workers)
+    if done is not None:  # a finished run: nothing to train, nothing to start; its time is what it took then
+        return _result(done, done.get("elapsed_seconds"), None, num_workers)
     t0 = time.time()
     config = {
         "cfg": job.cfg, "info": job.info, "image_size": job.image_size, "small_input": job.small_input,
@@ -189,10 +201,11 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
             # a rerun would diverge again: no "rerun to resume"
             raise Diverged(reason.split(f"{Diverged.__name__}: ", 1)[-1]) from None
         raise EngineError(f"post-train failed: {reason}; checkpoints are kept, rerun to resume") from None
-    seconds = time.time() - t0
     if result.checkpoint is None:
         raise EngineError(f"post-train under {storage_path}/{name} finished without a checkpoint")
     state = checkpoint_state(result.checkpoint)
+    # from the call to the last checkpoint, and the earlier processes' time when it resumed one of theirs
+    seconds = state.get("elapsed_seconds", time.time() - t0)
     if state["epoch"] != job.cfg.epochs:
         raise EngineError(f"post-train stopped at epoch {state['epoch']} of {job.cfg.epochs}")
     res = _result(state, seconds, (result.metrics or {}).get("startup_seconds"), num_workers)

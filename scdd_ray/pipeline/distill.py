@@ -56,6 +56,10 @@ class Prepared:
     lock: FileLock | None = None  # this process's hold on `out`, from the end of `prepare` to the end of `run`
 
 
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 2)
+
+
 def prepare(cfg: DistillConfig) -> Prepared:
     """All input checks; raises ConfigError (naming the field) and writes nothing."""
     check_not_busy(cfg.out)  # before the slow checks: another run there is refused at once
@@ -281,7 +285,8 @@ def _run(prep: Prepared) -> dict:
         "teacher": teacher_path,
         "teacher_method": ",".join(c.method for c in members(teacher_ckpt)), "backbone": backbone_path,
         "backbone_method": backbone.method if backbone else None,
-        "recover_seconds": round(recover_seconds, 2), "posttrain_seconds": round(pt.seconds, 2),
+        "recover_seconds": round(recover_seconds, 2), "recover_actor_seconds": _round(store.recover_seconds()),
+        "posttrain_seconds": _round(pt.seconds),
         "posttrain_startup_seconds": None if pt.startup_seconds is None else round(pt.startup_seconds, 2),
         "posttrain_workers": pt.num_workers,
         "total_seconds": round(time.perf_counter() - t_start, 2),

@@ -188,7 +188,7 @@ def _run(req: PosttrainRequest, job: PosttrainJob, run_cfg: DistillConfig, image
                     mean=info.mean, std=info.std, method="student", meta={"dataset": dataset})
     save_grid(os.path.join(out, "grid.png"), images, class_ids, info.class_names)
     result = {"distilled": o.distilled, "teacher": run_cfg.teacher, "dataset": dataset, "num_images": int(len(images)),
-              "top1": round(res.top1, 3), "posttrain_seconds": round(res.seconds, 2),
+              "top1": round(res.top1, 3), "posttrain_seconds": None if res.seconds is None else round(res.seconds, 2),
               "startup_seconds": None if res.startup_seconds is None else round(res.startup_seconds, 2),
               "num_workers": workers, "epochs": res.epochs, "steps": res.steps,
               "trained_epochs": res.trained_epochs, "seed": run_cfg.seed, "soft_labels": o.soft_labels,

@@ -142,6 +142,15 @@ class ShardStore:
             raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
         return bool(recorded)
 
+    def recover_seconds(self) -> float | None:
+        """The recover seconds of every shard in the set summed (actor-seconds), whichever processes wrote them:
+        a set finished across runs costs all of them, not the last one's leftovers. None when a shard has none."""
+        shards = self.manifest()["shards"].values()
+        seconds = [e.get("seconds") for e in shards]
+        if not seconds or any(not isinstance(v, (int, float)) for v in seconds):
+            return None
+        return float(sum(seconds))
+
     def files(self) -> list[str]:
         return [os.path.join(self.root, s["file"]) for _, s in sorted(self.manifest()["shards"].items())]
 
