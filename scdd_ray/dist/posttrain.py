@@ -205,7 +205,8 @@ def run_posttrain(job: PosttrainJob, *, storage_path: str, name: str, num_worker
         raise EngineError(f"post-train under {storage_path}/{name} finished without a checkpoint")
     state = checkpoint_state(result.checkpoint)
     # from the call to the last checkpoint, and the earlier processes' time when it resumed one of theirs
-    seconds = state.get("elapsed_seconds", time.time() - t0)
+    # (every checkpoint this loop writes carries it: the last one is always this call's)
+    seconds = state["elapsed_seconds"]
     if state["epoch"] != job.cfg.epochs:
         raise EngineError(f"post-train stopped at epoch {state['epoch']} of {job.cfg.epochs}")
     res = _result(state, seconds, (result.metrics or {}).get("startup_seconds"), num_workers)

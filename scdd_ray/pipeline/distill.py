@@ -287,7 +287,7 @@ def _run(prep: Prepared) -> dict:
         "backbone_method": backbone.method if backbone else None,
         "recover_seconds": round(recover_seconds, 2), "recover_actor_seconds": _round(store.recover_seconds()),
         "posttrain_seconds": _round(pt.seconds),
-        "posttrain_startup_seconds": None if pt.startup_seconds is None else round(pt.startup_seconds, 2),
+        "posttrain_startup_seconds": _round(pt.startup_seconds),
         "posttrain_workers": pt.num_workers,
         "total_seconds": round(time.perf_counter() - t_start, 2),
         "num_workers": stats.get("num_workers", 1), "device": str(device), "seed": cfg.seed,
