@@ -187,6 +187,20 @@ def test_interrupted_sweep_resumes_instead_of_starting_over(tmp_path):
     scdd, sre2l = best["best"]["resnet18/scdd"], best["best"]["resnet18/sre2l"]
     assert scdd["teacher"] == sre2l["teacher"] == sre2l["backbone"] != scdd["backbone"]
     assert load_checkpoint(scdd["teacher"]).method == "supervised"
+    # the search is seeded by the run seed: both cells tried the same settings, the interrupted one included
+    assert _tried(out / "tune" / "resnet18-scdd") == _tried(out / "tune" / "resnet18-sre2l")
+    assert len(_tried(out / "tune" / "resnet18-scdd")) == 2
+
+
+def _tried(cell_dir):
+    """The settings a cell's trials ran with (each trial folder's params.json), sorted."""
+    out = []
+    for d in os.listdir(cell_dir):
+        f = os.path.join(cell_dir, d, "params.json")
+        if os.path.isfile(f):
+            with open(f) as fh:
+                out.append(json.dumps(json.load(fh), sort_keys=True))
+    return sorted(out)
 
 
 def test_archs_flag_sweeps_other_archs_than_the_files(tmp_path, capsys):

@@ -28,12 +28,13 @@ import ray
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from ..backbones import ModelSource, plan_models, resolve_models, squeeze_cached
 from ..class_stats import cached_class_statistics
 from ..core.evaluation import top1
+from ..core.posttrain import PostTrainer, build_teacher
 from ..core.shards import plan_shards, recover_shard
-from ..core.posttrain import build_teacher, PostTrainer
 from ..data import ImageSet, dataset_info
 from ..errors import ConfigError, EngineError
 from ..models.checkpoint import Checkpoint, load_state_file
@@ -186,10 +187,14 @@ def _tuner(cfg: TuneConfig, exp_dir: str, trainable, num_samples: int) -> tune.T
     s = cfg.scheduler
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.base.posttrain.epochs, grace_period=s.grace_period,
                                reduction_factor=s.reduction_factor) if s.name == "asha" else FIFOScheduler())
+    # Seeded by the run seed, so a sweep lost with its folder samples the same settings again, and every
+    # cell of one sweep tries the same settings (scdd and sre2l compared setting by setting). Tune only
+    # limits concurrency of a searcher it builds itself, so the limit goes to this one directly.
+    search = BasicVariantGenerator(random_state=cfg.base.seed, max_concurrent=cfg.max_concurrent)
     return tune.Tuner(
         trainable, param_space=search_space(cfg),
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=cfg.max_concurrent or None),
+                                    search_alg=search),
         run_config=tune.RunConfig(name=os.path.basename(exp_dir), storage_path=os.path.dirname(exp_dir), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=1)))
 
