@@ -26,11 +26,31 @@ def commit(path: str | None = None) -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
+# The vector extensions a CPU's float kernels are chosen by: bf16 autocast rounds differently with and
+# without them, so one run repeated on two hosts can differ in the last digits of its top-1.
+_ISA = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The CPU's model name and which of _ISA it has; what is unknown (no /proc, another OS) is left out."""
+    try:
+        text = open(cpuinfo).read()
+    except OSError:
+        return {"cpu_model": platform.processor()} if platform.processor() else {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)  # the last core's, all alike
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    out = {"cpu_model": fields["model name"]} if "model name" in fields else {}
+    if "flags" in fields:
+        flags = set(fields["flags"].split())
+        out["cpu_isa"] = [f for f in _ISA if f in flags]
+    return out
+
+
 def machine() -> dict:
-    """What the numbers depend on: CPU, thread count, torch and any GPUs."""
+    """What the numbers depend on: CPU (model and vector extensions), thread count, torch and any GPUs."""
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
-    return {"arch": platform.machine(), "system": platform.system(), "cpu_count": os.cpu_count(),
+    return {"arch": platform.machine(), "system": platform.system(), "cpu_count": os.cpu_count(), **cpu(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "gpus": gpus}
 
 

@@ -5,7 +5,7 @@ import os
 import shlex
 import subprocess
 
-from scdd_ray.provenance import commit, provenance, stamped
+from scdd_ray.provenance import commit, cpu, provenance, stamped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,6 +16,16 @@ def test_the_command_is_a_line_that_splits_back_into_the_arguments():
     assert p["command"] == "scdd-ray bench table --dataset digits --data-dir 'my data' --json t.json"
     assert shlex.split(p["command"])[1:] == argv
     assert p["machine"]["cpu_count"] == os.cpu_count() and p["machine"]["torch"]
+
+
+def test_the_cpu_is_named_with_the_extensions_its_float_kernels_depend_on(tmp_path):
+    info = tmp_path / "cpuinfo"
+    core = ("processor\t: {n}\nmodel name\t: Intel(R) Xeon(R) Processor\npower management:\n"
+            "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n\n")
+    info.write_text(core.format(n=0) + core.format(n=1))
+    assert cpu(str(info)) == {"cpu_model": "Intel(R) Xeon(R) Processor", "cpu_isa": ["avx2", "avx512f", "avx512_bf16"]}
+    info.write_text("processor\t: 0\n")  # an emulator's: nothing to say
+    assert cpu(str(info)) == {}
 
 
 def test_commit_is_the_checkouts_head_or_none_outside_git(tmp_path):

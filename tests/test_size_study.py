@@ -112,10 +112,20 @@ def test_an_earlier_row_is_reused_only_when_it_measured_the_same_cell():
 
     got = reuse()  # another directory, the same teacher file; no digest recorded then: the random rows decide
     assert got["top1"]["values"] == [26.3, 29.6, 27.0] and got["reused_from"] == "abc1234"
+    assert got["random_drift"] == 0.0
     assert reuse(arch="resnet50") is None  # no such row
     assert reuse(rec={**recover, "bn_coef": 0.02}) is None  # other settings
     assert reuse(teacher="runs/a/t2.pt") is None  # another teacher
-    assert reuse(rnd_now={**random_now, 2: {"top1": 38.5}}) is None  # teacher or post-train changed
+    # another session's rounding moves the random subset by a tenth of a point; a changed teacher or post-train
+    # by points: the first is reused and says by how much, the second is not
+    drifted = reuse(rnd_now={**random_now, 0: {"top1": 38.41}, 2: {"top1": 38.2}})
+    assert drifted["random_drift"] == 0.2 and drifted["top1"] == old["top1"]
+    assert reuse(rnd_now={**random_now, 2: {"top1": 38.71}}) is None
+    assert reuse(rnd_now={**random_now, 2: {"top1": 36.9}}) is None
+    assert reuse(rnd_now={**random_now, 3: {"top1": 36.9}}) is None  # a seed that run did not measure
+    # a row reused once names the run that measured it, not the run that reused it
+    again = _study([rnd, {**old, "reused_from": "0ld0ld0"}], commit="def5678")
+    assert reuse(p=again)["reused_from"] == "0ld0ld0"
     assert reuse(st=_study([], seeds=[0, 1])) is None and reuse(st=_study([], train_noval=False)) is None
     with_digest = _study([rnd, {**old, "teacher_digest": "d0"}])
     assert reuse(p=with_digest) is None and reuse(p=with_digest, digest="d0") is not None
@@ -142,8 +152,10 @@ def test_the_page_names_reused_rows():
          "backbone_val_top1": 69.7, "recover_seconds": {"mean": 206, "std": 40},
          "recover_img_iters_per_s": 242.86, "posttrain_seconds": {"mean": 176, "std": 2},
          "reused_from": "1e7d332abcdef"}
-    page = size_study.markdown({**_study([r]), "command": "c", "machine": {}})
-    assert ("the same top-1 at every seed): resnet18 sre2l (commit 1e7d332)." in page
+    page = size_study.markdown({**_study([r, {**r, "arch": "resnet50", "random_drift": 0.11}]), "command": "c",
+                                "machine": {}})
+    assert ("within 0.3 of that run's at every seed): resnet18 sre2l (commit 1e7d332), resnet50 sre2l (commit "
+            "1e7d332, random subset 0.11 apart at most). Their IOR is paired with that run's random subset." in page
             and "| resnet18 | sre2l | 0.002 | first:1 | sweep | 23.2 ± 0.4 | -14.8 ± 0.8 |" in page)
 
 
