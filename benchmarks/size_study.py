@@ -246,7 +246,8 @@ def markdown(res: dict) -> str:
     if res.get("missing"):
         out += ["", "Missing:"] + [f"- {m['arch']} {m['method']}: {m['why']}" for m in res["missing"]]
     mach = res.get("machine") or {}
-    out += ["", f"Machine: {mach.get('arch', '?')}, {mach.get('cpu_count', '?')} CPUs, GPUs: "
+    cpu = f" {mach['cpu_model']} ({', '.join(mach.get('cpu_isa', [])) or 'no AVX2'})," if mach.get("cpu_model") else ""
+    out += ["", f"Machine: {mach.get('arch', '?')},{cpu} {mach.get('cpu_count', '?')} CPUs, GPUs: "
             f"{', '.join(mach.get('gpus') or []) or 'none'}, torch {mach.get('torch', '?')}; commit "
             f"{res.get('commit')}.", "", "```bash", res["command"], "```"]
     return "\n".join(out) + "\n"
@@ -262,8 +263,9 @@ def plot(res: dict, out: str) -> None:
     rows = [r for r in res["rows"] if r["method"] != "random"]
     archs = [a for a in ARCHS if any(r["arch"] == a for r in rows)]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for method, color in (("sre2l", "tab:blue"), ("scdd", "tab:orange")):
-        got = [(archs.index(r["arch"]), r) for r in rows if r["method"] == method and r["arch"] in archs]
+    # the two methods a little apart on x: equal means would otherwise hide one line and its error bars
+    for method, color, dx in (("sre2l", "tab:blue", -0.04), ("scdd", "tab:orange", 0.04)):
+        got = [(archs.index(r["arch"]) + dx, r) for r in rows if r["method"] == method and r["arch"] in archs]
         ax.errorbar([x for x, _ in got], [r["top1"]["mean"] for _, r in got], [r["top1"]["std"] for _, r in got],
                     marker="o", capsize=4, color=color, label=f"{method} ({'SSL' if method == 'scdd' else 'supervised'}"
                                                           " recovery model)")

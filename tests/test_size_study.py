@@ -157,6 +157,9 @@ def test_the_page_names_reused_rows():
     assert ("within 0.3 of that run's at every seed): resnet18 sre2l (commit 1e7d332), resnet50 sre2l (commit "
             "1e7d332, random subset 0.11 apart at most). Their IOR is paired with that run's random subset." in page
             and "| resnet18 | sre2l | 0.002 | first:1 | sweep | 23.2 ± 0.4 | -14.8 ± 0.8 |" in page)
+    host = {"arch": "x86_64", "cpu_model": "Xeon", "cpu_isa": ["avx2", "amx_bf16"], "cpu_count": 2, "gpus": []}
+    page = size_study.markdown({**_study([r]), "command": "c", "machine": host})
+    assert "Machine: x86_64, Xeon (avx2, amx_bf16), 2 CPUs, GPUs: none" in page  # which host: see provenance.cpu
 
 
 def test_an_unknown_method_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
