@@ -199,7 +199,7 @@ def markdown(res: dict) -> str:
     """The study's page: top-1 and IOR per (recovery model, method) with the settings each ran at, then what
     each size costs, then what is missing."""
     def ms(d, digits=1):
-        return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}" if d else "–"
+        return f"{d['mean']:,.{digits}f} ± {d['std']:,.{digits}f}" if d else "–"
 
     rows = res["rows"]
     on = next((r["evaluated_on"] for r in rows), "?")

@@ -35,7 +35,8 @@ def test_rows_pair_ior_by_seed_and_carry_costs(tmp_path):
     assert r["backbone_digest"] == weights_digest(load_checkpoint(str(bb)))
     assert r["recover_img_iters_per_s"] == round(100 * 200 / ((50 + 50 + 70) / 3), 2)
     rows = [size_study.row("-", "random", random, random, {}), r,
-            {**r, "method": "sre2l", "top1": {"mean": 27.0, "std": 1.0, "values": [27.0]}}]
+            {**r, "method": "sre2l", "top1": {"mean": 27.0, "std": 1.0, "values": [27.0]},
+             "recover_seconds": {"mean": 1633.5, "std": 193.2, "values": [1633.5]}}]
     size_study.plot({"rows": rows, "dataset": "cifar10", "ipc": 10, "seeds": [0, 1, 2]}, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 10_000
     page = size_study.markdown({"rows": rows, "dataset": "cifar10", "ipc": 10, "seeds": [0, 1, 2],
@@ -49,6 +50,7 @@ def test_rows_pair_ior_by_seed_and_carry_costs(tmp_path):
     assert "| - | random | – | – | – | 34.0 ± 1.0 | 0.0 ± 0.0 | 35.0, 33.0, 34.0 |" in lines
     # cost: squeeze seconds from the backbone's checkpoint, recover mean over seeds, rate of image x iterations
     assert f"| resnet50 | scdd | 1,608 | 51.3 | 57 ± 12 | {r['recover_img_iters_per_s']:g} | 120 ± 0 |" in lines
+    assert f"| resnet50 | sre2l | 1,608 | 51.3 | 1,634 ± 193 | {r['recover_img_iters_per_s']:g} | 120 ± 0 |" in lines
     assert "- resnet101 scdd: not squeezed" in lines and "teacher, `t.pt`. Models (recovery and teacher)" in page
     assert lines[-2] == "python size_study.py x"
 
